@@ -1,0 +1,1 @@
+"""realm.kernels: filled in by later roadmap issues."""

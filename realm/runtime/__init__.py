@@ -1,0 +1,1 @@
+"""realm.runtime: filled in by later roadmap issues."""

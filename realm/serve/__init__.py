@@ -1,0 +1,1 @@
+"""realm.serve: filled in by later roadmap issues."""
