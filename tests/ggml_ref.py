@@ -55,22 +55,31 @@ class Ggml:
         return out
 
     def quantize_row_ref(self, x: np.ndarray, ggml_type: int) -> np.ndarray:
-        """float32 [rows, k] -> uint8 [rows, row_bytes] via the type's from_float_ref."""
+        """float32 [rows, k] -> uint8 [rows, row_bytes] via the type's from_float_ref, or the exported
+        `quantize_row_<type>_ref` where the traits table has none (Q8_K)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows, k = x.shape
         t = self.traits(ggml_type)
         out = np.zeros((rows, k // t.blck_size * t.type_size), dtype=np.uint8)
-        _ROW_FN(t.from_float_ref)(x.ctypes.data, out.ctypes.data, x.size)
+        _ROW_FN(t.from_float_ref or self._symbol(f"quantize_row_{t.type_name.decode()}_ref"))(
+            x.ctypes.data, out.ctypes.data, x.size
+        )
         return out
 
+    def _symbol(self, name: str) -> int | None:
+        fn = getattr(self.lib, name, None)
+        return ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
+
     def dequantize(self, data: np.ndarray, ggml_type: int, n: int) -> np.ndarray | None:
-        """uint8 blocks -> float32 [n] via the type's to_float (None where ggml has none)."""
+        """uint8 blocks -> float32 [n] via the type's to_float, else an exported `dequantize_row_<type>` (Q8_K has
+        one but no to_float); None where ggml has neither."""
         t = self.traits(ggml_type)
-        if not t.to_float:
+        fn = t.to_float or self._symbol(f"dequantize_row_{t.type_name.decode()}")
+        if not fn:
             return None
         data = np.ascontiguousarray(data, dtype=np.uint8)
         out = np.empty(n, dtype=np.float32)
-        _ROW_FN(t.to_float)(data.ctypes.data, out.ctypes.data, n)
+        _ROW_FN(fn)(data.ctypes.data, out.ctypes.data, n)
         return out
 
 

@@ -26,6 +26,8 @@ def _as_tensor(x, what: str) -> torch.Tensor:
 
 
 def _check_shape(shape, fmt: BlockFormat) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)):
+        raise QuantError(f"shape must be a sequence of ints, got {shape!r}")
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError as e:

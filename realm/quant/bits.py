@@ -29,12 +29,13 @@ def inverse_or_zero(d: torch.Tensor) -> torch.Tensor:
 
 
 def seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension left to right, keepdim, as a C `for` loop accumulating in float: torch.sum's
-    vectorised tree order rounds differently, which flips a few near-tie choices in the scale searches."""
-    acc = t[..., 0:1].clone()
-    for i in range(1, t.shape[-1]):
-        acc += t[..., i : i + 1]
-    return acc
+    """Sum over the first dimension, left to right, keepdim: [n, B] -> [1, B], as a C `for` loop accumulating in
+    float. torch.sum's vectorised tree order rounds differently, which flips near-tie choices in the scale searches.
+    The searches keep the element index first so that each step adds one contiguous row."""
+    acc = t[0].clone()
+    for row in t[1:]:
+        acc += row
+    return acc.unsqueeze(0)
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +120,9 @@ def best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= values[n - 1], n - 1, idx)
 
 
-def argmax_abs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signed value, |value|) of the first element of largest magnitude per row, as ggml's `amax < fabsf(v)` loop."""
-    i = x.abs().argmax(dim=-1, keepdim=True)
-    signed = x.gather(-1, i)
+def argmax_abs(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed value, |value|) of the first element of largest magnitude along dim (keepdim), as ggml's
+    `if (amax < fabsf(v))` loop."""
+    i = x.abs().argmax(dim=dim, keepdim=True)
+    signed = x.gather(dim, i)
     return signed, signed.abs()

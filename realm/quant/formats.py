@@ -38,5 +38,6 @@ def format_for_ggml_type(ggml_type: int, what: str = "tensor") -> BlockFormat:
             name = gguf.GGMLQuantizationType(int(ggml_type)).name
         except ValueError:
             name = "unknown"
-        raise QuantError(f"{what}: GGUF type {int(ggml_type)} ({name}) is not supported; realm reads {', '.join(FORMATS)}")
+        known = ", ".join(FORMATS)
+        raise QuantError(f"{what}: GGUF type {int(ggml_type)} ({name}) is not supported; realm reads {known}")
     return spec

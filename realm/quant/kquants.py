@@ -24,6 +24,13 @@ def _inverse(num: float, den: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, rdiv(num, torch.where(ok, den, 1.0)), 0.0)
 
 
+def _largest_positive(t: torch.Tensor) -> torch.Tensor:
+    """C `float m = 0; for (...) if (v > m) m = v;`: +0.0 when nothing is positive (clamp would keep a -0.0, which
+    then lands in the file as a negative-zero scale)."""
+    m = t.amax(-1, keepdim=True)
+    return torch.where(m > 0, m, 0.0)
+
+
 def _requantize(x, levels, scale, offset, lo, hi):
     """Re-round every weight against the decoded (fp16-rounded) sub-block scale: l = round((x + offset) / scale).
     Sub-blocks whose decoded scale is 0 keep the levels of the search, as in ggml (`if (!d) continue`)."""
@@ -48,8 +55,8 @@ def _encode_q2_k(x):
     sub = x.reshape(n * 16, 16)
     scales, mins, levels = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
     scales, mins = scales.view(n, 16), mins.view(n, 16)
-    max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(-1, keepdim=True).clamp(min=0)
+    max_scale = _largest_positive(scales)
+    max_min = _largest_positive(mins)
     ls = torch.where(max_scale > 0, nearest_int(_inverse(15.0, max_scale) * scales), 0).to(torch.int32)
     lm = torch.where(max_min > 0, nearest_int(_inverse(15.0, max_min) * mins), 0).to(torch.int32)
     packed = as_u8(ls | (lm << 4))
@@ -146,11 +153,11 @@ def _affine_k_levels(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     """Shared Q4_K/Q5_K search: weights av_x + |x| (av_x the sub-block's RMS), 6-bit scales and mins."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    av_x = torch.sqrt(seq_sum(sub * sub) / 32)
+    av_x = torch.sqrt(seq_sum((sub * sub).t()).t() / 32)
     scales, mins, levels = make_qkx2_quants(sub, av_x + sub.abs(), nmax, rmin, 0.1, nstep, use_mad=False)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
-    max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(-1, keepdim=True).clamp(min=0)
+    max_scale = _largest_positive(scales)
+    max_min = _largest_positive(mins)
     ls = as_u8(nearest_int(_inverse(63.0, max_scale) * scales)).to(torch.int32).clamp(max=63)
     lm = as_u8(nearest_int(_inverse(63.0, max_min) * mins)).to(torch.int32).clamp(max=63)
     d, dmin = to_fp16(max_scale / 63), to_fp16(max_min / 63)
@@ -214,7 +221,8 @@ def _encode_q8_k(x):
     n = x.shape[0]
     signed_max, amax = argmax_abs(x)
     live = amax != 0
-    iscale = rdiv(-127.0, torch.where(live, signed_max, 1.0))  # -127 (not -128) keeps |q| <= 127, for ggml's AVX dot products
+    # -127 (not -128) keeps |q| <= 127, which ggml's AVX dot products rely on
+    iscale = rdiv(-127.0, torch.where(live, signed_max, 1.0))
     q = torch.where(live, nearest_int(iscale * x).clamp(max=127), 0).to(torch.int32)
     bsums = q.view(n, 16, 16).sum(-1).to(I16)
     return {"d": torch.where(live, rdiv(1.0, iscale), 0.0), "qs": q.to(I8), "bsums": bsums}

@@ -87,7 +87,9 @@ class QTensor:
             return QTensor(self.gguf_bytes(), self.fmt, self.shape)
         n = self.shape[0]
         blocks = self.data.reshape(-1, self.fmt.block_bytes)
-        fields = {name: t.reshape(n, -1, t.shape[-1]).contiguous() for name, t in split_fields(self.fmt, blocks).items()}
+        fields = {
+            name: t.reshape(n, -1, t.shape[-1]).contiguous() for name, t in split_fields(self.fmt, blocks).items()
+        }
         return QTensor(fields, self.fmt, self.shape)
 
     def dequantize(self) -> torch.Tensor:

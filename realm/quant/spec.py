@@ -112,5 +112,6 @@ def join_fields(fmt: BlockFormat, fields: Mapping[str, torch.Tensor]) -> torch.T
             raise QuantError(
                 f"{fmt.name} field {f.name} must be {f.dtype} [n, {f.count}], got {t.dtype} {tuple(t.shape)}"
             )
-        parts.append(t.contiguous().view(torch.uint8))
+        # flatten first: a [n, 1] tensor may count as contiguous with a last stride != 1, which view(uint8) rejects
+        parts.append(t.contiguous().view(-1).view(torch.uint8).view(t.shape[0], f.nbytes))
     return torch.cat(parts, dim=1)

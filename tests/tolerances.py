@@ -1,0 +1,78 @@
+"""One tolerance table for every float comparison, and the comparison helpers that report where things went wrong.
+
+Exact results (packing, quantization, dequantization) use `assert_equal`, never a tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+# torch.testing's defaults per dtype: one rounding of the output dtype relative, plus a small absolute floor for values
+# near zero. A test that needs more (a long reduction in a low-precision type) passes its own and says why.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(atol=1e-5, rtol=1.3e-6),
+    torch.float16: Tolerance(atol=1e-5, rtol=1e-3),
+    torch.bfloat16: Tolerance(atol=1e-5, rtol=1.6e-2),
+}
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN (floats) or an unlikely sentinel (ints) so unwritten elements fail."""
+    return t.fill_(float("nan") if t.is_floating_point() else -77)
+
+
+def _where(mask: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, limit: int = 5) -> str:
+    idx = mask.nonzero()[:limit]
+    return ", ".join(f"{tuple(i.tolist())}: {actual[tuple(i)].item()!r} vs {expected[tuple(i)].item()!r}" for i in idx)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float | None = None,
+                 rtol: float | None = None, dtype: torch.dtype | None = None, what: str = "") -> None:
+    """|actual - expected| <= atol + rtol * |expected| elementwise (NaN only where expected is NaN).
+
+    Tolerances come from TOLERANCES[dtype or actual.dtype] unless given. On failure the message says how many
+    elements mismatched, the largest absolute and relative error with their index, and the first few mismatches.
+    """
+    assert actual.shape == expected.shape, f"{what} shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    tol = TOLERANCES[dtype or actual.dtype]
+    atol = tol.atol if atol is None else atol
+    rtol = tol.rtol if rtol is None else rtol
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    err = (a - e).abs()
+    bad = ~(err <= atol + rtol * e.abs())
+    bad &= ~(a.isnan() & e.isnan())
+    if not bad.any():
+        return
+    err = torch.where(err.isnan(), torch.inf, err)
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    rel = err / e.abs().clamp_min(1e-30)
+    worst_rel = tuple(int(i) for i in torch.unravel_index(rel.argmax(), rel.shape))
+    raise AssertionError(
+        f"{what} {int(bad.sum())} of {bad.numel()} elements differ beyond atol={atol:g} rtol={rtol:g}; "
+        f"max abs error {err[worst].item():.4g} at {worst}, max rel error {rel[worst_rel].item():.4g} at {worst_rel}; "
+        f"first mismatches: {_where(bad, a, e)}"
+    )
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bit-for-bit equality (floats compared as their bit patterns, so -0.0 != 0.0 and NaNs must match exactly)."""
+    assert actual.shape == expected.shape, f"{what} shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what} dtype {actual.dtype} != expected {expected.dtype}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, e = a.view(bits), e.view(bits)
+    bad = a != e
+    if bad.any():
+        first = _where(bad, actual.cpu(), expected.cpu())
+        raise AssertionError(f"{what} {int(bad.sum())} of {bad.numel()} elements differ; first: {first}")
