@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import argmax_abs, as_u8, nearest_int, pack_bits, rdiv, seq_sum, to_fp16, unpack_bits
+from .bits import argmax_abs, as_u8, nearest_int, pack_bits, rdiv, seq_sum, sqrt_f32, to_fp16, unpack_bits
 from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants
 from .spec import BlockFormat, Field
 
@@ -153,7 +153,7 @@ def _affine_k_levels(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     """Shared Q4_K/Q5_K search: weights av_x + |x| (av_x the sub-block's RMS), 6-bit scales and mins."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    av_x = torch.sqrt(seq_sum((sub * sub).t()).t() / 32)
+    av_x = sqrt_f32(seq_sum((sub * sub).t()).t() / 32)
     scales, mins, levels = make_qkx2_quants(sub, av_x + sub.abs(), nmax, rmin, 0.1, nstep, use_mad=False)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
     max_scale = _largest_positive(scales)
