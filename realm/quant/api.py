@@ -38,8 +38,11 @@ def _check_shape(shape, fmt: BlockFormat) -> tuple[int, ...]:
     return shape
 
 
-def _chunks(n_blocks: int, fmt: BlockFormat) -> range:
-    return range(0, n_blocks, max(1, CHUNK_WEIGHTS // fmt.block_size))
+def _chunks(n_blocks: int, fmt: BlockFormat):
+    """Slices of at most CHUNK_WEIGHTS weights (whole blocks) covering n_blocks."""
+    step = max(1, CHUNK_WEIGHTS // fmt.block_size)
+    for start in range(0, n_blocks, step):
+        yield slice(start, min(start + step, n_blocks))
 
 
 def dequantize(data, fmt: str | BlockFormat, shape) -> torch.Tensor:
@@ -60,9 +63,8 @@ def dequantize(data, fmt: str | BlockFormat, shape) -> torch.Tensor:
         )
     blocks = data.reshape(n_blocks, fmt.block_bytes)
     out = torch.empty(n_blocks, fmt.block_size, dtype=torch.float32, device=data.device)
-    for start in _chunks(n_blocks, fmt):
-        chunk = blocks[start : start + max(1, CHUNK_WEIGHTS // fmt.block_size)]
-        out[start : start + chunk.shape[0]] = fmt.decode(split_fields(fmt, chunk))
+    for part in _chunks(n_blocks, fmt):
+        out[part] = fmt.decode(split_fields(fmt, blocks[part]))
     return out.view(shape)
 
 
@@ -105,9 +107,8 @@ def quantize(x, fmt: str | BlockFormat) -> torch.Tensor:
     blocks = x.to(torch.float32).reshape(-1, fmt.block_size)
     n_blocks = blocks.shape[0]
     out = torch.empty(n_blocks, fmt.block_bytes, dtype=torch.uint8, device=x.device)
-    step = max(1, CHUNK_WEIGHTS // fmt.block_size)
-    for start in _chunks(n_blocks, fmt):
-        fields = fmt.encode(blocks[start : start + step])
-        _check_scales(fields, fmt, start)
-        out[start : start + step] = join_fields(fmt, fields)
+    for part in _chunks(n_blocks, fmt):
+        fields = fmt.encode(blocks[part])
+        _check_scales(fields, fmt, part.start)
+        out[part] = join_fields(fmt, fields)
     return out.view(*shape[:-1], fmt.row_bytes(shape[-1]))
