@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from realm.quant import BlockFormat
+from realm.quant import BlockFormat, QTensor
 from realm.quant.spec import join_fields, split_fields
 
 
@@ -62,3 +62,23 @@ def weights(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
             base[i] = cases[i % len(cases)]
         return base
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def random_qtensor(fmt: BlockFormat, rows: int, cols: int, seed: int = 0) -> QTensor:
+    """A weight [rows, cols] of random codes and random moderate scales (|d| in 1e-3 .. 1e-1, MXFP4 exponents
+    2^-10 .. 2^-2), so every code and sub-scale occurs and products stay far from float16 overflow. Float formats
+    get N(0, 1) values. Much faster than quantizing, for kernel tests whose result does not depend on the values."""
+    g = torch.Generator().manual_seed(seed)
+    if fmt.block_size == 1:
+        return QTensor.from_float(torch.randn(rows, cols, generator=g), fmt)
+    n_blocks = rows * cols // fmt.block_size
+    fields = split_fields(fmt, torch.randint(0, 256, (n_blocks, fmt.block_bytes), dtype=torch.uint8, generator=g))
+    for f in fmt.fields:
+        shape = (n_blocks, f.count)
+        if f.dtype.is_floating_point:
+            magnitude = 10 ** (torch.rand(shape, generator=g) * 2 - 3)
+            sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+            fields[f.name] = (sign * magnitude).to(f.dtype)
+        elif fmt.name == "MXFP4" and f.name == "e":
+            fields[f.name] = torch.randint(118, 127, shape, dtype=torch.uint8, generator=g)
+    return QTensor(join_fields(fmt, fields).view(rows, -1), fmt, (rows, cols))

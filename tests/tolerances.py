@@ -35,12 +35,21 @@ def _where(mask: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, lim
     return ", ".join(f"{tuple(i.tolist())}: {actual[tuple(i)].item()!r} vs {expected[tuple(i)].item()!r}" for i in idx)
 
 
+def dot_magnitude(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|x| @ |w|.T in float64: the scale of a dot product's rounding error, which is bounded by
+    (a few roundings) * sum_k |x_k w_k|, not by |result| (the result may cancel to ~0)."""
+    return x.double().abs() @ w.double().abs().t()
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float | None = None,
-                 rtol: float | None = None, dtype: torch.dtype | None = None, what: str = "") -> None:
+                 rtol: float | None = None, dtype: torch.dtype | None = None, magnitude: torch.Tensor | None = None,
+                 what: str = "") -> None:
     """|actual - expected| <= atol + rtol * |expected| elementwise (NaN only where expected is NaN).
 
-    Tolerances come from TOLERANCES[dtype or actual.dtype] unless given. On failure the message says how many
-    elements mismatched, the largest absolute and relative error with their index, and the first few mismatches.
+    Tolerances come from TOLERANCES[dtype or actual.dtype] unless given. For results of reductions pass
+    `magnitude` (e.g. `dot_magnitude(x, w)`): the relative term is then rtol * magnitude, the standard forward error
+    bound of a sum. On failure the message says how many elements mismatched, the largest absolute and relative
+    error with their index, and the first few mismatches.
     """
     assert actual.shape == expected.shape, f"{what} shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     tol = TOLERANCES[dtype or actual.dtype]
@@ -49,7 +58,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float | 
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
     err = (a - e).abs()
-    bad = ~(err <= atol + rtol * e.abs())
+    scale = e.abs() if magnitude is None else magnitude.detach().to(torch.float64).cpu()
+    bad = ~(err <= atol + rtol * scale)
     bad &= ~(a.isnan() & e.isnan())
     if not bad.any():
         return

@@ -4,6 +4,10 @@ It holds the GGUF block bytes as read from a file (`Layout.GGUF`) or a lossless 
 layout defined here, `Layout.FIELDS`, stores each block field as its own contiguous tensor [N, K / block_size, count]
 (structure of arrays), so a kernel loads scales and codes with unit-stride vector loads instead of striding over
 18..292-byte structs; `.repack()` and back are exact, so dequantized values never change.
+
+`Layout.PLANES` is what realm's kernels read: `realm.quant.planes.Planes`, the same weight unpacked into bit planes
+of codes and integer scales, one layout for every format (see that module for why). Its dequantized values equal
+the GGUF ones bit for bit; it is a one-way repacking (kept in memory for the kernels, never written to a file).
 """
 
 from __future__ import annotations
@@ -16,17 +20,19 @@ import torch
 
 from .api import dequantize, quantize
 from .formats import get_format
+from .planes import Planes, plane_spec, planes_dequantize, to_planes
 from .spec import BlockFormat, QuantError, join_fields, split_fields
 
 
 class Layout(str, enum.Enum):
     GGUF = "gguf"  # the file's bytes: uint8 [N, K / block_size * block_bytes]
     FIELDS = "fields"  # {field: [N, K / block_size, count]}, each contiguous, of the field's dtype
+    PLANES = "planes"  # realm.quant.planes.Planes: code bit planes and scale arrays, the kernels' layout
 
 
 @dataclass(frozen=True)
 class QTensor:
-    data: torch.Tensor | Mapping[str, torch.Tensor]
+    data: torch.Tensor | Mapping[str, torch.Tensor] | Planes
     fmt: BlockFormat
     shape: tuple[int, int]
 
@@ -37,7 +43,9 @@ class QTensor:
             raise QuantError(f"QTensor shape must be [N, K], got {shape}")
         n, k = shape
         blocks_per_row = fmt.row_bytes(k) // fmt.block_bytes
-        if isinstance(data, Mapping):
+        if isinstance(data, Planes):
+            _check_planes(data, fmt, n, k)
+        elif isinstance(data, Mapping):
             _check_fields(data, fmt, n, blocks_per_row)
             data = dict(data)
         elif isinstance(data, torch.Tensor):
@@ -60,11 +68,16 @@ class QTensor:
 
     @property
     def layout(self) -> Layout:
+        if isinstance(self.data, Planes):
+            return Layout.PLANES
         return Layout.FIELDS if isinstance(self.data, dict) else Layout.GGUF
 
     @property
     def device(self) -> torch.device:
-        return self.gguf_bytes().device if self.layout is Layout.GGUF else next(iter(self.data.values())).device
+        if self.layout is Layout.GGUF:
+            return self.data.device
+        tensors = self.data.tensors() if self.layout is Layout.PLANES else self.data.values()
+        return next(iter(tensors)).device
 
     @property
     def nbytes(self) -> int:
@@ -74,6 +87,9 @@ class QTensor:
         """The GGUF block bytes [N, row_bytes], whatever the layout."""
         if self.layout is Layout.GGUF:
             return self.data
+        if self.layout is Layout.PLANES:
+            raise QuantError("a QTensor in the planes layout cannot give back GGUF bytes; keep the GGUF QTensor it "
+                             "was repacked from")
         n = self.shape[0]
         flat = {name: t.reshape(-1, t.shape[-1]) for name, t in self.data.items()}
         return join_fields(self.fmt, flat).view(n, -1)
@@ -83,6 +99,8 @@ class QTensor:
         layout = Layout(layout)
         if layout is self.layout:
             return self
+        if layout is Layout.PLANES:
+            return QTensor(self.planes(), self.fmt, self.shape)
         if layout is Layout.GGUF:
             return QTensor(self.gguf_bytes(), self.fmt, self.shape)
         n = self.shape[0]
@@ -92,17 +110,40 @@ class QTensor:
         }
         return QTensor(fields, self.fmt, self.shape)
 
+    def planes(self) -> Planes:
+        """The weight in the kernel layout (computed from the GGUF bytes unless already held)."""
+        if self.layout is Layout.PLANES:
+            return self.data
+        return to_planes(self.gguf_bytes(), self.fmt, self.shape)
+
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]."""
+        if self.layout is Layout.PLANES:
+            return planes_dequantize(self.data, self.shape)
         return dequantize(self.gguf_bytes(), self.fmt, self.shape)
 
     def to(self, device: torch.device | str) -> QTensor:
+        if isinstance(self.data, Planes):
+            return QTensor(self.data.to(device), self.fmt, self.shape)
         if isinstance(self.data, dict):
             return QTensor({k: v.to(device) for k, v in self.data.items()}, self.fmt, self.shape)
         return QTensor(self.data.to(device), self.fmt, self.shape)
 
     def __repr__(self) -> str:
         return f"QTensor({self.fmt.name}, shape={list(self.shape)}, layout={self.layout.value}, device={self.device})"
+
+
+def _check_planes(p: Planes, fmt: BlockFormat, n: int, k: int) -> None:
+    expected = plane_spec(fmt)
+    if p.spec != expected:
+        raise QuantError(f"planes were made for another format than {fmt.name}")
+    rows = {t.shape[0] for t in p.tensors()}
+    if rows != {n}:
+        raise QuantError(f"{fmt.name} planes hold rows {sorted(rows)}, expected {n}")
+    words = [k if expected.value.is_float else k * w // 32 for w in expected.widths]
+    if [t.shape[1] for t in p.planes] != words:
+        raise QuantError(f"{fmt.name} planes for K={k} must have {words} words per row, got "
+                         f"{[t.shape[1] for t in p.planes]}")
 
 
 def _check_fields(fields: Mapping[str, torch.Tensor], fmt: BlockFormat, n: int, blocks_per_row: int) -> None:
