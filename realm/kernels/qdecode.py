@@ -29,6 +29,8 @@ _VALUE = {Value.INT: VALUE_INT, Value.TABLE: VALUE_TABLE, Value.F32: VALUE_F32, 
           Value.BF16: VALUE_BF16}
 _OFFSET = {Offset.NONE: OFFSET_NONE, Offset.ADD: OFFSET_ADD, Offset.SUB: OFFSET_SUB}
 _TABLES: dict[tuple, torch.Tensor] = {}
+# Triton decides at decoration (import) time whether kernels are interpreted; CPU tensors need that.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def weight_planes(w: QTensor) -> Planes:
@@ -94,9 +96,6 @@ def check_runnable(tensors: Sequence[torch.Tensor], what: str) -> None:
     raise ValueError(f"{what}: Triton kernels need CUDA tensors, got {device}{hint}")
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @triton.jit
 def _load_plane(ptr, rows, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
     """Codes k0 .. k0 + BLOCK_K of a W-bit plane: int32 [BLOCK_N, BLOCK_K]. Word j of a row holds codes
@@ -112,23 +111,25 @@ def _load_plane(ptr, rows, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
-def load_weight_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_n, n_mask, k0, K,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
-                     VALUE: tl.constexpr, BIAS: tl.constexpr, QBLOCK: tl.constexpr, GROUP: tl.constexpr,
-                     CHUNK: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr, E8M0: tl.constexpr):
-    """Weights [offs_n, k0 : k0 + BLOCK_K] as float32 [BLOCK_N, BLOCK_K]; rows outside n_mask and columns >= K
-    come out as 0 (finite, so a masked-out zero activation times them stays 0)."""
-    rows = offs_n.to(tl.int64)[:, None]
-    if VALUE >= 2:  # F32 / F16 / BF16: the plane holds the weights' bits, one element per int32/int16
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        bits = tl.load(p0 + rows * K + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
-        if VALUE == 2:
-            w = bits.to(tl.float32, bitcast=True)
-        elif VALUE == 3:
-            w = bits.to(tl.float16, bitcast=True).to(tl.float32)
-        else:
-            w = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        return w
+def _load_float_tile(p0, rows, n_mask, k0, K, BLOCK_K: tl.constexpr, VALUE: tl.constexpr):
+    """F32 / F16 / BF16 weights: the plane holds their bits, one element per int32 / int16."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    bits = tl.load(p0 + rows * K + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
+    if VALUE == 2:
+        w = bits.to(tl.float32, bitcast=True)
+    elif VALUE == 3:
+        w = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        w = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return w
+
+
+@triton.jit
+def _decode_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, rows, n_mask, k0, K,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                 VALUE: tl.constexpr, BIAS: tl.constexpr, QBLOCK: tl.constexpr, GROUP: tl.constexpr,
+                 CHUNK: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr, E8M0: tl.constexpr):
+    """Block formats: codes from the planes, then scale * value (+|-) offset per CHUNK of weights."""
     codes = _load_plane(p0, rows, n_mask, k0, K, BLOCK_N, BLOCK_K, W0)
     if W1 > 0:
         codes = codes | (_load_plane(p1, rows, n_mask, k0, K, BLOCK_N, BLOCK_K, W1) << W0)
@@ -157,3 +158,19 @@ def load_weight_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_n,
         else:
             w = w + m[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def load_weight_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_n, n_mask, k0, K,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                     VALUE: tl.constexpr, BIAS: tl.constexpr, QBLOCK: tl.constexpr, GROUP: tl.constexpr,
+                     CHUNK: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr, E8M0: tl.constexpr):
+    """Weights [offs_n, k0 : k0 + BLOCK_K] as float32 [BLOCK_N, BLOCK_K]; rows outside n_mask and columns >= K
+    come out as 0 (finite, so a masked-out zero activation times them stays 0)."""
+    rows = offs_n.to(tl.int64)[:, None]
+    if VALUE >= 2:
+        w = _load_float_tile(p0, rows, n_mask, k0, K, BLOCK_K, VALUE)
+    else:
+        w = _decode_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, rows, n_mask, k0, K, BLOCK_N, BLOCK_K,
+                         W0, W1, VALUE, BIAS, QBLOCK, GROUP, CHUNK, SUB, OFFSET, E8M0)
+    return w

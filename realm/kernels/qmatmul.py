@@ -308,7 +308,7 @@ def _launch_decode(out2: torch.Tensor, x2: torch.Tensor, cfg: DecodeConfig, args
     _qmatmul_decode_kernel[grid](
         target, x2, **args, stride_om=n, stride_split=m * n, k_per_split=k_per_split,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=block_m >= 16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     if splits > 1:
         torch.sum(target, dim=0, out=out2) if out2.dtype == torch.float32 else out2.copy_(target.sum(0))
 
@@ -318,7 +318,7 @@ def _launch_prefill(out2: torch.Tensor, x2: torch.Tensor, cfg: PrefillConfig, ar
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _qmatmul_prefill_kernel[grid](
         out2, x2, **args, stride_om=n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
 
 
 def qmatmul_ref(x: torch.Tensor, w: QTensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""Compiles realm's Triton kernels for an NVIDIA target without a GPU (Triton's compiler runs on any machine), so
+that code the CPU interpreter accepts but the GPU compiler would reject fails in CI too.
+
+Run as a script in a process without TRITON_INTERPRET (the interpreter replaces kernels by Python functions):
+    python tests/compile_for_gpu.py [--arch 90] FORMAT:KIND:DTYPE ...
+KIND is decode1 (1-row CUDA-core path), decode16 (16-row tl.dot path), prefill or dequantize. Prints one line per
+case and exits 1 if any case failed to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from realm.kernels.qdecode import weight_args
+from realm.quant import FORMATS, QTensor
+
+qmatmul_module = importlib.import_module("realm.kernels.qmatmul")
+dequantize_module = importlib.import_module("realm.kernels.dequantize")
+POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                 torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8"}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _compile(kernel, tensors: dict, constexprs: dict, arch: int, fp_fusion: bool = True):
+    """Compiles kernel with tensors as pointers, constexprs as given and every other argument as an int32."""
+    signature = {name: "*" + POINTER_TYPES[tensors[name].dtype] if name in tensors else
+                 "constexpr" if name in constexprs else "i32" for name in kernel.arg_names}
+    fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2,
+                                                                                 "enable_fp_fusion": fp_fusion})
+
+
+def compile_case(fmt_name: str, kind: str, dtype: torch.dtype, arch: int):
+    fmt = FORMATS[fmt_name]
+    k = 512
+    w = QTensor(torch.zeros(64, fmt.row_bytes(k), dtype=torch.uint8), fmt, (64, k)).planes()
+    block_k = 64 if kind == "prefill" else 256
+    args = weight_args(w, block_k)
+    tensors = {name: v for name, v in args.items() if isinstance(v, torch.Tensor)}
+    constexprs = {name: v for name, v in args.items() if not isinstance(v, torch.Tensor)}
+    precision = qmatmul_module._dot_precision(dtype)
+    if kind == "dequantize":
+        tensors["out_ptr"] = torch.empty(1, dtype=torch.float32)
+        return _compile(dequantize_module._dequantize_kernel, tensors,
+                        {**constexprs, "BLOCK_N": 16, "BLOCK_K": block_k}, arch, fp_fusion=False)
+    tensors.update(out_ptr=torch.empty(1, dtype=dtype), x_ptr=torch.empty(1, dtype=dtype))
+    if kind == "prefill":
+        return _compile(qmatmul_module._qmatmul_prefill_kernel, tensors,
+                        {**constexprs, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": block_k, "GROUP_M": 8,
+                         "DOT_PRECISION": precision}, arch)
+    block_m = {"decode1": 1, "decode16": 16}[kind]
+    return _compile(qmatmul_module._qmatmul_decode_kernel, tensors,
+                    {**constexprs, "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": block_k, "USE_DOT": block_m >= 16,
+                     "DOT_PRECISION": precision}, arch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100, 80 for A100")
+    p.add_argument("cases", nargs="+", help="FORMAT:KIND:DTYPE")
+    args = p.parse_args(argv)
+    failed = 0
+    for case in args.cases:
+        fmt_name, kind, dtype = case.split(":")
+        try:
+            compiled = compile_case(fmt_name, kind, DTYPES[dtype], args.arch)
+            print(f"ok {case}: {compiled.metadata.shared} bytes shared memory")
+        except Exception as exc:
+            failed += 1
+            print(f"FAILED {case}: {type(exc).__name__}: {exc}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The kernels compile for an H100 (sm_90) on this machine, GPU or not: the interpreter runs the tests' kernels as
+Python, which accepts code the GPU compiler rejects."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from realm.quant import FORMATS
+
+KINDS = ["decode1", "decode16", "prefill", "dequantize"]
+DTYPES = ["float16", "bfloat16", "float32"]
+# Every format once, cycling through the kernel kinds and activation dtypes so every kind meets every dtype.
+CASES = [f"{name}:{KINDS[i % 4]}:{DTYPES[i % 3] if KINDS[i % 4] != 'dequantize' else 'float32'}"
+         for i, name in enumerate(FORMATS)]
+CASES += ["Q4_K:decode1:float16", "Q4_K:decode16:float16", "Q4_K:prefill:float16", "Q4_K:prefill:bfloat16"]
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_for_gpu.py")
+    run = subprocess.run([sys.executable, str(script), *CASES], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("ok ") == len(CASES), run.stdout
