@@ -356,3 +356,11 @@ def test_llama_sizes_on_gpu(name, n, k, device):
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(m, k, device=device, dtype=dtype)
             _check(x, w, torch.empty(m, n, dtype=dtype, device=device))
+
+
+def test_the_repacking_fallback_is_logged(caplog, device):
+    w = random_qtensor(FORMATS["Q4_0"], 8, 32).to(device)
+    with caplog.at_level("DEBUG", logger="realm.kernels"):
+        qmatmul(torch.randn(1, 32, device=device), w)
+    assert "in the gguf layout: repacking it to planes" in caplog.text
+    assert "Plan(regime=<Regime.DECODE" in caplog.text

@@ -12,6 +12,7 @@ let the compiler fuse the multiply-add, which only makes the product more accura
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -19,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from realm.quant import QTensor
+from realm.quant import Layout, QTensor
 from realm.quant.planes import Offset, Planes, ScaleCode, Value
+
+log = logging.getLogger(__name__)
 
 # Value kinds as kernel constexprs.
 VALUE_INT, VALUE_TABLE, VALUE_F32, VALUE_F16, VALUE_BF16 = 0, 1, 2, 3, 4
@@ -38,6 +41,9 @@ def weight_planes(w: QTensor) -> Planes:
     pass over the weight: repack once at load with `w.repack("planes")`)."""
     if not isinstance(w, QTensor):
         raise TypeError(f"w must be a realm.quant.QTensor, got {type(w).__name__}")
+    if w.layout is not Layout.PLANES:
+        log.debug("%s weight %s is in the %s layout: repacking it to planes for this call", w.fmt.name,
+                  list(w.shape), w.layout.value)
     return w.planes()
 
 
