@@ -258,6 +258,7 @@ def _w():
     (torch.randn(2, 256, dtype=torch.float64), "x must be float16, bfloat16 or float32, got torch.float64"),
     (torch.ones(2, 256, dtype=torch.int32), "got torch.int32"),
     (torch.randn(2, 256, device="meta"), "x is on meta but w is on cpu"),
+    (torch.randn(2, 256, requires_grad=True), "qmatmul has no backward: x requires grad"),
 ])
 def test_bad_activations_get_a_clear_error(x, message):
     with pytest.raises(ValueError, match=message):

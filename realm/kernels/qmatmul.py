@@ -270,6 +270,8 @@ def qmatmul(x: torch.Tensor, w: QTensor, out: torch.Tensor | None = None, *, reg
     regime / config override the launcher's choice (see `plan_qmatmul`).
     """
     _check_inputs(x, w, out)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("qmatmul has no backward: x requires grad (call it under torch.no_grad() or detach x)")
     n, k = w.shape
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:

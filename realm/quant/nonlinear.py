@@ -46,12 +46,18 @@ def _encode_iq4_nl(x):
 
 # ---- IQ4_XS: 256 weights, fp16 super-scale, 8 six-bit signed sub-scales --------------------------------------------
 
-def _decode_iq4_xs(f):
+def iq4_xs_scales(f) -> torch.Tensor:
+    """The 8 signed sub-block scales (-32..31) of each IQ4_XS block: int32 [n, 8]."""
     n = f["qs"].shape[0]
     high = f["scales_h"].to(torch.int32)
     high = unpack_bits((high[:, 0] | (high[:, 1] << 8)).unsqueeze(1), 8, 2).view(n, 8)  # uint16, 2 bits per scale
     low = unpack_nibbles(f["scales_l"]).view(n, 2, 4).transpose(1, 2).reshape(n, 8)  # byte i: scale 2i low, 2i+1 high
-    dl = (f["d"].float() * ((low | (high << 4)) - 32).float()).view(n, 8, 1)
+    return (low | (high << 4)) - 32
+
+
+def _decode_iq4_xs(f):
+    n = f["qs"].shape[0]
+    dl = (f["d"].float() * iq4_xs_scales(f).float()).view(n, 8, 1)
     q = unpack_bits(f["qs"].view(n, 8, 16), 2, 4).reshape(n, 8, 32)
     return (dl * table(IQ4_VALUES, q.device)[q]).view(n, 256)
 

@@ -35,7 +35,7 @@ import torch
 from .bits import table, unpack_bits, unpack_nibbles
 from .kquants import _unpack_q3_scales, _unpack_scale_min
 from .legacy import _join_fifth_bit
-from .nonlinear import IQ4_VALUES, MXFP4_VALUES, e8m0_to_fp32_half
+from .nonlinear import IQ4_VALUES, MXFP4_VALUES, e8m0_to_fp32_half, iq4_xs_scales
 from .spec import BlockFormat, QuantError, split_fields
 
 I8 = torch.int8
@@ -184,11 +184,8 @@ def _q8_k(f):
 
 def _iq4_xs(f):
     n = f["qs"].shape[0]
-    high = f["scales_h"].to(torch.int32)
-    high = unpack_bits((high[:, 0] | (high[:, 1] << 8)).unsqueeze(1), 8, 2).view(n, 8)
-    low = unpack_nibbles(f["scales_l"]).view(n, 2, 4).transpose(1, 2).reshape(n, 8)
     codes = unpack_bits(f["qs"].view(n, 8, 16), 2, 4).reshape(n, 256)
-    return Parts(codes, d=f["d"], sub=((low | (high << 4)) - 32).to(I8))
+    return Parts(codes, d=f["d"], sub=iq4_xs_scales(f).to(I8))
 
 
 _FLOAT = {"block": 1, "group": 1}
@@ -268,7 +265,7 @@ def unpack_codes(words: torch.Tensor, width: int) -> torch.Tensor:
 
 def to_planes(data: torch.Tensor, fmt: BlockFormat, shape: tuple[int, int]) -> Planes:
     """GGUF bytes uint8 [N, row_bytes] of a weight [N, K] -> Planes (exact)."""
-    spec, unpack = PLANE_SPECS[fmt.name][0], PLANE_SPECS[fmt.name][1]
+    spec, unpack = PLANE_SPECS[fmt.name]
     n, k = shape
     parts = unpack(split_fields(fmt, data.reshape(-1, fmt.block_bytes)))
     rows = lambda t: None if t is None else t.reshape(n, -1).contiguous()  # noqa: E731

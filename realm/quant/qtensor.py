@@ -81,6 +81,7 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the GGUF encoding, whatever the layout (`planes().nbytes` is what the kernels read)."""
         return self.shape[0] * self.fmt.row_bytes(self.shape[1])
 
     def gguf_bytes(self) -> torch.Tensor:
