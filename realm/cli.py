@@ -2,6 +2,8 @@
 
     realm formats                                    # the block formats realm reads and writes
     realm quantize IN.gguf OUT.gguf --type Q4_K      # re-encode a model file (IN may be a packaged model: smollm2)
+    realm generate "Once upon a time" --max-tokens 64    # stream a continuation, then tokens/s
+    realm chat "What is the capital of France?"          # one answer through the chat template; no question: a loop
 
 A subcommand is a `Command` (its arguments and what it runs) in `COMMANDS`; adding one there is all a new subcommand
 needs. Expected failures (bad input, a missing or broken file) print `realm: error: ...` and exit with status 2.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .models import MODELS, resolve_model
-from .quant import FORMATS, QuantError
+from .quant import FORMATS
 
 EXIT_ERROR = 2  # argparse's status for a usage error; realm uses it for every expected failure
 EXIT_INTERRUPTED = 130
@@ -58,6 +60,101 @@ def _quantize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="GGUF file, or a packaged model: "
+                        f"{', '.join(MODELS)} (default: smollm2)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
+    parser.add_argument("--backend", default="torch", help="torch (the reference forward); triton arrives with "
+                        "the Triton forward")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="compute dtype of the torch backend (default float32, the exact reference)")
+
+
+def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most ({max_tokens})")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop before this text (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no speed line on stderr")
+
+
+def _sampling(args: argparse.Namespace):
+    from .runtime import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .runtime import load
+
+    return load(args.model, device=args.device, backend=args.backend, dtype=getattr(torch, args.dtype))
+
+
+def _stream_to_terminal(model, prompt_ids, params, quiet: bool):
+    """Print the text as it comes; then a speed line on stderr. Returns the Completion."""
+    stream = model.stream(prompt_ids, params)
+    for event in stream:
+        print(event.text, end="", flush=True)
+    print(flush=True)
+    c = stream.completion
+    if not quiet:
+        t = c.timings
+        print(f"[{t.prompt_tokens} prompt tokens, {t.prefill_tokens_per_s:.1f} tok/s prefill; "
+              f"{t.generated_tokens} generated, {t.decode_tokens_per_s:.1f} tok/s decode; "
+              f"finish: {c.finish_reason.value}]", file=sys.stderr)
+    return c
+
+
+def _generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the text to continue")
+    _model_args(parser)
+    _sampling_args(parser, max_tokens=128)
+
+
+def _generate_run(args: argparse.Namespace) -> int:
+    params = _sampling(args)  # invalid values fail before the model loads
+    model = _load(args)
+    _stream_to_terminal(model, model.encode(args.prompt), params, args.quiet)
+    return 0
+
+
+def _chat_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", nargs="?", help="answer this once; without it, an interactive chat")
+    parser.add_argument("--system", default=None, help="a system message (default: the template's own)")
+    _model_args(parser)
+    _sampling_args(parser, max_tokens=512)
+
+
+def _chat_run(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.question is not None:
+        messages.append({"role": "user", "content": args.question})
+        _stream_to_terminal(model, model.chat_prompt(messages), params, args.quiet)
+        return 0
+    print(f"{model!r}; an empty line or end of input ends the chat", file=sys.stderr)
+    while True:
+        try:
+            question = input("> ")
+        except EOFError:
+            return 0
+        if not question.strip():
+            return 0
+        messages.append({"role": "user", "content": question})
+        answer = _stream_to_terminal(model, model.chat_prompt(messages), params, args.quiet)
+        messages.append({"role": "assistant", "content": answer.text})
+
+
 def _quantize_run(args: argparse.Namespace) -> int:
     from .quantize_file import quantize_gguf  # imports torch: only when the command runs
 
@@ -71,6 +168,9 @@ COMMANDS: dict[str, Command] = {
     for c in (
         Command("formats", "list the block formats (GGUF tensor types) realm supports", _formats_args, _formats_run),
         Command("quantize", "re-encode every weight of a GGUF model to one format", _quantize_args, _quantize_run),
+        Command("generate", "continue a prompt with a model, streaming the text", _generate_args, _generate_run),
+        Command("chat", "answer through the model's chat template (no question: interactive)", _chat_args,
+                _chat_run),
     )
 }
 
@@ -94,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except (QuantError, OSError) as e:  # GGUFError is a QuantError; FileNotFoundError an OSError
+    except (ValueError, OSError) as e:  # QuantError, GGUFError, ModelError: ValueErrors; FileNotFoundError: OSError
         print(f"realm: error: {_message(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

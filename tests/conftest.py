@@ -29,3 +29,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model (SmolLM2-135M-Instruct, Q4_1) loaded once, torch backend, float32, on the CPU."""
+    import realm
+
+    return realm.load("smollm2", device="cpu")

@@ -218,3 +218,86 @@ def test_llama_cpp_loads_realm_files(tmp_path, capsys, smollm2_greedy, fmt, agre
     assert metadata["general.file_type"] == str(int(FILE_TYPES[fmt]))
     for got, ref in zip(tokens, smollm2_greedy, strict=True):
         assert got[:agree] == ref[:agree], f"{fmt}: greedy tokens {got} vs the source model's {ref}"
+
+
+# ------------------------------------------------------------------------------------------------ generate and chat
+
+
+@pytest.fixture
+def loads(monkeypatch, smollm2):
+    """The CLI's model loads, answered with the session's loaded model; records the options they asked for."""
+    import realm.runtime
+
+    calls = []
+
+    def fake_load(model, device=None, backend="torch", dtype=None):
+        calls.append({"model": model, "device": device, "backend": backend, "dtype": dtype})
+        return smollm2
+
+    monkeypatch.setattr(realm.runtime, "load", fake_load)
+    return calls
+
+
+def test_generate_streams_text_and_reports_speed(loads, capsys, smollm2):
+    rc, out, err = run(["generate", "The capital of France is", "--max-tokens", "8", "--dtype", "float32"], capsys)
+    assert rc == 0
+    expected = smollm2.generate("The capital of France is", max_tokens=8).text
+    assert out == expected + "\n"
+    assert "8 generated" in err and "tok/s decode" in err and "finish: length" in err
+    assert loads == [{"model": "smollm2", "device": None, "backend": "torch", "dtype": __import__("torch").float32}]
+
+
+def test_generate_passes_sampling_options(loads, capsys, smollm2):
+    argv = ["generate", "Once upon a time", "--max-tokens", "6", "--temperature", "0.8", "--top-k", "40", "--top-p",
+            "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "5", "--quiet"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and err == ""
+    same = smollm2.generate("Once upon a time", max_tokens=6, temperature=0.8, top_k=40, top_p=0.9, min_p=0.05,
+                            repetition_penalty=1.1, seed=5)
+    assert out == same.text + "\n"
+
+
+def test_chat_once(loads, capsys):
+    rc, out, _err = run(["chat", "What is the capital of France?", "--quiet"], capsys)
+    assert rc == 0 and out == "The capital of France is Paris.\n"
+
+
+def test_chat_interactive_keeps_the_conversation(loads, capsys, monkeypatch, smollm2):
+    questions = iter(["What is the capital of France?", "And of Italy?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(questions))
+    rc, out, _err = run(["chat", "--quiet", "--max-tokens", "16"], capsys)
+    assert rc == 0
+    first, second = out.splitlines()[:2]
+    assert first == "The capital of France is Paris."
+    history = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "And of Italy?"}]
+    assert second == smollm2.chat(history, max_tokens=16).text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "x", "--top-p", "2"], r"top_p must be in (0, 1]"),
+    (["generate", "x", "--max-tokens", "0"], "max_tokens must be >= 1"),
+    (["generate", "x", "--model", "/no/such.gguf"], "/no/such.gguf: no such model file"),
+    (["chat", "x", "--backend", "triton"], "backend 'triton' is not available yet"),
+])
+def test_generate_errors(argv, message, capsys):
+    rc, out, err = run(argv, capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("realm: error: ") and message in err
+
+
+def test_generate_rejects_a_non_gguf_file(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a model\n" * 10)
+    rc, _out, err = run(["generate", "x", "--model", path], capsys)
+    assert rc == 2 and "realm: error:" in err and "GGUF" in err
+
+
+def test_realm_chat_command_answers_paris():
+    """The installed command, end to end in a fresh process, on the default model, on whatever device there is."""
+    proc = subprocess.run(["realm", "chat", "What is the capital of France?"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "tok/s decode" in proc.stderr

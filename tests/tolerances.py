@@ -86,3 +86,24 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
     if bad.any():
         first = _where(bad, actual.cpu(), expected.cpu())
         raise AssertionError(f"{what} {int(bad.sum())} of {bad.numel()} elements differ; first: {first}")
+
+
+# Largest KL divergence (nats, per position) allowed between two computations of one model's next-token distribution
+# in a dtype: float32 reorderings (chunked vs whole prefill, another attention kernel) move logits by ~1e-4 and KL by
+# ~1e-10; a real error (a wrong rope layout, a missing norm) moves it by >0.1.
+MODEL_KL: dict[torch.dtype, float] = {torch.float32: 1e-6}
+
+
+def kl_per_position(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) in float64 for logits [..., vocab] -> [...]."""
+    lp, lq = logits_p.double().log_softmax(-1), logits_q.double().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def assert_same_predictions(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """Logits [..., vocab] that pick the same token at every position, with per-position KL under MODEL_KL."""
+    a, e = actual.argmax(-1), expected.argmax(-1)
+    differ = (a != e).nonzero()
+    assert differ.numel() == 0, f"argmax differs at {differ.shape[0]} of {a.numel()} positions: {differ[:5].tolist()}"
+    kl = kl_per_position(expected, actual)
+    assert kl.max() <= MODEL_KL[dtype], f"KL up to {kl.max():.3g} (position {kl.argmax().item()}) > {MODEL_KL[dtype]}"

@@ -1,0 +1,159 @@
+"""Generation of one sequence: prefill, then one token per step, with streaming, stop strings and timings.
+
+    stream = generate_stream(model, prompt_ids, SamplingParams(max_tokens=64))
+    for event in stream:              # TokenEvent(token_id, text): text is what may be shown now
+        print(event.text, end="")
+    stream.completion                 # Completion(text, token_ids, finish_reason, timings)
+
+Stop strings are matched on the decoded text. Text that could be the start of a stop string is held back until the
+next tokens settle it, so a stream never shows a stop string, nor anything after it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an end-of-generation token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int | None  # None for text released at the end (held back for a stop string, or a last partial char)
+    text: str  # newly shown text: may be "" (an incomplete UTF-8 character, or text held back for a stop string)
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0  # the prompt's forward and the first token
+    decode_s: float = 0.0  # every later token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after the first one (the first comes out of the prefill); nan with fewer than 2."""
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+
+@dataclass
+class Completion:
+    text: str  # the generated text, without end-of-generation tokens and cut before a stop string
+    token_ids: list[int]  # every generated id, including an end-of-generation token that ended it
+    finish_reason: FinishReason
+    prompt_ids: list[int]
+    timings: Timings = field(default_factory=Timings)
+
+
+class StopStrings:
+    """Finds the first stop string in text that arrives in pieces; holds back what may begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add text; return the part that is certain to come before any stop string."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = self._longest_stop_prefix_suffix()
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _longest_stop_prefix_suffix(self) -> int:
+        """Length of the longest suffix of the pending text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+class GenerationStream:
+    """Iterate for TokenEvents; `completion` is set once the iteration ends."""
+
+    def __init__(self, model: Model, prompt_ids: Sequence[int], params: SamplingParams):
+        self.model = model
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.completion: Completion | None = None
+        model.check_prompt(self.prompt_ids)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        model, params = self.model, self.params
+        tokenizer = model.tokenizer
+        sampler = Sampler(params)
+        text_out = tokenizer.stream_decoder(skip_special=True)
+        stops = StopStrings(params.stop)
+        capacity = min(model.config.context_length, len(self.prompt_ids) + params.max_tokens)
+        cache = model.new_cache(batch=1, capacity=capacity)
+        history = torch.tensor(self.prompt_ids, dtype=torch.int64)
+        timings = Timings(prompt_tokens=len(self.prompt_ids))
+        generated: list[int] = []
+        text: list[str] = []
+        finish = FinishReason.LENGTH
+
+        t0 = time.perf_counter()
+        logits = model.forward(history[None], cache=cache, start=0, last_only=True)
+        while True:
+            token = sampler.sample(logits[0, -1], history)
+            generated.append(token)
+            now = time.perf_counter()
+            if len(generated) == 1:
+                timings.prefill_s = now - t0
+            else:
+                timings.decode_s += now - t0
+            t0 = now
+            if token in tokenizer.stop_ids and not params.ignore_eos:
+                finish = FinishReason.STOP
+                break
+            shown = stops.push(text_out.push(token))
+            text.append(shown)
+            yield TokenEvent(token, shown)
+            if stops.stopped:
+                finish = FinishReason.STOP
+                break
+            if len(generated) == params.max_tokens or cache.length + 1 > cache.capacity:
+                break
+            history = torch.cat([history, torch.tensor([token])])
+            t0 = time.perf_counter()
+            logits = model.forward(torch.tensor([[token]]), cache=cache, start=cache.length, last_only=True)
+        if not stops.stopped:
+            tail = stops.push(text_out.flush()) + stops.flush()
+            if tail:
+                text.append(tail)
+                yield TokenEvent(None, tail)
+        timings.generated_tokens = len(generated)
+        self.completion = Completion("".join(text), generated, finish, self.prompt_ids, timings)

@@ -1,0 +1,652 @@
+"""Tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata, giving llama.cpp's token ids exactly.
+
+    tok = Tokenizer.from_gguf("model.gguf")           # or Tokenizer.from_metadata(read_metadata(reader))
+    ids = tok.encode("Hello world", add_bos=tok.add_bos_default)
+    text = tok.decode(ids)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    ids = tok.encode(prompt, parse_special=True)     # <|im_start|> etc. become their ids
+
+Two vocabulary types (`tokenizer.ggml.model`), each mirroring llama.cpp's `llama-vocab.cpp` (llama-cpp-python 0.3.36):
+- "gpt2": byte-level BPE. The text is split by the regexes that `tokenizer.ggml.pre` names (llama.cpp's adapted
+  versions, in `PRE_TOKENIZERS`), each piece is byte-level encoded and merged by merge rank. Runs on HF `tokenizers`
+  (Split pre-tokenizers + ByteLevel + BPE, with `ignore_merges` where llama.cpp sets it).
+- "llama": SentencePiece-style. Spaces become "▁", a space is prepended to every text fragment (unless
+  `tokenizer.ggml.add_space_prefix` is false), and adjacent pieces merge by the score of the merged piece, highest
+  first, leftmost on ties; characters no piece covers become `<0xNN>` byte tokens. Runs on a `tokenizers` BPE model
+  whose merge list is every split of every vocabulary piece, ranked by that piece's score (see `_spm_merges`).
+
+Special tokens (control, user-defined, unknown) are split out of the text before either model runs, by a port of
+llama.cpp's `tokenizer_st_partition` (`_partition`): tokens in order of decreasing length, each found left to right in
+the remaining text fragments. HF's added-token matcher is not used because it matches leftmost-longest in one pass and
+strips Unicode (not ASCII) whitespace, which differs from llama.cpp in corner cases. With `parse_special=False`,
+control and unknown tokens are plain text but user-defined ones are still split out, as in llama.cpp.
+
+Decoding concatenates each token's bytes as llama.cpp's `token_to_piece` renders them, then decodes UTF-8 (invalid
+bytes become U+FFFD). Two documented differences from `llama_detokenize`: its `clean_spaces` pass (" ," -> ",",
+" 's" -> "'s", ... for the gpt-2/llama3 pre-tokenizers) is not applied, because it loses information and breaks
+`decode(encode(s)) == s` (llama-cpp-python's `Llama.detokenize` skips it too); and for SPM, when skip_special hides a
+leading BOS, the leading space of the text is removed (as llama-cpp-python does; `llama_detokenize` keeps it).
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import itertools
+import json
+import logging
+import mmap
+import operator
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from enum import Enum, IntFlag
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models as hf_models
+from tokenizers import pre_tokenizers as hf_pre
+
+from realm.gguf_io import GGUFError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODELS = ("gpt2", "llama")
+
+# ------------------------------------------------------------------------------------------ pre-tokenizer regexes
+# llama.cpp's adapted regexes (llama-vocab.cpp, llm_tokenizer_bpe): case-insensitive contractions spelled out as
+# '[sS]', which keeps onig's Unicode case folding (e.g. 'ſ' ~ 's') out of it.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_RE = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_RE = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT4O_RE = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+" + _CONTRACTIONS + "?"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*" + _CONTRACTIONS + "?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEFAULT_RES = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]")
+
+# tokenizer.ggml.pre -> (regexes applied in turn, ignore_merges); llama.cpp's name -> LLAMA_VOCAB_PRE_TYPE_* table,
+# restricted to the types that differ from these only in their name
+PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "default": (_DEFAULT_RES, False),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), ((_GPT2_RE,), False)),
+    # llama3: a word that is a whole token is taken as is, without merging (llama.cpp's ignore_merges)
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), ((_LLAMA3_RE,), True)),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), ((_LLAMA3_RE,), False)),
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+        ((r"\p{N}", _GPT2_RE), False),
+    ),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), ((_QWEN2_RE,), False)),
+    **dict.fromkeys(("gpt-4o", "llama4"), ((_GPT4O_RE,), False)),
+}
+# pre types for which llama.cpp adds BOS by default (tokenizer.ggml.add_bos_token overrides it)
+_ADD_BOS_PRE = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"))
+
+
+# ------------------------------------------------------------------------------------------ token types and attrs
+class TokenAttr(IntFlag):
+    """llama.cpp's `llama_token_attr` bits."""
+
+    UNDEFINED = 0
+    UNKNOWN = 1 << 0
+    UNUSED = 1 << 1
+    NORMAL = 1 << 2
+    CONTROL = 1 << 3
+    USER_DEFINED = 1 << 4
+    BYTE = 1 << 5
+    LSTRIP = 1 << 7
+    RSTRIP = 1 << 8
+
+
+# tokenizer.ggml.token_type values (gguf TokenType: 0 undefined .. 6 byte) -> attribute
+_TYPE_TO_ATTR = np.array(
+    [TokenAttr.UNDEFINED, TokenAttr.NORMAL, TokenAttr.UNKNOWN, TokenAttr.CONTROL, TokenAttr.USER_DEFINED,
+     TokenAttr.UNUSED, TokenAttr.BYTE],
+    dtype=np.int32,
+)  # fmt: skip
+_SPECIAL = TokenAttr.CONTROL | TokenAttr.UNKNOWN  # not parsed without parse_special, not rendered by skip_special
+_PARTITIONED = _SPECIAL | TokenAttr.USER_DEFINED  # llama.cpp's cache_special_tokens
+_ASCII_SPACE = " \t\n\v\f\r"  # C isspace, which llama.cpp's lstrip/rstrip use
+
+# special ids llama.cpp finds by token text when the metadata lacks their key (llama_vocab::impl::load)
+_AUTO_IDS: dict[str, tuple[str, ...]] = {
+    "eot": ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
+            "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>"),
+    "eom": ("<|eom_id|>",),
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+                "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+                "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+                "<|code_middle|>", "<|middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}  # fmt: skip
+_DEPRECATED_ID_KEYS = {"fim_pre": "prefix", "fim_suf": "suffix", "fim_mid": "middle"}
+# token texts llama.cpp treats as end of generation (and forces to control type)
+_EOG_TEXTS = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
+))  # fmt: skip
+_ALWAYS_RENDERED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # gpt-oss: forced user-defined
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table for byte-level BPE."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+# ------------------------------------------------------------------------------------------ GGUF metadata reading
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+
+
+def _read_tokenizer_metadata(path: Path) -> dict[str, Any]:
+    """The `tokenizer.*` and `general.*` metadata of a GGUF file, read straight from its header.
+
+    gguf-py's GGUFReader builds Python objects for every item of every array (about 10 s for a 128k-token
+    vocabulary); this reads string arrays in one loop and numeric arrays with numpy (about 0.15 s). Tensor data is
+    never touched. Raises GGUFError for a file that is not GGUF or whose header is cut short or corrupt.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise GGUFError(f"{path}: not a GGUF file: {size} bytes, shorter than a GGUF header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+            if magic != b"GGUF":
+                raise GGUFError(f"{path}: not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
+            if version & 0xFFFF == 0:
+                raise GGUFError(f"{path}: big-endian GGUF files are not supported")
+            if version < 2:
+                raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or later)")
+            try:
+                return _read_kv(buf, 24, n_kv, size)
+            except (struct.error, ValueError, OverflowError, MemoryError) as e:
+                msg = e.args[0] if isinstance(e, GGUFError) else f"{type(e).__name__}: {e}"
+                raise GGUFError(f"{path}: corrupt or truncated GGUF header: {msg}") from None
+
+
+def _read_kv(buf: mmap.mmap, off: int, n_kv: int, size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, off = _read_str(buf, off, size)
+        (vtype,) = struct.unpack_from("<I", buf, off)
+        keep = key.startswith(("tokenizer.", "general."))
+        value, off = _read_value(buf, off + 4, vtype, size, keep)
+        if keep:
+            out[key] = value
+    return out
+
+
+def _read_str(buf: mmap.mmap, off: int, size: int) -> tuple[str, int]:
+    (n,) = _U64.unpack_from(buf, off)
+    end = off + 8 + n
+    if end > size:
+        raise GGUFError(f"a string at byte {off} runs to byte {end}, past the end of the file ({size} bytes)")
+    return str(buf[off + 8 : end], "utf-8"), end
+
+
+def _read_value(buf: mmap.mmap, off: int, vtype: int, size: int, keep: bool) -> tuple[Any, int]:
+    if vtype in _SCALARS:
+        s = struct.Struct(_SCALARS[vtype])
+        return s.unpack_from(buf, off)[0], off + s.size
+    if vtype == _STRING:
+        return _read_str(buf, off, size)
+    if vtype != _ARRAY:
+        raise GGUFError(f"unknown metadata value type {vtype} at byte {off - 4}")
+    item_type, n = struct.unpack_from("<IQ", buf, off)
+    off += 12
+    if item_type in _SCALARS:
+        dtype = np.dtype(_SCALARS[item_type])
+        end = off + n * dtype.itemsize
+        if end > size:
+            raise GGUFError(f"an array at byte {off - 12} runs to byte {end}, past the end of the file ({size} bytes)")
+        return (np.frombuffer(buf, dtype, n, off).copy() if keep else None), end
+    if item_type != _STRING:
+        raise GGUFError(f"unsupported array item type {item_type} at byte {off - 12}")
+    if off + 8 * n > size:
+        raise GGUFError(f"a string array at byte {off - 12} declares {n} items, more than the file can hold")
+    items: list[str] | None = [""] * n if keep else None
+    unpack = _U64.unpack_from
+    for i in range(n):  # lengths are interleaved with the bytes: one pass, no per-item bound check (done below)
+        (length,) = unpack(buf, off)
+        if items is not None:
+            items[i] = str(buf[off + 8 : off + 8 + length], "utf-8")
+        off += 8 + length
+    if off > size:
+        raise GGUFError(f"a string array runs to byte {off}, past the end of the file ({size} bytes)")
+    return items, off
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value from read_metadata (a MetadataValue) or from _read_tokenizer_metadata, unwrapped."""
+    return getattr(value, "value", value)
+
+
+# ------------------------------------------------------------------------------------------ the tokenizer
+class _Strip(Enum):
+    """Which leading space decoding removes: the one SPM encoding prepends to the text."""
+
+    NONE = "none"
+    FIRST_TOKEN = "first token"  # from the first token's piece, as llama_detokenize
+    TEXT = "text"  # from the decoded text, as llama-cpp-python's detokenize when skip_special hides a leading BOS
+
+
+class Tokenizer:
+    """llama.cpp-exact tokenizer for a GGUF vocabulary; see the module docstring. Thread-safe for encode/decode."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos_default: bool
+    stop_ids: frozenset[int]
+    chat_template: str | None
+
+    def __init__(self, metadata: Mapping[str, Any]):
+        """metadata: key -> value (plain or MetadataValue); use from_gguf / from_metadata."""
+        md = {k: _plain(v) for k, v in metadata.items() if k.startswith(("tokenizer.", "general."))}
+        model = md.get("tokenizer.ggml.model")
+        if model is None:
+            raise ValueError("the metadata has no tokenizer.ggml.model: this GGUF file carries no tokenizer")
+        if model not in SUPPORTED_MODELS:
+            raise ValueError(
+                f"unsupported tokenizer.ggml.model {model!r}: supported are {', '.join(map(repr, SUPPORTED_MODELS))}"
+            )
+        self.model = model
+        self.pre = md.get("tokenizer.ggml.pre") or "default"
+        if model == "gpt2" and self.pre not in PRE_TOKENIZERS:
+            raise ValueError(
+                f"unsupported tokenizer.ggml.pre {self.pre!r} for a gpt2 (BPE) vocabulary: supported are "
+                f"{', '.join(map(repr, PRE_TOKENIZERS))}"
+            )
+        if model == "gpt2" and "tokenizer.ggml.pre" not in md:
+            log.warning("tokenizer.ggml.pre is missing: using the 'default' pre-tokenizer, as llama.cpp does")
+
+        tokens = md.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ValueError("the metadata has no tokenizer.ggml.tokens (the vocabulary)")
+        # llama.cpp renames empty pieces, which would otherwise be unreachable
+        self._tokens: list[str] = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        self.vocab_size = len(self._tokens)
+        self._token_to_id = {t: i for i, t in enumerate(self._tokens)}
+        if len(self._token_to_id) != self.vocab_size:
+            raise ValueError(f"tokenizer.ggml.tokens has duplicate pieces ({self.vocab_size - len(self._token_to_id)})")
+        self._scores = self._array(md, "tokenizer.ggml.scores", np.float32)
+        types = self._array(md, "tokenizer.ggml.token_type", np.int32)
+        if types is None:
+            self._attrs = np.full(self.vocab_size, TokenAttr.NORMAL, dtype=np.int32)
+        else:
+            self._attrs = _TYPE_TO_ATTR[np.where((types >= 0) & (types < len(_TYPE_TO_ATTR)), types, 0)]
+
+        is_spm = model == "llama"
+        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", is_spm))
+        self.add_bos_default = bool(md.get("tokenizer.ggml.add_bos_token", is_spm or self.pre in _ADD_BOS_PRE))
+        # llama.cpp's defaults when the keys are missing: 1/2/0 for SPM; for BPE it uses 11/11, a real piece in most
+        # vocabularies (',' in GPT-2), so realm reports no BOS/EOS instead
+        self.bos_id = self._id(md, "bos", 1 if is_spm else None)
+        self.eos_id = self._id(md, "eos", 2 if is_spm else None)
+        self.unk_id = self._id(md, "unknown", 0 if is_spm else None)
+        self.pad_id = self._id(md, "padding", None)
+        self.chat_template = md.get("tokenizer.chat_template")
+        self._llama_cpp_attrs(md)
+
+        # special tokens in llama.cpp's partition order: longest first (its std::sort leaves ties unordered; here by id)
+        partitioned = np.flatnonzero(self._attrs & _PARTITIONED).tolist()
+        partitioned.sort(key=lambda i: (-len(self._tokens[i].encode()), i))
+        self._partition_all = [(self._tokens[i], i, int(self._attrs[i])) for i in partitioned]
+        self._partition_plain = [s for s in self._partition_all if not s[2] & _SPECIAL]
+
+        self._hf = self._build_spm(md) if is_spm else self._build_bpe(md)
+        self._pieces: list[bytes | None] = [None] * self.vocab_size
+        self._template = None
+
+    # -------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read the vocabulary from a GGUF file's metadata (tensors are not read).
+
+        FileNotFoundError: no such file; GGUFError: not a GGUF file, or a corrupt header; ValueError: no tokenizer
+        in the metadata, or an unsupported one.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        if not path.is_file():
+            raise GGUFError(f"{path}: not a regular file")
+        return cls(_read_tokenizer_metadata(path))
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """From `realm.gguf_io.read_metadata`'s dict (name -> MetadataValue) or a dict of plain values."""
+        return cls(metadata)
+
+    def _array(self, md: Mapping[str, Any], key: str, dtype: type) -> np.ndarray | None:
+        value = md.get(key)
+        if value is None:
+            return None
+        arr = np.asarray(value, dtype=dtype)
+        if arr.shape != (self.vocab_size,):
+            raise ValueError(f"{key} has {arr.size} entries; tokenizer.ggml.tokens has {self.vocab_size}")
+        return arr
+
+    def _id(self, md: Mapping[str, Any], name: str, default: int | None) -> int | None:
+        value = md.get(f"tokenizer.ggml.{name}_token_id", default)
+        if value is None:
+            return None
+        if not 0 <= int(value) < self.vocab_size:
+            log.warning("tokenizer.ggml.%s_token_id = %s is outside the vocabulary (%d)", name, value, self.vocab_size)
+            return default if default is not None and default < self.vocab_size else None
+        return int(value)
+
+    def _llama_cpp_attrs(self, md: Mapping[str, Any]) -> None:
+        """Special ids and token attributes that llama.cpp derives from token texts (llama_vocab::impl::load)."""
+        attrs, ids = self._attrs, self._token_to_id
+        found: dict[str, int | None] = {}
+        for name, texts in _AUTO_IDS.items():
+            old_key = _DEPRECATED_ID_KEYS.get(name)
+            key_id = self._id(md, name, None)
+            if key_id is None and old_key is not None:
+                key_id = self._id(md, old_key, None)
+            if key_id is None:
+                # llama.cpp takes the first candidate it meets in a hash map (an unspecified order); realm takes the
+                # first in the list above, which agrees with it on Llama 3 and Phi-3 (not on SmolLM2's eot: 0 vs 2)
+                key_id = next((ids[t] for t in texts if t in ids), None)
+                if key_id is not None:
+                    attrs[key_id] |= TokenAttr.CONTROL
+            found[name] = key_id
+        self.eot_id = found["eot"]
+        self.eom_id = found["eom"]
+
+        eog = {found[n] for n in ("fim_pad", "fim_rep", "fim_sep") if found[n] is not None}
+        for text in _EOG_TEXTS:
+            if text in ids:
+                eog.add(ids[text])
+                attrs[ids[text]] |= TokenAttr.CONTROL
+        for text in _ALWAYS_RENDERED:
+            if text in ids:
+                attrs[ids[text]] = TokenAttr.USER_DEFINED
+        eog.update(i for i in (self.eos_id, self.eot_id, self.eom_id) if i is not None)
+        eog_texts = {self._tokens[i] for i in eog}
+        # gpt-oss (harmony) and solar-open: "<|end|>" ends a message, not the generation
+        if "<|end|>" in eog_texts and (
+            {"<|return|>", "<|call|>"} <= eog_texts or {"<|calls|>", "<|flush|>"} <= eog_texts
+        ):
+            eog.discard(ids["<|end|>"])
+            attrs[ids["<|end|>"]] = TokenAttr.USER_DEFINED
+        self.stop_ids = frozenset(eog)
+
+        name = str(md.get("general.name", "")).lower()
+        if "phi-3" in name or "phi3" in name:
+            # llama.cpp: Phi-3's special tokens swallow the whitespace after them
+            attrs[np.flatnonzero(attrs & _PARTITIONED)] |= TokenAttr.RSTRIP
+            if "</s>" in ids:
+                attrs[ids["</s>"]] |= TokenAttr.RSTRIP
+            for text in ("<unk>", "<s>", "<|endoftext|>"):
+                if text in ids:
+                    attrs[ids[text]] &= ~TokenAttr.RSTRIP
+
+    def _build_bpe(self, md: Mapping[str, Any]) -> HFTokenizer:
+        merges = md.get("tokenizer.ggml.merges")
+        if merges is None:
+            raise ValueError("a gpt2 (BPE) vocabulary needs tokenizer.ggml.merges, which the metadata lacks")
+        # llama.cpp splits "a b" at the first space after the first character; no byte-level piece holds a space
+        pairs = list(map(tuple, map(operator.methodcaller("split", " ", 1), merges)))
+        if any(m.startswith(" ") or len(p) != 2 for m, p in zip(merges, pairs, strict=True)):
+            pairs = [(m[: m.find(" ", 1)], m[m.find(" ", 1) + 1 :]) for m in merges if m.find(" ", 1) > 0]
+        if len(set(pairs)) != len(pairs):
+            pairs = list(dict.fromkeys(pairs))  # llama.cpp keeps a pair's first rank
+        vocab = self._token_to_id
+        unknown = (set(itertools.chain.from_iterable(pairs)) | set(map("".join, pairs))) - vocab.keys()
+        if unknown:
+            # tokenizers' BPE cannot hold them (it panics); llama.cpp applies them and then falls back to bytes
+            pairs = [p for p in pairs if p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
+            log.warning(
+                "%d merges name pieces that are not in the vocabulary: dropped; ids may differ from llama.cpp's "
+                "for text that needs them",
+                len(merges) - len(pairs),
+            )
+        regexes, ignore_merges = PRE_TOKENIZERS[self.pre]
+        hf = HFTokenizer(hf_models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+        splits = [hf_pre.Split(Regex(r), behavior="isolated") for r in regexes]
+        hf.pre_tokenizer = hf_pre.Sequence([*splits, hf_pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return hf
+
+    def _build_spm(self, md: Mapping[str, Any]) -> HFTokenizer:
+        unk = self._tokens[self.unk_id] if self.unk_id is not None else None
+        merges = _spm_merges(self._tokens, self._token_to_id, self._scores)
+        return HFTokenizer(hf_models.BPE(self._token_to_id, merges, unk_token=unk, byte_fallback=True))
+
+    # -------------------------------------------------------------------------------------- encoding
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`, as llama.cpp's llama_tokenize(text, add_special=False, parse_special).
+
+        add_bos: prepend bos_id (ValueError if the vocabulary has none). parse_special: control/unknown token
+        texts become their ids (chat templates need this); otherwise they are tokenized as plain text.
+        """
+        ids: list[int] = []
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError("add_bos=True, but the vocabulary has no BOS token (tokenizer.ggml.bos_token_id)")
+            ids.append(self.bos_id)
+        for fragment in self._partition(text, parse_special):
+            if isinstance(fragment, int):
+                ids.append(fragment)
+            elif self.model == "llama":
+                # every text fragment follows the start or a special token: llama.cpp prefixes each with a space
+                prefix = " " if self.add_space_prefix else ""
+                ids.extend(self._hf.encode((prefix + fragment).replace(" ", "▁"), add_special_tokens=False).ids)
+            else:
+                ids.extend(self._hf.encode(fragment, add_special_tokens=False).ids)
+        return ids
+
+    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
+        """Text fragments and special-token ids: llama.cpp's tokenizer_st_partition, on str instead of bytes."""
+        fragments: list[str | int] = [text] if text else []
+        for tok, tok_id, attr in self._partition_all if parse_special else self._partition_plain:
+            if not any(isinstance(f, str) and tok in f for f in fragments):
+                continue
+            out: list[str | int] = []
+            for frag in fragments:
+                if isinstance(frag, int) or tok not in frag:
+                    out.append(frag)
+                    continue
+                start, end = 0, len(frag)
+                while (match := frag.find(tok, start)) >= 0:
+                    left = frag[start:match]
+                    if attr & TokenAttr.LSTRIP:
+                        left = left.rstrip(_ASCII_SPACE)
+                    if left:
+                        out.append(left)
+                    out.append(tok_id)
+                    start = match + len(tok)
+                    if attr & TokenAttr.RSTRIP:
+                        while start < end and frag[start] in _ASCII_SPACE:
+                            start += 1
+                if start < end:
+                    out.append(frag[start:])
+            fragments = out
+        return fragments
+
+    # -------------------------------------------------------------------------------------- decoding
+    def token_text(self, id: int) -> str:
+        """The vocabulary piece of `id` as stored (e.g. 'Ġworld', '▁world', '<0x0A>', '<|im_start|>')."""
+        return self._tokens[self._check_id(id)]
+
+    def _check_id(self, id: int) -> int:
+        if not 0 <= id < self.vocab_size:
+            raise ValueError(f"token id {id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return id
+
+    def _piece(self, id: int, skip_special: bool) -> bytes:
+        """The bytes llama.cpp's token_to_piece renders for `id` (special=not skip_special)."""
+        attr = int(self._attrs[self._check_id(id)])
+        if skip_special and attr & _SPECIAL:
+            return b""
+        piece = self._pieces[id]
+        if piece is None:
+            piece = self._pieces[id] = self._render(id, attr)
+        return piece
+
+    def _render(self, id: int, attr: int) -> bytes:
+        text = self._tokens[id]
+        if attr & (_SPECIAL | TokenAttr.USER_DEFINED):
+            return text.encode()
+        if attr & TokenAttr.NORMAL:
+            if self.model == "llama":
+                return text.replace("▁", " ").encode()
+            # a character outside the byte alphabet is kept as its UTF-8 (llama.cpp writes "[UNK_BYTE_0x..]")
+            return b"".join(bytes((_BYTE_DECODER[c],)) if c in _BYTE_DECODER else c.encode() for c in text)
+        if attr & TokenAttr.BYTE:
+            try:
+                return bytes((int(text[3:5], 16),))
+            except ValueError:
+                return b"\x00"  # llama.cpp's strtol of a malformed <0xNN> gives 0
+        return b""  # unused and undefined pieces render as nothing in llama.cpp
+
+    def _strip_mode(self, first_id: int, skip_special: bool) -> _Strip:
+        """Where decode removes the leading space that SPM encoding added (see _Strip)."""
+        if not (self.model == "llama" and self.add_space_prefix):
+            return _Strip.NONE
+        return _Strip.TEXT if skip_special and first_id == self.bos_id else _Strip.FIRST_TOKEN
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids`; skip_special drops control/unknown tokens (BOS, EOS, <|im_start|>...)."""
+        ids = [int(i) for i in ids]
+        pieces = [self._piece(i, skip_special) for i in ids]
+        data = b"".join(pieces)
+        strip = self._strip_mode(ids[0], skip_special) if ids else _Strip.NONE
+        if (strip == _Strip.FIRST_TOKEN and pieces[0].startswith(b" ")) or (
+            strip == _Strip.TEXT and data.startswith(b" ")
+        ):
+            data = data[1:]
+        return data.decode("utf-8", errors="replace")
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        """Incremental decoding for generation: the pushes' texts, then flush(), concatenate to decode(all ids)."""
+        return StreamDecoder(self, skip_special)
+
+    # -------------------------------------------------------------------------------------- chat templates
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """Render `messages` with the GGUF's tokenizer.chat_template (jinja2, sandboxed, as HF transformers does).
+
+        kwargs become template variables (tools=..., etc.). Encode the result with parse_special=True.
+        """
+        if self.chat_template is None:
+            raise ValueError("this vocabulary has no chat template (tokenizer.chat_template is missing)")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        special = {
+            "bos_token": self.token_text(self.bos_id) if self.bos_id is not None else "",
+            "eos_token": self.token_text(self.eos_id) if self.eos_id is not None else "",
+        }
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, stop_ids={sorted(self.stop_ids)})"
+        )
+
+
+class StreamDecoder:
+    """Decodes one token at a time, holding back the bytes of an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self._tok = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip: _Strip | None = None  # decided by the first id; NONE once the leading space is handled
+
+    def push(self, token_id: int) -> str:
+        """The new text `token_id` completes; "" while a multi-byte character is still incomplete."""
+        token_id = int(token_id)
+        piece = self._tok._piece(token_id, self._skip_special)
+        if self._strip is None:
+            self._strip = self._tok._strip_mode(token_id, self._skip_special)
+        if self._strip == _Strip.FIRST_TOKEN or (self._strip == _Strip.TEXT and piece):
+            piece = piece[1:] if piece.startswith(b" ") else piece
+            self._strip = _Strip.NONE
+        return self._utf8.decode(piece)
+
+    def flush(self) -> str:
+        """Text of any bytes still held (U+FFFD for an incomplete character); the decoder then starts afresh."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        self._strip = None
+        return text
+
+
+def _spm_merges(tokens: list[str], token_to_id: dict[str, int], scores: np.ndarray | None) -> list[tuple[str, str]]:
+    """Merge list that makes a rank-ordered BPE reproduce llama.cpp's score-ordered SPM merging.
+
+    llama.cpp merges the adjacent pair whose concatenation is the highest-scoring piece, leftmost first on ties,
+    whatever the piece's type. A BPE that knows every split (a, b) of every piece, ranked by the piece's score,
+    picks the same pair, except between equal scores, where BPE goes by rank and llama.cpp by position. Within equal
+    scores the longer left part ranks first: that reproduces llama.cpp's left-to-right growth of runs, the one tie
+    that occurs in practice (Llama's whitespace pieces "▁▁" .. "▁"*16 all score -1e9). Other ties between
+    overlapping candidates of equal score could still merge in another order.
+    """
+    if scores is None:
+        scores = np.zeros(len(tokens), dtype=np.float32)
+    score = scores.tolist()
+    merges = []
+    for piece, pid in token_to_id.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in token_to_id and right in token_to_id:
+                merges.append((-score[pid], -k, pid, left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str):
+    """A chat template compiled as HF transformers does: sandboxed, trim_blocks/lstrip_blocks, its helpers."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+__all__ = ["PRE_TOKENIZERS", "SUPPORTED_MODELS", "StreamDecoder", "TokenAttr", "Tokenizer"]

@@ -1,0 +1,168 @@
+"""Loading a llama-family GGUF model: config, tokenizer metadata and weights, with matrices kept as QTensors.
+
+    weights = load_weights("smollm2")        # a packaged model name or a path
+    weights.layers[0].wq                      # QTensor [q_size, hidden], rows in HF (rotate-half rope) order
+
+Tensor names follow llama.cpp (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`); a missing `output`
+means the output head is tied to the token embedding. GGUF stores llama's Q/K rows permuted for ggml's interleaved
+rope (convert_hf_to_gguf.py's `permute`); the loader undoes it on the quantized rows (a row gather, exact), so every
+backend applies the rotate-half rope of the original model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import torch
+
+from ..gguf_io import (
+    GGUFError,
+    MetadataValue,
+    open_gguf,
+    read_metadata,
+    tensor_shape,
+    tensor_to_float,
+    tensor_to_qtensor,
+)
+from ..models import resolve_model
+from ..quant import QTensor
+from .config import ModelConfig, ModelError
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: torch.Tensor  # float32 [hidden]
+    wq: QTensor  # [q_size, hidden]
+    wk: QTensor  # [kv_size, hidden]
+    wv: QTensor  # [kv_size, hidden]
+    wo: QTensor  # [hidden, q_size]
+    ffn_norm: torch.Tensor  # float32 [hidden]
+    w_gate: QTensor  # [ffn_hidden, hidden]
+    w_up: QTensor  # [ffn_hidden, hidden]
+    w_down: QTensor  # [hidden, ffn_hidden]
+    bq: torch.Tensor | None = None  # float32 [q_size] (qwen2)
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    config: ModelConfig
+    metadata: dict[str, MetadataValue]
+    token_embd: QTensor  # [vocab, hidden]
+    layers: tuple[LayerWeights, ...]
+    output_norm: torch.Tensor  # float32 [hidden]
+    output: QTensor  # [vocab, hidden]; the token embedding itself when tied
+    path: Path
+
+    @property
+    def tied(self) -> bool:
+        return self.output is self.token_embd
+
+    def matrices(self) -> list[QTensor]:
+        """Every distinct QTensor (the tied head once)."""
+        seen = [self.token_embd] if self.tied else [self.token_embd, self.output]
+        for layer in self.layers:
+            seen += [layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down]
+        return seen
+
+
+def unpermute_rope_rows(w: QTensor, n_heads: int) -> QTensor:
+    """Undo convert_hf_to_gguf.py's Q/K permutation: per head, GGUF row (i, j) holds HF row (j, i), i < head_dim/2.
+
+    The permutation moves whole rows, so it is a gather on the quantized rows and changes no value.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ModelError(f"a Q/K weight with {rows} rows cannot hold {n_heads} heads of even size")
+    order = torch.arange(rows).view(n_heads, rows // n_heads // 2, 2).transpose(1, 2).reshape(-1)
+    return QTensor(w.gguf_bytes()[order], w.fmt, w.shape)
+
+
+class _Tensors:
+    """The file's tensors by name, with shape checks against the config."""
+
+    def __init__(self, reader: gguf.GGUFReader, path: Path):
+        self.by_name = {t.name: t for t in reader.tensors}
+        self.path = path
+
+    def has(self, name: str) -> bool:
+        return name in self.by_name
+
+    def _get(self, name: str, shape: tuple[int, ...]):
+        t = self.by_name.get(name)
+        if t is None:
+            raise ModelError(f"{self.path}: tensor {name!r} is missing")
+        if tensor_shape(t) != shape:
+            raise ModelError(f"{self.path}: tensor {name!r} has shape {list(tensor_shape(t))}, expected {list(shape)}")
+        return t
+
+    def matrix(self, name: str, rows: int, cols: int) -> QTensor:
+        return tensor_to_qtensor(self._get(name, (rows, cols)))
+
+    def vector(self, name: str, size: int) -> torch.Tensor:
+        return tensor_to_float(self._get(name, (size,)))
+
+    def optional_vector(self, name: str, size: int) -> torch.Tensor | None:
+        return self.vector(name, size) if self.has(name) else None
+
+
+def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
+    p = f"blk.{i}."
+    wq = tensors.matrix(p + "attn_q.weight", c.q_size, c.hidden)
+    wk = tensors.matrix(p + "attn_k.weight", c.kv_size, c.hidden)
+    bq = tensors.optional_vector(p + "attn_q.bias", c.q_size)
+    bk = tensors.optional_vector(p + "attn_k.bias", c.kv_size)
+    if c.arch.rope_permuted:
+        wq, wk = unpermute_rope_rows(wq, c.n_heads), unpermute_rope_rows(wk, c.n_kv_heads)
+        if bq is not None or bk is not None:
+            raise ModelError(f"{tensors.path}: Q/K biases on an architecture with permuted rope rows are not supported")
+    return LayerWeights(
+        attn_norm=tensors.vector(p + "attn_norm.weight", c.hidden),
+        wq=wq,
+        wk=wk,
+        wv=tensors.matrix(p + "attn_v.weight", c.kv_size, c.hidden),
+        wo=tensors.matrix(p + "attn_output.weight", c.hidden, c.q_size),
+        ffn_norm=tensors.vector(p + "ffn_norm.weight", c.hidden),
+        w_gate=tensors.matrix(p + "ffn_gate.weight", c.ffn_hidden, c.hidden),
+        w_up=tensors.matrix(p + "ffn_up.weight", c.ffn_hidden, c.hidden),
+        w_down=tensors.matrix(p + "ffn_down.weight", c.hidden, c.ffn_hidden),
+        bq=bq,
+        bk=bk,
+        bv=tensors.optional_vector(p + "attn_v.bias", c.kv_size),
+    )
+
+
+def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
+    """Read a llama-family GGUF: a packaged model name (`realm.models.MODELS`) or a path."""
+    path = resolve_model(model)
+    if not path.exists():
+        raise FileNotFoundError(2, "no such model file (and not a packaged model name: smollm2)", str(path))
+    reader = open_gguf(path)
+    metadata = read_metadata(reader)
+    tensors = _Tensors(reader, path)
+    if not tensors.has("token_embd.weight"):
+        raise ModelError(f"{path}: no token_embd.weight; not a llama-family model file")
+    embd_rows = tensor_shape(tensors.by_name["token_embd.weight"])[0]
+    config = ModelConfig.from_metadata(metadata, vocab_size=embd_rows)
+    if tensors.has("rope_freqs.weight"):
+        raise ModelError(f"{path}: rope frequency factors (rope_freqs.weight, Llama 3.1 style) are not supported yet")
+    token_embd = tensors.matrix("token_embd.weight", config.vocab_size, config.hidden)
+    output = token_embd
+    if tensors.has("output.weight"):
+        output = tensors.matrix("output.weight", config.vocab_size, config.hidden)
+    return ModelWeights(
+        config=config,
+        metadata=metadata,
+        token_embd=token_embd,
+        layers=tuple(_layer(tensors, config, i) for i in range(config.n_layers)),
+        output_norm=tensors.vector("output_norm.weight", config.hidden),
+        output=output,
+        path=path,
+    )
+
+
+__all__ = ["GGUFError", "LayerWeights", "ModelWeights", "load_weights", "unpermute_rope_rows"]
