@@ -35,7 +35,7 @@ def _git_commit() -> str:
     return f"{commit}-dirty" if status else commit
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -55,7 +55,7 @@ def _static_environment() -> dict:
         triton_version = None
     cuda = torch.cuda.is_available()
     return {
-        "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "device": torch.cuda.get_device_name() if cuda else cpu_name(),
         "device_kind": "cuda" if cuda else "cpu",
         "torch": torch.__version__,
         "triton": triton_version,

@@ -126,7 +126,7 @@ class GenerationStream:
         finish = FinishReason.LENGTH
 
         t0 = time.perf_counter()
-        logits = model.forward(history[None], cache=cache, start=0, last_only=True)
+        logits = model.runner.forward(history[None], cache=cache, start=0, last_only=True)  # ids checked in __init__
         while True:
             token = sampler.sample(logits[0, -1], history)
             generated.append(token)
@@ -149,7 +149,7 @@ class GenerationStream:
                 break
             history = torch.cat([history, torch.tensor([token])])
             t0 = time.perf_counter()
-            logits = model.forward(torch.tensor([[token]]), cache=cache, start=cache.length, last_only=True)
+            logits = model.runner.forward(torch.tensor([[token]]), cache=cache, start=cache.length, last_only=True)
         if not stops.stopped:
             tail = stops.push(text_out.flush()) + stops.flush()
             if tail:

@@ -66,7 +66,7 @@ class Model:
         self.backend = backend
         self.device = device
         self.dtype = dtype
-        self._runner = TorchModel(weights, device=device, dtype=dtype)
+        self.runner = TorchModel(weights, device=device, dtype=dtype)
         if tokenizer.vocab_size > self.config.vocab_size:
             raise ModelError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{self.config.vocab_size} embeddings")
@@ -79,7 +79,7 @@ class Model:
     # ------------------------------------------------------------------------------------------------- forward
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return self._runner.new_cache(batch, capacity)
+        return self.runner.new_cache(batch, capacity)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
@@ -90,7 +90,7 @@ class Model:
             raise ValueError(f"tokens must be int32/int64 ids, got {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return self._runner.forward(tokens, cache=cache, start=start, last_only=last_only)
+        return self.runner.forward(tokens, cache=cache, start=start, last_only=last_only)
 
     # ---------------------------------------------------------------------------------------------- generation
 
