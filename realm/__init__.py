@@ -3,9 +3,9 @@
 __version__ = "0.1.0"
 
 
-def load(model="smollm2", device=None, backend="torch", **kwargs):
-    """Load a GGUF model for generation: see `realm.runtime.load` (imported on first use: `import realm` stays
-    light for the CLI)."""
+def load(*args, **kwargs):
+    """Load a GGUF model for generation: `realm.runtime.load` (imported on first use, so `import realm` stays light
+    for the CLI)."""
     from .runtime import load as _load
 
-    return _load(model, device=device, backend=backend, **kwargs)
+    return _load(*args, **kwargs)

@@ -151,7 +151,12 @@ def _chat_run(args: argparse.Namespace) -> int:
         if not question.strip():
             return 0
         messages.append({"role": "user", "content": question})
-        answer = _stream_to_terminal(model, model.chat_prompt(messages), params, args.quiet)
+        try:
+            answer = _stream_to_terminal(model, model.chat_prompt(messages), params, args.quiet)
+        except ValueError as e:  # e.g. the conversation outgrew the context: this turn fails, the chat goes on
+            print(f"realm: error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": answer.text})
 
 

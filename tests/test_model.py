@@ -15,7 +15,7 @@ from tolerances import assert_same_predictions
 
 import realm
 from realm.gguf_io import GGUFError
-from realm.runtime import ModelConfig, ModelError, load_weights, unpermute_rope_rows
+from realm.runtime import Backend, Model, ModelConfig, ModelError, load_weights, unpermute_rope_rows
 from realm.runtime.torch_model import TorchModel
 
 HF_REFERENCE = json.loads((Path(__file__).parent / "data" / "hf_reference.json").read_text())
@@ -305,15 +305,68 @@ def test_prompt_longer_than_context(smollm2):
         smollm2.generate([5, 49152])
 
 
-def test_generation_stops_at_the_context_end(tmp_path):
-    """A prompt near the end of the context gets what room is left, finish reason "length"."""
-    write_tiny_llama(tmp_path / "tiny.gguf")
-    model = TorchModel(load_weights(tmp_path / "tiny.gguf"))
-    cache = model.new_cache(batch=1, capacity=32)
-    model.forward(torch.zeros(1, 31, dtype=torch.long), cache)
-    model.forward(torch.zeros(1, 1, dtype=torch.long), cache, start=31)
-    with pytest.raises(ValueError, match="exceed the KV cache capacity 32"):
-        model.forward(torch.zeros(1, 1, dtype=torch.long), cache, start=32)
+class StubTokenizer:
+    """Just what generation needs from a tokenizer, for the tiny GGUF (which has no vocabulary)."""
+
+    stop_ids = frozenset()
+    add_bos_default = False
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def stream_decoder(self, skip_special=False, continuation=False):
+        class Decoder:
+            def push(self, token_id):
+                return f"<{token_id}>"
+
+            def flush(self):
+                return ""
+
+        return Decoder()
+
+
+def tiny_model(tmp_path, tokenizer_vocab: int = TINY["vocab"]) -> Model:
+    write_tiny_llama(tmp_path / "tiny.gguf")  # context length 32
+    return Model(load_weights(tmp_path / "tiny.gguf"), StubTokenizer(tokenizer_vocab), Backend.TORCH,
+                 torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("prompt,max_tokens,generated,finish", [
+    (20, 5, 5, "length"),  # max_tokens
+    (29, 10, 3, "length"),  # prompt + output reach the context (32), not beyond
+    (31, 10, 1, "length"),
+    (30, 2, 2, "length"),  # both limits at once
+])
+def test_generation_stops_at_max_tokens_or_the_context_end(tmp_path, prompt, max_tokens, generated, finish):
+    c = tiny_model(tmp_path).generate([1] * prompt, max_tokens=max_tokens)
+    assert len(c.token_ids) == generated and c.finish_reason.value == finish
+    assert c.text == "".join(f"<{t}>" for t in c.token_ids)
+
+
+def test_generation_samples_only_the_tokenizers_ids(tmp_path):
+    """An embedding padded beyond the vocabulary: rows the tokenizer cannot decode are never sampled."""
+    model = tiny_model(tmp_path, tokenizer_vocab=7)
+    ids = model.generate([3, 17, 42], max_tokens=20, temperature=2.0, seed=0).token_ids
+    assert len(ids) == 20 and max(ids) < 7
+    whole = model.forward(torch.tensor([[3, 17, 42]]))[0, -1]
+    assert whole.argmax() >= 7  # the unrestricted greedy pick would be out of the vocabulary: the slice matters
+    assert model.generate([3, 17, 42], max_tokens=1).token_ids == [int(whole[:7].argmax())]
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="the tokenizer has 51 tokens but the model only 50 embeddings"):
+        tiny_model(tmp_path, tokenizer_vocab=51)
+
+
+def test_bfloat16_backend_agrees_with_float32(smollm2):
+    """The --dtype plumbing: bfloat16 weights and activations pick float32's token on most positions of a paragraph
+    (bfloat16 keeps 8 bits of mantissa, so near ties flip)."""
+    low = realm.load("smollm2", device="cpu", dtype=torch.bfloat16)
+    assert low.runner.embedding.dtype == torch.bfloat16
+    ids = torch.tensor([smollm2.encode(PARAGRAPH, add_bos=False)])
+    agreement = (low.forward(ids).argmax(-1) == smollm2.forward(ids).argmax(-1)).float().mean().item()
+    assert agreement >= 0.85, f"bfloat16 agrees with float32 on {agreement:.1%} of positions"
+    assert low.generate("The capital of France is", max_tokens=4).finish_reason.value == "length"
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -115,20 +115,25 @@ class GenerationStream:
         model, params = self.model, self.params
         tokenizer = model.tokenizer
         sampler = Sampler(params)
-        text_out = tokenizer.stream_decoder(skip_special=True)
+        text_out = tokenizer.stream_decoder(skip_special=True, continuation=True)
         stops = StopStrings(params.stop)
-        capacity = min(model.config.context_length, len(self.prompt_ids) + params.max_tokens)
-        cache = model.new_cache(batch=1, capacity=capacity)
-        history = torch.tensor(self.prompt_ids, dtype=torch.int64)
-        timings = Timings(prompt_tokens=len(self.prompt_ids))
+        n_prompt = len(self.prompt_ids)
+        # prompt + output never exceed the context; the last token sampled is never fed back, so needs no slot
+        max_new = min(params.max_tokens, model.config.context_length - n_prompt)
+        cache = model.new_cache(batch=1, capacity=n_prompt + max_new - 1 if max_new > 1 else n_prompt)
+        history = torch.empty(n_prompt + max_new, dtype=torch.int64, device=model.device)  # repetition penalty
+        history[:n_prompt] = torch.tensor(self.prompt_ids)
+        vocab = tokenizer.vocab_size  # the embedding may have more rows (padding) than the tokenizer has tokens
+        timings = Timings(prompt_tokens=n_prompt)
         generated: list[int] = []
         text: list[str] = []
         finish = FinishReason.LENGTH
 
         t0 = time.perf_counter()
-        logits = model.runner.forward(history[None], cache=cache, start=0, last_only=True)  # ids checked in __init__
+        logits = model.runner.forward(history[None, :n_prompt], cache=cache, start=0, last_only=True)  # ids checked
         while True:
-            token = sampler.sample(logits[0, -1], history)
+            token = sampler.sample(logits[0, -1, :vocab], history[: n_prompt + len(generated)])
+            history[n_prompt + len(generated)] = token
             generated.append(token)
             now = time.perf_counter()
             if len(generated) == 1:
@@ -145,9 +150,8 @@ class GenerationStream:
             if stops.stopped:
                 finish = FinishReason.STOP
                 break
-            if len(generated) == params.max_tokens or cache.length + 1 > cache.capacity:
+            if len(generated) == max_new:  # max_tokens, or the context is full
                 break
-            history = torch.cat([history, torch.tensor([token])])
             t0 = time.perf_counter()
             logits = model.runner.forward(torch.tensor([[token]]), cache=cache, start=cache.length, last_only=True)
         if not stops.stopped:

@@ -39,6 +39,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         raise ValueError(f"invalid device {str(device)!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} requested, but torch sees {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(device)!r} is not supported; use cpu or cuda")
     return device
@@ -60,6 +62,9 @@ class Model:
 
     def __init__(self, weights: ModelWeights, tokenizer: Tokenizer, backend: Backend, device: torch.device,
                  dtype: torch.dtype):
+        if tokenizer.vocab_size > weights.config.vocab_size:
+            raise ModelError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{weights.config.vocab_size} embeddings")
         self.weights = weights
         self.config: ModelConfig = weights.config
         self.tokenizer = tokenizer
@@ -67,9 +72,6 @@ class Model:
         self.device = device
         self.dtype = dtype
         self.runner = TorchModel(weights, device=device, dtype=dtype)
-        if tokenizer.vocab_size > self.config.vocab_size:
-            raise ModelError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                             f"{self.config.vocab_size} embeddings")
 
     def __repr__(self) -> str:
         return (f"Model({self.config.name or self.weights.path.name!r}, {self.config.arch.name}, "

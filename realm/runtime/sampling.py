@@ -49,6 +49,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+            if self.seed >= 2**63:
+                raise ValueError(f"seed must be < 2**63 (torch.Generator's range), got {self.seed}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
@@ -127,7 +129,8 @@ class Sampler:
         logits = apply_repetition_penalty(logits.float(), history.to(logits.device), p.repetition_penalty)
         if p.greedy:
             return logits
-        logits = filter_top_k(logits / p.temperature, p.top_k)
+        # shifted so the top logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan
+        logits = filter_top_k((logits - logits.max()) / p.temperature, p.top_k)
         return filter_min_p(filter_top_p(logits, p.top_p), p.min_p)
 
     def sample(self, logits: torch.Tensor, history: torch.Tensor) -> int:

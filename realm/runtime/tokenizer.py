@@ -544,9 +544,13 @@ class Tokenizer:
             data = data[1:]
         return data.decode("utf-8", errors="replace")
 
-    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
-        """Incremental decoding for generation: the pushes' texts, then flush(), concatenate to decode(all ids)."""
-        return StreamDecoder(self, skip_special)
+    def stream_decoder(self, skip_special: bool = False, continuation: bool = False) -> StreamDecoder:
+        """Incremental decoding for generation: the pushes' texts, then flush(), concatenate to decode(all ids).
+
+        continuation: the ids continue a text (a prompt), so an SPM vocabulary's leading space is part of the text and
+        is kept (decode(prompt + ids) == decode(prompt) + the stream's text), instead of being stripped as a prefix.
+        """
+        return StreamDecoder(self, skip_special, continuation)
 
     # -------------------------------------------------------------------------------------- chat templates
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
@@ -556,15 +560,20 @@ class Tokenizer:
         """
         if self.chat_template is None:
             raise ValueError("this vocabulary has no chat template (tokenizer.chat_template is missing)")
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
+        from jinja2.exceptions import TemplateError
+
         special = {
             "bos_token": self.token_text(self.bos_id) if self.bos_id is not None else "",
             "eos_token": self.token_text(self.eos_id) if self.eos_id is not None else "",
         }
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
-        )
+        try:
+            if self._template is None:
+                self._template = _compile_template(self.chat_template)
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
+            )
+        except TemplateError as e:  # a broken template, or one that refuses the messages (raise_exception)
+            raise ValueError(f"chat template: {e}") from e
 
     def __repr__(self) -> str:
         return (
@@ -576,11 +585,13 @@ class Tokenizer:
 class StreamDecoder:
     """Decodes one token at a time, holding back the bytes of an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, continuation: bool = False):
         self._tok = tokenizer
         self._skip_special = skip_special
+        self._continuation = continuation
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip: _Strip | None = None  # decided by the first id; NONE once the leading space is handled
+        # decided by the first id; NONE once the leading space is handled, or from the start for a continuation
+        self._strip: _Strip | None = _Strip.NONE if continuation else None
 
     def push(self, token_id: int) -> str:
         """The new text `token_id` completes; "" while a multi-byte character is still incomplete."""
@@ -597,7 +608,7 @@ class StreamDecoder:
         """Text of any bytes still held (U+FFFD for an incomplete character); the decoder then starts afresh."""
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
-        self._strip = None
+        self._strip = _Strip.NONE if self._continuation else None
         return text
 
 

@@ -27,7 +27,7 @@ from ..gguf_io import (
     tensor_to_float,
     tensor_to_qtensor,
 )
-from ..models import resolve_model
+from ..models import MODELS, resolve_model
 from ..quant import QTensor
 from .config import ModelConfig, ModelError
 
@@ -140,7 +140,8 @@ def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
     """Read a llama-family GGUF: a packaged model name (`realm.models.MODELS`) or a path."""
     path = resolve_model(model)
     if not path.exists():
-        raise FileNotFoundError(2, "no such model file (and not a packaged model name: smollm2)", str(path))
+        raise FileNotFoundError(2, f"no such model file (and not a packaged model name: {', '.join(MODELS)})",
+                                str(path))
     reader = open_gguf(path)
     metadata = read_metadata(reader)
     tensors = _Tensors(reader, path)
