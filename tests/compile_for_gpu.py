@@ -2,8 +2,9 @@
 that code the CPU interpreter accepts but the GPU compiler would reject fails in CI too.
 
 Run as a script in a process without TRITON_INTERPRET (the interpreter replaces kernels by Python functions):
-    python tests/compile_for_gpu.py [--arch 90] FORMAT:KIND:DTYPE ...
-KIND is decode1 (1-row CUDA-core path), decode16 (16-row tl.dot path), prefill or dequantize. Prints one line per
+    python tests/compile_for_gpu.py [--arch 90] FORMAT:KIND:DTYPE ... LAYER_KIND:DTYPE ...
+KIND is decode1 (1-row CUDA-core path), decode16 (16-row tl.dot path), prefill or dequantize; LAYER_KIND is one of
+the per-layer kernels (rms_norm, rms_norm_residual, rope, silu_mul), which take no weight format. Prints one line per
 case and exits 1 if any case failed to compile.
 """
 
@@ -23,15 +24,20 @@ from realm.quant import FORMATS, QTensor
 
 qmatmul_module = importlib.import_module("realm.kernels.qmatmul")
 dequantize_module = importlib.import_module("realm.kernels.dequantize")
+rms_norm_module = importlib.import_module("realm.kernels.rms_norm")
+rope_module = importlib.import_module("realm.kernels.rope")
+silu_mul_module = importlib.import_module("realm.kernels.silu_mul")
 POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-                 torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8"}
+                 torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _compile(kernel, tensors: dict, constexprs: dict, arch: int, fp_fusion: bool = True):
-    """Compiles kernel with tensors as pointers, constexprs as given and every other argument as an int32."""
+def _compile(kernel, tensors: dict, constexprs: dict, arch: int, fp_fusion: bool = True, scalars: dict | None = None):
+    """Compiles kernel with tensors as pointers, constexprs as given, scalars with their given types ("fp32") and
+    every other argument as an int32."""
+    scalars = scalars or {}
     signature = {name: "*" + POINTER_TYPES[tensors[name].dtype] if name in tensors else
-                 "constexpr" if name in constexprs else "i32" for name in kernel.arg_names}
+                 "constexpr" if name in constexprs else scalars.get(name, "i32") for name in kernel.arg_names}
     fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
     src = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2,
@@ -62,16 +68,40 @@ def compile_case(fmt_name: str, kind: str, dtype: torch.dtype, arch: int):
                      "DOT_PRECISION": precision}, arch)
 
 
+LAYER_KINDS = ("rms_norm", "rms_norm_residual", "rope", "silu_mul")
+
+
+def compile_layer_case(kind: str, dtype: torch.dtype, arch: int):
+    """A per-layer kernel with activations in dtype, at the block sizes of a SmolLM2-135M-like layer."""
+    act = torch.empty(1, dtype=dtype)
+    if kind in ("rms_norm", "rms_norm_residual"):
+        tensors = dict(y_ptr=act, h_ptr=act, x_ptr=act, r_ptr=act, w_ptr=act)
+        return _compile(rms_norm_module._rms_norm_kernel, tensors,
+                        {"BLOCK": 1024, "HAS_RESIDUAL": kind == "rms_norm_residual"}, arch, scalars={"eps": "fp32"})
+    if kind == "rope":
+        tensors = dict(q_ptr=act, k_ptr=act, pos_ptr=torch.empty(1, dtype=torch.int64),
+                       cos_sin_ptr=torch.empty(1, dtype=torch.float32))
+        return _compile(rope_module._rope_kernel, tensors, {"BLOCK_QH": 16, "BLOCK_KH": 4, "BLOCK_D": 32}, arch,
+                        fp_fusion=False)
+    if kind == "silu_mul":
+        return _compile(silu_mul_module._silu_mul_kernel, dict(out_ptr=act, gu_ptr=act), {"BLOCK": 1024}, arch)
+    raise ValueError(f"unknown layer kernel {kind!r}; one of {LAYER_KINDS}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100, 80 for A100")
-    p.add_argument("cases", nargs="+", help="FORMAT:KIND:DTYPE")
+    p.add_argument("cases", nargs="+", help="FORMAT:KIND:DTYPE or LAYER_KIND:DTYPE")
     args = p.parse_args(argv)
     failed = 0
     for case in args.cases:
-        fmt_name, kind, dtype = case.split(":")
+        parts = case.split(":")
         try:
-            compiled = compile_case(fmt_name, kind, DTYPES[dtype], args.arch)
+            if len(parts) == 2:
+                compiled = compile_layer_case(parts[0], DTYPES[parts[1]], args.arch)
+            else:
+                fmt_name, kind, dtype = parts
+                compiled = compile_case(fmt_name, kind, DTYPES[dtype], args.arch)
             print(f"ok {case}: {compiled.metadata.shared} bytes shared memory")
         except Exception as exc:
             failed += 1

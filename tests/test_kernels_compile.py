@@ -14,6 +14,9 @@ DTYPES = ["float16", "bfloat16", "float32"]
 CASES = [f"{name}:{KINDS[i % 4]}:{DTYPES[i % 3] if KINDS[i % 4] != 'dequantize' else 'float32'}"
          for i, name in enumerate(FORMATS)]
 CASES += ["Q4_K:decode1:float16", "Q4_K:decode16:float16", "Q4_K:prefill:float16", "Q4_K:prefill:bfloat16"]
+# The per-layer kernels (no weight format) in the half-precision dtypes a GPU runs them in.
+CASES += [f"{kind}:{dtype}" for kind in ("rms_norm", "rms_norm_residual", "rope", "silu_mul")
+          for dtype in ("float16", "bfloat16")]
 
 
 def test_kernels_compile_for_sm90():

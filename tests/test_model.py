@@ -208,6 +208,18 @@ def test_chat_answers_paris(smollm2):
     assert "Paris" in out.text
 
 
+@pytest.mark.gpu
+def test_cuda_forward_and_greedy_match_the_cpu_reference(smollm2):
+    """float32 on CUDA (cuBLAS, SDPA's CUDA kernels): same argmax on every position and KL under the bound, and the
+    recorded greedy tokens for at least the 40 the acceptance asks (later ones may sit on near ties)."""
+    cuda = realm.load("smollm2", device="cuda")
+    ids = torch.tensor([smollm2.encode(PARAGRAPH, add_bos=False)])
+    assert_same_predictions(cuda.forward(ids).cpu(), smollm2.forward(ids))
+    for case in HF_REFERENCE["greedy"]:
+        out = cuda.generate(case["prompt_ids"], max_tokens=40)
+        assert out.token_ids == case["generated_ids"][:40], case["prompt"]
+
+
 @pytest.fixture(scope="module")
 def hf_smollm2():
     pytest.importorskip("transformers")

@@ -3,6 +3,9 @@
     qmatmul(x, w)          # x [..., K] @ w.T for a QTensor w [N, K] of any realm.quant format
     qmatmul_ref(x, w)      # the reference: dequantize, matmul in float32
     dequantize(w)          # the kernels' in-register decode, materialised (bit-exact with realm.quant)
+    rms_norm(x, weight, eps, residual=None)   # RMSNorm, optionally fused with the residual add: y or (y, x + residual)
+    apply_rope(q, k, positions, cos_sin)      # rotate-half rope in place; cos_sin = rope_cache(head_dim, n, theta, dev)
+    silu_mul(gate_up)      # silu(gate) * up from the fused [tokens, 2 * ffn] gate/up projection
     plan_qmatmul(m, w)     # which kernel and tiles qmatmul runs; autotune(x, w) measures and records the best
 """
 
@@ -19,12 +22,17 @@ from .qmatmul import (
     qmatmul,
     qmatmul_ref,
 )
+from .rms_norm import rms_norm, rms_norm_ref
+from .rope import apply_rope, apply_rope_ref, rope_cache
+from .silu_mul import silu_mul, silu_mul_ref
 
 __all__ = [
     "DecodeConfig",
     "Plan",
     "PrefillConfig",
     "Regime",
+    "apply_rope",
+    "apply_rope_ref",
     "autotune",
     "candidate_configs",
     "dequantize",
@@ -32,5 +40,10 @@ __all__ = [
     "plan_qmatmul",
     "qmatmul",
     "qmatmul_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_cache",
+    "silu_mul",
+    "silu_mul_ref",
     "tuning",
 ]

@@ -1,0 +1,66 @@
+"""The SwiGLU gate of a llama MLP (Shazeer 2020, "GLU Variants Improve Transformer"), from one fused gate/up matmul:
+
+    gate_up = x @ [W_gate; W_up].T         # [tokens, 2 * ffn]: gate = first half, up = second half
+    out     = silu(gate) * up              # silu(g) = g / (1 + exp(-g)), [tokens, ffn]
+
+Precision: computed in float32 and rounded once to gate_up's dtype at the store. In float32 that is
+realm.runtime.torch_model's `F.silu(gate) * up`; in float16/bfloat16 torch would round silu(gate) before the
+multiply, so the kernel is at most about one output ulp from it and at least as accurate.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .qdecode import check_runnable
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Columns per program: whole rows up to 1024 (few programs at decode), two or more programs per row beyond. Elementwise
+# and memory-bound, so the tile only needs to be large enough to keep loads in flight; not yet tuned on a GPU.
+MAX_BLOCK = 1024
+
+
+@triton.jit
+def _silu_mul_kernel(out_ptr, gu_ptr, F, stride_o, stride_gu, BLOCK: tl.constexpr):
+    """out[row, cols] = silu(gate_up[row, cols]) * gate_up[row, F + cols] for this program's BLOCK columns."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    gate = gu_ptr + row * stride_gu + cols
+    g = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate + F, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up: [tokens, 2 * ffn] (float16/bfloat16/float32, rows contiguous, any row stride) -> [tokens, ffn] in its
+    dtype; `out` (rows contiguous) receives the result when given."""
+    if gate_up.dtype not in DTYPES:
+        raise ValueError(f"gate_up must be float16, bfloat16 or float32, got {gate_up.dtype}")
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be 2-D [tokens, 2 * ffn] (an even width), got shape {list(gate_up.shape)}")
+    if gate_up.stride(-1) != 1:
+        raise ValueError(f"gate_up must have contiguous rows (stride 1 along a row), got strides {gate_up.stride()}")
+    tokens, ffn = gate_up.shape[0], gate_up.shape[1] // 2
+    if out is None:
+        out = torch.empty(tokens, ffn, dtype=gate_up.dtype, device=gate_up.device)
+    if out.shape != (tokens, ffn) or out.dtype != gate_up.dtype or out.device != gate_up.device:
+        raise ValueError(f"out must be {gate_up.dtype} [{tokens}, {ffn}] on {gate_up.device}, got {out.dtype} "
+                         f"{list(out.shape)} on {out.device}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must have contiguous rows (stride 1 along ffn), got strides {out.stride()}")
+    check_runnable([gate_up, out], "silu_mul")
+    if out.numel():
+        block = min(MAX_BLOCK, triton.next_power_of_2(ffn))
+        _silu_mul_kernel[(tokens, triton.cdiv(ffn, block))](out, gate_up, ffn, out.stride(0), gate_up.stride(0),
+                                                             BLOCK=block)
+    return out
+
+
+def silu_mul_ref(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch_model's `F.silu(gate) * up` in float32, rounded once to gate_up's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    y = (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+    return y if out is None else out.copy_(y)
