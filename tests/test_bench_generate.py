@@ -4,30 +4,19 @@ hidden, then realm beside llama.cpp) that load the default model once."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 DATE, LATER = "2025-01-01T00:00:00+00:00", "2025-02-01T00:00:00+00:00"
 
 
-@functools.cache
 def load_bench():
-    """bench/generate.py loaded by path as `bench_generate`, with bench/ on sys.path only while it imports harness."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(BENCH))
-        spec = importlib.util.spec_from_file_location("bench_generate", BENCH / "generate.py")
-        module = importlib.util.module_from_spec(spec)
-        mp.setitem(sys.modules, "bench_generate", module)  # dataclasses look their module up while it executes
-        spec.loader.exec_module(module)
-    return module
+    return load_bench_script("generate")
 
 
 @pytest.fixture

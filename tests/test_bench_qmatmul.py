@@ -3,30 +3,17 @@ gate, the no-GPU exit, and --plot-only on a tiny JSONL. The GPU measurements the
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
 from realm.quant import FORMATS, QTensor
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 
-
-@functools.cache
 def load_bench():
-    """bench/qmatmul.py loaded by path as `bench_qmatmul`, with bench/ on sys.path only while it imports harness."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(BENCH))
-        spec = importlib.util.spec_from_file_location("bench_qmatmul", BENCH / "qmatmul.py")
-        module = importlib.util.module_from_spec(spec)
-        mp.setitem(sys.modules, "bench_qmatmul", module)  # dataclasses look their module up while it executes
-        spec.loader.exec_module(module)
-    return module
+    return load_bench_script("qmatmul")
 
 
 @pytest.fixture
