@@ -82,7 +82,7 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path) -> Tokenizer:
+def smollm2_tok(smollm2_path) -> Tokenizer:
     return Tokenizer.from_gguf(smollm2_path)
 
 
@@ -140,11 +140,12 @@ def test_special_ids(vocab, name, bos, eos, eot, stops, add_bos):
     assert tok.encode("Hello", add_bos=True)[0] == bos
 
 
-def test_smollm2_special_ids(smollm2):
-    assert (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id, smollm2.add_bos_default) == (1, 2, 2, False)
-    assert smollm2.stop_ids == frozenset({0, 2, 4})  # <|endoftext|>, <|im_end|>, and <reponame> as llama.cpp's fim_rep
-    assert smollm2.vocab_size == 49152
-    assert smollm2.token_text(1) == "<|im_start|>"
+def test_smollm2_special_ids(smollm2_tok):
+    assert (smollm2_tok.bos_id, smollm2_tok.eos_id, smollm2_tok.pad_id, smollm2_tok.add_bos_default) == (1, 2, 2, False)
+    # <|endoftext|>, <|im_end|>, and <reponame> as llama.cpp's fim_rep
+    assert smollm2_tok.stop_ids == frozenset({0, 2, 4})
+    assert smollm2_tok.vocab_size == 49152
+    assert smollm2_tok.token_text(1) == "<|im_start|>"
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -194,26 +195,26 @@ def test_stream_decoder_invalid_utf8(vocab):
     assert parts[:-1] == ["a", "", ""] and "".join(parts) == "a\ufffd"
 
 
-def test_decode_skip_special(smollm2):
-    ids = smollm2.encode("<|im_start|>user\nHi<|im_end|>", parse_special=True)
-    assert smollm2.decode(ids) == "<|im_start|>user\nHi<|im_end|>"
-    assert smollm2.decode(ids, skip_special=True) == "user\nHi"
-    assert "".join(_stream(smollm2, ids, skip_special=True)) == "user\nHi"
+def test_decode_skip_special(smollm2_tok):
+    ids = smollm2_tok.encode("<|im_start|>user\nHi<|im_end|>", parse_special=True)
+    assert smollm2_tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>"
+    assert smollm2_tok.decode(ids, skip_special=True) == "user\nHi"
+    assert "".join(_stream(smollm2_tok, ids, skip_special=True)) == "user\nHi"
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        smollm2.decode([smollm2.vocab_size])
+        smollm2_tok.decode([smollm2_tok.vocab_size])
 
 
 # ---------------------------------------------------------------------------------------------------- special tokens
 
 
-def test_parse_special(smollm2):
+def test_parse_special(smollm2_tok):
     text = "<|im_start|>user\nHi<|im_end|>"
-    parsed = smollm2.encode(text, parse_special=True)
+    parsed = smollm2_tok.encode(text, parse_special=True)
     assert parsed[0] == 1 and parsed[-1] == 2
-    assert parsed[1:-1] == smollm2.encode("user\nHi")
-    plain = smollm2.encode(text)
+    assert parsed[1:-1] == smollm2_tok.encode("user\nHi")
+    plain = smollm2_tok.encode(text)
     assert not {0, 1, 2} & set(plain), "control token texts are plain text without parse_special"
-    assert smollm2.decode(plain) == text
+    assert smollm2_tok.decode(plain) == text
 
 
 def test_phi3_special_tokens_swallow_following_whitespace(vocab):
@@ -266,16 +267,16 @@ def test_spm_merges_by_score_and_falls_back_to_bytes():
 # ---------------------------------------------------------------------------------------------------- chat template
 
 
-def test_apply_chat_template_smollm2(smollm2):
+def test_apply_chat_template_smollm2(smollm2_tok):
     messages = [{"role": "user", "content": "What is 2+2?"}]
-    prompt = smollm2.apply_chat_template(messages)
+    prompt = smollm2_tok.apply_chat_template(messages)
     assert prompt.startswith("<|im_start|>system\n")  # SmolLM2's template adds a default system message
     assert prompt.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert not smollm2.apply_chat_template(messages, add_generation_prompt=False).endswith("assistant\n")
-    ids = smollm2.encode(prompt, parse_special=True)
-    assert ids[0] == smollm2.encode("<|im_start|>", parse_special=True)[0] == 1
+    assert not smollm2_tok.apply_chat_template(messages, add_generation_prompt=False).endswith("assistant\n")
+    ids = smollm2_tok.encode(prompt, parse_special=True)
+    assert ids[0] == smollm2_tok.encode("<|im_start|>", parse_special=True)[0] == 1
     assert ids.count(1) == prompt.count("<|im_start|>") == 3
-    assert smollm2.decode(ids) == prompt
+    assert smollm2_tok.decode(ids) == prompt
 
 
 def test_chat_template_helpers_and_errors(vocab):
@@ -438,8 +439,8 @@ def _compare_with_llama_cpp(llama_cpp, path: Path, tok: Tokenizer) -> None:
 
 
 @pytest.mark.llama_cpp
-def test_smollm2_matches_llama_cpp(llama_cpp, smollm2_path, smollm2):
-    _compare_with_llama_cpp(llama_cpp, smollm2_path, smollm2)
+def test_smollm2_matches_llama_cpp(llama_cpp, smollm2_path, smollm2_tok):
+    _compare_with_llama_cpp(llama_cpp, smollm2_path, smollm2_tok)
 
 
 @pytest.mark.llama_cpp
