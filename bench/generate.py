@@ -17,12 +17,15 @@ are greedy on the same weights, so they agree until a near tie (llama.cpp multip
 
 Threads: torch.set_num_threads and llama.cpp's n_threads / n_threads_batch get the same --threads (default
 os.cpu_count()), recorded in each row. On --device cuda realm runs on the GPU and llama.cpp is skipped with a note
-(this llama-cpp-python is a CPU build); without llama_cpp the script says so and measures realm alone.
+(this llama-cpp-python is a CPU build); without llama_cpp the script says so and measures realm alone. --backends
+adds realm's Triton forward (GPU only: on CPU its kernels run under Triton's interpreter, which checks correctness,
+not speed); its decode step reads the quantized weights themselves.
 
     python bench/generate.py                      # realm torch float32 vs llama.cpp, 128 tokens, 5 repeats
     python bench/generate.py --quick              # 32 tokens, 2 repeats
     python bench/generate.py --dtypes float32,bfloat16 --threads 2
     python bench/generate.py --device cuda        # realm on the GPU (no llama.cpp row)
+    python bench/generate.py --device cuda --backends torch,triton --dtypes float16   # + realm's Triton kernels
     python bench/generate.py --plot-only          # generate.png, table and target from the JSONL
 """
 
@@ -36,7 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import REPO, RESULTS, append_jsonl, cpu_name, environment, print_table, read_jsonl, time_cpu, time_gpu
+from harness import (
+    RESULTS,
+    append_jsonl,
+    cpu_name,
+    environment,
+    latest,
+    plot_only_rows,
+    print_table,
+    read_jsonl,
+    shown,
+    time_cpu,
+    time_gpu,
+)
 
 import realm
 from realm.models import resolve_model
@@ -44,6 +59,7 @@ from realm.runtime.weights import ModelWeights
 
 JSONL = RESULTS / "generate.jsonl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("torch", "triton")
 DEFAULTS = {"tokens": 128, "repeats": 5}
 QUICK = {"tokens": 32, "repeats": 2}
 LONG_PROMPT = 512
@@ -159,17 +175,7 @@ def target_line(res: dict) -> str:
             f"{res['prompt_tokens']}-token prompt: {res['decode_tok_s']:.1f} vs {res['llama_decode_tok_s']:.1f} tok/s)")
 
 
-KEY = ("engine", "device", "prompt_tokens")
-
-
-def latest(rows: list[dict]) -> list[dict]:
-    """The most recent row per (engine, device, prompt length): latest date, on equal dates the later line."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        key = tuple(r.get(f) for f in KEY)
-        if key not in best or r["date"] >= best[key]["date"]:
-            best[key] = r
-    return list(best.values())
+KEY = ("engine", "device", "prompt_tokens")  # latest(rows, KEY): the newest row per engine, device, prompt length
 
 
 # ---- engines -----------------------------------------------------------------------------------------------------
@@ -183,7 +189,9 @@ class RealmEngine:
         self.fields = {"engine": f"realm {model.backend.value} {dtype}" + (" cuda" if device.type == "cuda" else ""),
                        "engine_kind": "realm", "backend": model.backend.value, "dtype": dtype,
                        "compute_device": device.type}
-        self.bytes_per_token = decode_bytes(model.weights, model.dtype)
+        # the torch backend reads dequantized matrices; the Triton one decodes the quantized blocks in registers
+        quantized = model.backend.value == "triton"
+        self.bytes_per_token = decode_bytes(model.weights, None if quantized else model.dtype)
 
     def run(self, ids: list[int], new_tokens: int) -> Sample:
         c = self.model.generate(ids, max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -217,9 +225,9 @@ class LlamaCppEngine:
         return Sample(steps[0], sum(steps[1:]), tuple(tokens))
 
 
-def load_realm(model: str | Path, device: torch.device, dtype: torch.dtype):
+def load_realm(model: str | Path, device: torch.device, dtype: torch.dtype, backend: str = "torch"):
     """realm.load; a function of its own so tests can cache the model between runs."""
-    return realm.load(model, device=device, backend="torch", dtype=dtype)
+    return realm.load(model, device=device, backend=backend, dtype=dtype)
 
 
 def import_llama_cpp(device: torch.device, skip: bool):
@@ -313,7 +321,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = latest(rows)
+    rows = latest(rows, KEY)
     several = len({r["device"] for r in rows}) > 1
     name_of = lambda r: f"{r['engine']} on {r['device']}" if several else r["engine"]  # noqa: E731
     engines = list(dict.fromkeys(name_of(r) for r in rows))
@@ -376,11 +384,20 @@ def _dtypes(text: str) -> list[str]:
     return names
 
 
+def _backends(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(n not in BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"backends must be a comma list of {', '.join(BACKENDS)}, got {text!r}")
+    return names
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="a packaged model name or a .gguf path (default smollm2)")
     p.add_argument("--dtypes", type=_dtypes, default=["float32"], help="realm compute dtypes, comma separated "
                    f"({', '.join(DTYPES)}); default float32")
+    p.add_argument("--backends", type=_backends, default=["torch"], help="realm backends, comma separated "
+                   "(torch, triton: GPU only); default torch")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="realm's device (llama.cpp runs on CPU "
                    "only, and only beside realm on CPU)")
     p.add_argument("--tokens", type=int, help=f"new tokens per run (default {DEFAULTS['tokens']}, "
@@ -400,11 +417,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _shown(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def _check(args: argparse.Namespace, p: argparse.ArgumentParser) -> torch.device:
     sizes = QUICK if args.quick else DEFAULTS
     args.tokens = sizes["tokens"] if args.tokens is None else args.tokens
@@ -416,6 +428,9 @@ def _check(args: argparse.Namespace, p: argparse.ArgumentParser) -> torch.device
             p.error(f"{name} must be >= {minimum}, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
+    if "triton" in args.backends and args.device != "cuda":
+        p.error("--backends triton needs --device cuda: on CPU Triton's interpreter runs the kernels, which checks "
+                "them but measures nothing worth comparing")
     return torch.device(args.device)
 
 
@@ -423,10 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        if not args.out.exists():
-            p.error(f"{args.out} does not exist: run the benchmark first")
-        rows = latest(read_jsonl(args.out))
-        print(f"wrote {_shown(plot(rows, args.out.with_suffix('.png')))}")
+        rows = plot_only_rows(args.out, KEY, p)
+        print(f"wrote {shown(plot(rows, args.out.with_suffix('.png')))}")
         print_summary(rows)
         return
     device = _check(args, p)
@@ -436,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     if note:
         print(note, flush=True)
     start = time.perf_counter()
-    models = [load_realm(path, device, DTYPES[d]) for d in args.dtypes]
+    models = [load_realm(path, device, DTYPES[d], b) for b in args.backends for d in args.dtypes]
     engines = [RealmEngine(m, device) for m in models]
     prompt_ids = prompts(models[0], args.long_prompt)
     if llama_cpp is not None:
@@ -459,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = add_ratios([{**env, **r, "other_load": load} for r in rows])
     append_jsonl(args.out, rows, env={})
     png = plot(read_jsonl(args.out), args.out.with_suffix(".png"))
-    print(f"wrote {_shown(args.out)} and {_shown(png)} in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {shown(args.out)} and {shown(png)} in {time.perf_counter() - start:.0f} s")
     print_summary(rows)
 
 

@@ -1,4 +1,5 @@
-"""The shared benchmark harness: environment record, JSONL output, GPU and CPU timers, GPU guard, result table.
+"""The shared benchmark harness: environment record, JSONL output, GPU and CPU timers, device ceilings, input
+rotation past L2, GPU guard, latest row per key, targets, result table.
 
 Every `bench/<area>.py` imports it (`from harness import ...`; running a script puts bench/ on sys.path) so that all
 results carry the same fields and every timing is a median with 20/80 quantiles (see shared/BENCHMARKING.md).
@@ -6,21 +7,30 @@ results carry the same fields and every timing is a median with 20/80 quantiles 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import itertools
 import json
+import math
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+# Each timed call reads a different input set until the sets together exceed ROTATE_L2 times the L2 cache (50 MB on
+# an H100), so no call finds its operands in L2 from an earlier one (do_bench also flushes L2 between calls; rotation
+# keeps the measurement honest should that change). Large problems exceed L2 alone: one set.
+ROTATE_L2 = 2
+MAX_SETS = 16
+L2_FALLBACK = 50 * 2**20  # where torch does not report the L2 size: an H100's
 
 
 def _git_commit() -> str:
@@ -136,12 +146,94 @@ def time_cpu(fn: Callable, repeats: int = 5, inputs: Sequence[tuple] | None = No
     return _summary(samples)
 
 
+def l2_bytes(device: torch.device) -> int:
+    """The L2 cache size of a CUDA device in bytes (L2_FALLBACK where torch does not report it)."""
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_FALLBACK
+
+
+def rotation_sets(bytes_per_set: int, l2_bytes: int) -> int:
+    """How many input sets to rotate through so that together they exceed ROTATE_L2 x the L2 cache (1..MAX_SETS)."""
+    return max(1, min(MAX_SETS, math.ceil(ROTATE_L2 * l2_bytes / max(1, bytes_per_set))))
+
+
+def copy_gbs(device: torch.device, nbytes: int, seed: int) -> float:
+    """Memory bandwidth in GB/s (bytes read + written) of a device-to-device copy of nbytes seeded random bytes, timed
+    with time_gpu."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device, generator=gen)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (time_gpu(lambda: dst.copy_(src))["ms"] * 1e6)
+
+
+def matmul_tflops(dtype: torch.dtype, device: torch.device, size: int, seed: int) -> float:
+    """TFLOP/s of torch.matmul on seeded random [size, size] matrices of dtype (2 size^3 FLOPs), timed with
+    time_gpu."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device, generator=gen) for _ in range(2))
+    c = torch.empty_like(a)
+    return 2 * size**3 / (time_gpu(lambda: torch.matmul(a, b, out=c))["ms"] * 1e9)
+
+
 def require_gpu(script_name: str) -> None:
     """Returns if CUDA is available; otherwise says so and exits 0 (a GPU benchmark on a CPU machine is not a
     failure, it just has nothing to measure)."""
     if not torch.cuda.is_available():
         print(f"{script_name}: no GPU here, skipping (results need a CUDA device)")
         sys.exit(0)
+
+
+def latest(rows: Iterable[dict], key: Sequence[str]) -> list[dict]:
+    """The most recent row per value of the key fields (a missing field counts as None): latest date, and on equal
+    dates the later one in the file (rows are appended in order). Keeps first-seen key order."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        k = tuple(r.get(f) for f in key)
+        if k not in best or r["date"] >= best[k]["date"]:
+            best[k] = r
+    return list(best.values())
+
+
+def plot_only_rows(path: Path, key: Sequence[str], p: argparse.ArgumentParser) -> list[dict]:
+    """--plot-only's rows: latest(rows, key) of the JSONL at path; a usage error (p.error, exit 2) when it does not
+    exist."""
+    if not path.exists():
+        p.error(f"{path} does not exist: run the benchmark first")
+    return latest(read_jsonl(path), key)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A benchmark's goal: every row for which applies(row) holds must have row[metric] >= threshold."""
+
+    name: str
+    text: str
+    metric: str
+    threshold: float
+    applies: Callable[[dict], bool]
+
+
+def target_results(rows: Sequence[dict], targets: Iterable[Target], worst: Callable[[dict], dict]) -> list[dict]:
+    """Per target: status PASS / MISS (any row in scope below the threshold) / n/a (no row in scope), the number of
+    rows in scope and below, the devices of those rows, and the worst row (lowest metric) as worst(row) plus its
+    value under "value"."""
+    results = []
+    for t in targets:
+        scope = [r for r in rows if t.applies(r)]
+        res = {"target": t.name, "text": t.text, "metric": t.metric, "threshold": t.threshold, "rows": len(scope),
+               "misses": sum(r[t.metric] < t.threshold for r in scope), "status": "n/a", "worst": None,
+               "devices": sorted({r["device"] for r in scope})}
+        if scope:
+            low = min(scope, key=lambda r, metric=t.metric: r[metric])
+            res["status"] = "MISS" if res["misses"] else "PASS"
+            res["worst"] = {**worst(low), "value": low[t.metric]}
+        results.append(res)
+    return results
+
+
+def shown(path: str | Path) -> str:
+    """path relative to the repository when inside it (shorter lines), else as given (resolved)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _cell(value, spec: str | None) -> str:
@@ -167,12 +259,24 @@ def print_table(rows: Sequence[dict], columns: Sequence[str | tuple[str, str]]) 
 
 
 __all__ = [
+    "L2_FALLBACK",
+    "MAX_SETS",
     "RESULTS",
+    "ROTATE_L2",
+    "Target",
     "append_jsonl",
+    "copy_gbs",
     "environment",
+    "l2_bytes",
+    "latest",
+    "matmul_tflops",
+    "plot_only_rows",
     "print_table",
     "read_jsonl",
     "require_gpu",
+    "rotation_sets",
+    "shown",
+    "target_results",
     "time_cpu",
     "time_gpu",
 ]

@@ -35,14 +35,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import REPO, RESULTS, append_jsonl, environment, print_table, read_jsonl, require_gpu, time_gpu
+from harness import (
+    RESULTS,
+    Target,
+    append_jsonl,
+    copy_gbs,
+    environment,
+    l2_bytes,
+    latest,
+    matmul_tflops,
+    plot_only_rows,
+    print_table,
+    read_jsonl,
+    require_gpu,
+    rotation_sets,
+    shown,
+    target_results,
+    time_gpu,
+)
 
 from realm.kernels import autotune, plan_qmatmul, qmatmul, qmatmul_ref, tuning
 from realm.quant import FORMATS, BlockFormat, QTensor, QuantError, quantize
@@ -68,12 +83,8 @@ CHECK_ROWS = 4
 POOL_WEIGHTS = 1 << 20  # quantized once per format; weights are drawn from its blocks
 WEIGHT_SCALE = 0.02  # the std of a trained LLM weight, roughly
 SEED = 0
-# Each timed call reads a different input set (x, w, out) until the sets together exceed ROTATE_L2 times the L2
-# cache (50 MB on H100), so no call finds its weight in L2 from an earlier one (do_bench also flushes L2 between
-# calls; rotation keeps the measurement honest should that change). Large weights exceed L2 alone: one set.
-ROTATE_L2 = 2
-MAX_SETS = 16
-L2_FALLBACK = 50 * 2**20
+# Each timed call reads a different input set (x, w, out): harness.rotation_sets gives enough sets to exceed the L2
+# cache together, so no call finds its weight in L2 from an earlier one. Large weights exceed L2 alone: one set.
 COPY_BYTES = 1 << 30  # bandwidth ceiling: a 1 GiB device-to-device copy, far beyond any cache
 MATMUL_SIZE = 8192  # matmul ceiling: 8192^3, large enough for cuBLAS's best tiles on every SM
 
@@ -87,11 +98,6 @@ def family(name: str) -> str:
             return fam
     known = ", ".join(n for names in FAMILIES.values() for n in names)
     raise ValueError(f"format {name!r} belongs to no family; known: {known}")
-
-
-def rotation_sets(bytes_per_set: int, l2_bytes: int) -> int:
-    """How many input sets to rotate through so that together they exceed ROTATE_L2 x the L2 cache (1..MAX_SETS)."""
-    return max(1, min(MAX_SETS, math.ceil(ROTATE_L2 * l2_bytes / max(1, bytes_per_set))))
 
 
 def rates(row: dict) -> dict:
@@ -119,15 +125,6 @@ def rates(row: dict) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    text: str
-    metric: str
-    threshold: float
-    applies: Callable[[dict], bool]
-
-
 def _four_to_six_bits(row: dict) -> bool:
     return 4 <= row["bits_per_weight"] <= 6  # Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q5_K IQ4_NL IQ4_XS MXFP4
 
@@ -143,60 +140,20 @@ TARGETS = (
 
 
 def evaluate_targets(rows: list[dict], targets=TARGETS) -> list[dict]:
-    """Per target: status PASS / MISS (any row in scope below the threshold) / n/a (no row in scope), the number of
-    rows in scope and below, and the worst row (lowest metric) as format, shape, m, value."""
-    results = []
-    for t in targets:
-        scope = [r for r in rows if t.applies(r)]
-        res = {"target": t.name, "text": t.text, "metric": t.metric, "threshold": t.threshold, "rows": len(scope),
-               "misses": sum(r[t.metric] < t.threshold for r in scope), "status": "n/a", "worst": None}
-        if scope:
-            worst = min(scope, key=lambda r, metric=t.metric: r[metric])
-            res["status"] = "MISS" if res["misses"] else "PASS"
-            res["worst"] = {"format": worst["format"], "shape": f"{worst['n']}x{worst['k']}", "m": worst["m"],
-                            "value": worst[t.metric]}
-        results.append(res)
-    return results
+    """harness.target_results, the worst row given as format, shape, m (and value)."""
+    return target_results(rows, targets, lambda r: {"format": r["format"], "shape": f"{r['n']}x{r['k']}", "m": r["m"]})
 
 
-KEY = ("format", "n", "k", "m", "dtype")
-
-
-def latest(rows: list[dict]) -> list[dict]:
-    """The most recent row per (format, n, k, m, dtype): latest date, and on equal dates the later one in the file
-    (rows are appended in order). Keeps first-seen key order."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        key = tuple(r.get(f) for f in KEY)
-        if key not in best or r["date"] >= best[key]["date"]:
-            best[key] = r
-    return list(best.values())
+KEY = ("format", "n", "k", "m", "dtype")  # latest(rows, KEY): the most recent row per key
 
 
 # ---- inputs and ceilings on the GPU ------------------------------------------------------------------------------
 
-def l2_bytes(device: torch.device) -> int:
-    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_FALLBACK
-
-
 def measure_ceilings(dtype: torch.dtype, device: torch.device) -> dict:
     """The device's memory bandwidth (GB/s, bytes read + written by a copy) and matmul rate (TFLOP/s) in dtype."""
-    return {"bw_gbs": _copy_gbs(device), "matmul_tflops": _matmul_tflops(dtype, device), "copy_bytes": COPY_BYTES,
+    return {"bw_gbs": copy_gbs(device, COPY_BYTES, SEED),
+            "matmul_tflops": matmul_tflops(dtype, device, MATMUL_SIZE, SEED), "copy_bytes": COPY_BYTES,
             "matmul_size": MATMUL_SIZE}
-
-
-def _copy_gbs(device: torch.device) -> float:
-    gen = torch.Generator(device=device).manual_seed(SEED)
-    src = torch.randint(0, 256, (COPY_BYTES,), dtype=torch.uint8, device=device, generator=gen)
-    dst = torch.empty_like(src)
-    return 2 * COPY_BYTES / (time_gpu(lambda: dst.copy_(src))["ms"] * 1e6)
-
-
-def _matmul_tflops(dtype: torch.dtype, device: torch.device) -> float:
-    gen = torch.Generator(device=device).manual_seed(SEED)
-    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype, device=device, generator=gen) for _ in range(2))
-    c = torch.empty_like(a)
-    return 2 * MATMUL_SIZE**3 / (time_gpu(lambda: torch.matmul(a, b, out=c))["ms"] * 1e9)
 
 
 def block_pool(fmt: BlockFormat, device: torch.device) -> torch.Tensor:
@@ -319,7 +276,7 @@ def sweep(formats: list[BlockFormat], ms: list[int], shapes: list[tuple[int, int
 def plot(rows: list[dict], out_dir: Path, dtype: str) -> list[Path]:
     """One PNG per format family present, qmatmul_<family>.png in out_dir, from the latest row per key of dtype:
     speedup over torch.matmul (top) and fraction of the roofline (bottom) against M, one column per shape."""
-    rows = [r for r in latest(rows) if r["dtype"] == dtype]
+    rows = [r for r in latest(rows, KEY) if r["dtype"] == dtype]
     paths = []
     for fam in FAMILIES:
         selected = [r for r in rows if family(r["format"]) == fam]
@@ -446,21 +403,13 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[list,
     return formats, ms, shapes
 
 
-def _shown(path: Path) -> str:
-    """path relative to the repository when inside it (shorter lines), else as given."""
-    path = path.resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        if not args.out.exists():
-            p.error(f"{args.out} does not exist: run the benchmark first")
-        rows = [r for r in latest(read_jsonl(args.out)) if r["dtype"] == args.dtype]
+        rows = [r for r in plot_only_rows(args.out, KEY, p) if r["dtype"] == args.dtype]
         paths = plot(rows, args.out.parent, args.dtype)
-        print("wrote " + ", ".join(_shown(path) for path in paths))
+        print("wrote " + ", ".join(shown(path) for path in paths))
         print_summary(rows)
         return
     require_gpu("bench/qmatmul.py")
@@ -475,9 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     run = Run(args.dtype, device, l2_bytes(device), ceilings, tuned, args.tune)
     rows = sweep(formats, ms, shapes, run, args.out, env)
     if args.tune:
-        print(f"saved tuned configs to {_shown(tuning.save())}")
+        print(f"saved tuned configs to {shown(tuning.save())}")
     paths = plot(read_jsonl(args.out), args.out.parent, args.dtype)
-    print(f"wrote {_shown(args.out)} and {', '.join(_shown(path) for path in paths)} in "
+    print(f"wrote {shown(args.out)} and {', '.join(shown(path) for path in paths)} in "
           f"{time.perf_counter() - start:.0f} s")
     print_summary(rows)
 

@@ -12,6 +12,7 @@ needs. Expected failures (bad input, a missing or broken file) print `realm: err
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,10 +65,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="GGUF file, or a packaged model: "
                         f"{', '.join(MODELS)} (default: smollm2)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
-    parser.add_argument("--backend", default="torch", help="torch (the reference forward); triton arrives with "
-                        "the Triton forward")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="compute dtype of the torch backend (default float32, the exact reference)")
+    parser.add_argument("--backend", default="torch", help="torch (the reference forward) or triton (realm's "
+                        "kernels; on CPU under Triton's interpreter, slow)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="compute dtype (default: float32, the exact reference; float16 for triton on a GPU)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -92,11 +93,28 @@ def _sampling(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
+    _interpret_triton_on_cpu(args)
     import torch
 
     from .runtime import load
 
-    return load(args.model, device=args.device, backend=args.backend, dtype=getattr(torch, args.dtype))
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    return load(args.model, device=args.device, backend=args.backend, dtype=dtype)
+
+
+def _interpret_triton_on_cpu(args: argparse.Namespace) -> None:
+    """--backend triton without a GPU runs the kernels under Triton's interpreter, which must be switched on before
+    Triton is imported; say so, since it is orders of magnitude slower than on a GPU."""
+    if args.backend != "triton" or "triton" in sys.modules:
+        return
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("realm: running the Triton kernels under Triton's interpreter on the CPU (slow)", file=sys.stderr)
 
 
 def _stream_to_terminal(model, prompt_ids, params, quiet: bool):

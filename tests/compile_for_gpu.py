@@ -4,8 +4,10 @@ that code the CPU interpreter accepts but the GPU compiler would reject fails in
 Run as a script in a process without TRITON_INTERPRET (the interpreter replaces kernels by Python functions):
     python tests/compile_for_gpu.py [--arch 90] FORMAT:KIND:DTYPE ... LAYER_KIND:DTYPE ...
 KIND is decode1 (1-row CUDA-core path), decode16 (16-row tl.dot path), prefill or dequantize; LAYER_KIND is one of
-the per-layer kernels (rms_norm, rms_norm_residual, rope, silu_mul), which take no weight format. Prints one line per
-case and exits 1 if any case failed to compile.
+the per-layer kernels (rms_norm, rms_norm_residual, rope, silu_mul) or attention kernels (store_kv, flash,
+flash_causal, flash_paged, flash_paged_causal, paged_decode, paged_decode_split, paged_decode_combine), which take
+no weight format; attention kernels compile at head dims 64 and 128 in one case. Prints one line per case and exits 1
+if any case failed to compile.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from realm.kernels.qdecode import weight_args
+from realm.kernels.qdecode import dot_precision, weight_args
 from realm.quant import FORMATS, QTensor
 
 qmatmul_module = importlib.import_module("realm.kernels.qmatmul")
@@ -27,6 +29,9 @@ dequantize_module = importlib.import_module("realm.kernels.dequantize")
 rms_norm_module = importlib.import_module("realm.kernels.rms_norm")
 rope_module = importlib.import_module("realm.kernels.rope")
 silu_mul_module = importlib.import_module("realm.kernels.silu_mul")
+flash_module = importlib.import_module("realm.kernels.flash_attention")
+paged_module = importlib.import_module("realm.kernels.paged_attention")
+store_kv_module = importlib.import_module("realm.kernels.store_kv")
 POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                  torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -52,7 +57,7 @@ def compile_case(fmt_name: str, kind: str, dtype: torch.dtype, arch: int):
     args = weight_args(w, block_k)
     tensors = {name: v for name, v in args.items() if isinstance(v, torch.Tensor)}
     constexprs = {name: v for name, v in args.items() if not isinstance(v, torch.Tensor)}
-    precision = qmatmul_module._dot_precision(dtype)
+    precision = dot_precision(dtype)
     if kind == "dequantize":
         tensors["out_ptr"] = torch.empty(1, dtype=torch.float32)
         return _compile(dequantize_module._dequantize_kernel, tensors,
@@ -69,6 +74,9 @@ def compile_case(fmt_name: str, kind: str, dtype: torch.dtype, arch: int):
 
 
 LAYER_KINDS = ("rms_norm", "rms_norm_residual", "rope", "silu_mul")
+ATTENTION_KINDS = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_causal", "paged_decode",
+                   "paged_decode_split", "paged_decode_combine")
+HEAD_DIMS = (64, 128)
 
 
 def compile_layer_case(kind: str, dtype: torch.dtype, arch: int):
@@ -85,7 +93,35 @@ def compile_layer_case(kind: str, dtype: torch.dtype, arch: int):
                         fp_fusion=False)
     if kind == "silu_mul":
         return _compile(silu_mul_module._silu_mul_kernel, dict(out_ptr=act, gu_ptr=act), {"BLOCK": 1024}, arch)
-    raise ValueError(f"unknown layer kernel {kind!r}; one of {LAYER_KINDS}")
+    if kind in ATTENTION_KINDS:
+        return [compile_attention_case(kind, dtype, head_dim, arch) for head_dim in HEAD_DIMS][-1]
+    raise ValueError(f"unknown layer kernel {kind!r}; one of {LAYER_KINDS + ATTENTION_KINDS}")
+
+
+def compile_attention_case(kind: str, dtype: torch.dtype, head_dim: int, arch: int):
+    """An attention kernel with its launcher's default tiles, 16-row GQA groups and 16-token pages."""
+    act, idx, f32 = torch.empty(1, dtype=dtype), torch.empty(1, dtype=torch.int32), torch.empty(1, dtype=torch.float32)
+    if kind == "store_kv":
+        tensors = dict(k_cache_ptr=act, v_cache_ptr=act, k_ptr=act, v_ptr=act, slot_ptr=idx)
+        return _compile(store_kv_module._store_kv_kernel, tensors, {"BLOCK_H": 8, "BLOCK_D": head_dim}, arch)
+    if kind.startswith("flash"):
+        cfg = flash_module.default_config(head_dim, dtype)
+        paged = "paged" in kind
+        tensors = dict(out_ptr=act, q_ptr=act, k_ptr=act, v_ptr=act, cu_q_ptr=idx, k_index_ptr=idx,
+                       block_table_ptr=idx)
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim,
+                          CAUSAL=kind.endswith("causal"), PAGED=paged, PAGE_SIZE=16 if paged else 1,
+                          DOT_PRECISION=dot_precision(dtype))
+        return _compile(flash_module._flash_attention_kernel, tensors, constexprs, arch, scalars={"qk_scale": "fp32"})
+    if kind == "paged_decode_combine":
+        return _compile(paged_module._combine_kernel, dict(out_ptr=act, part_o_ptr=f32, part_lse_ptr=f32),
+                        {"BLOCK_S": 32, "BLOCK_D": head_dim}, arch)
+    split = kind == "paged_decode_split"
+    tensors = dict(out_ptr=act, part_o_ptr=f32 if split else act, part_lse_ptr=f32 if split else act, q_ptr=act,
+                   k_cache_ptr=act, v_cache_ptr=act, seq_lens_ptr=idx, block_table_ptr=idx)
+    constexprs = dict(BLOCK_M=16, BLOCK_N=paged_module.PagedDecodeConfig().block_n, BLOCK_D=head_dim, SPLIT=split,
+                      DOT_PRECISION=dot_precision(dtype))
+    return _compile(paged_module._paged_decode_kernel, tensors, constexprs, arch, scalars={"qk_scale": "fp32"})
 
 
 def main(argv: list[str] | None = None) -> int:

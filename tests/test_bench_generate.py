@@ -124,7 +124,7 @@ def test_target_pass_miss_and_na(bench):
 def test_latest_keeps_the_newest_row_per_engine_device_and_prompt(bench):
     rows = [measured(decode=1.0, date=LATER), measured(decode=2.0), measured(decode=3.0, prompt_tokens=512),
             measured(decode=4.0, prompt_tokens=512), measured(decode=5.0, device="other cpu")]
-    got = {(r["prompt_tokens"], r["device"]): r["decode_tok_s"] for r in bench.latest(rows)}
+    got = {(r["prompt_tokens"], r["device"]): r["decode_tok_s"] for r in bench.latest(rows, bench.KEY)}
     assert got == {(40, "test cpu"): 1.0, (512, "test cpu"): 4.0, (40, "other cpu"): 5.0}  # equal dates: later line
 
 
@@ -161,7 +161,9 @@ def test_llama_cpp_notes(bench, monkeypatch):
 def test_bad_options_are_errors(bench, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv, message in ((["--device", "cuda"], "no CUDA device"), (["--tokens", "1"], "--tokens must be >= 2"),
-                          (["--dtypes", "float8"], "dtypes must be"), (["--repeats", "0"], "--repeats must be >= 1")):
+                          (["--dtypes", "float8"], "dtypes must be"), (["--repeats", "0"], "--repeats must be >= 1"),
+                          (["--backends", "torch,tensorrt"], "backends must be a comma list of torch, triton"),
+                          (["--backends", "triton"], "--backends triton needs --device cuda")):
         with pytest.raises(SystemExit) as exc:
             load_bench().main(argv)
         assert exc.value.code == 2

@@ -67,7 +67,7 @@ def test_rotation_sets(bench):
     l2 = 50 * 2**20
     assert bench.rotation_sets(10 * 2**20, l2) == 10  # 2 x L2 / 10 MB
     assert bench.rotation_sets(101 * 2**20, l2) == 1  # one weight beyond 2 x L2 is enough
-    assert bench.rotation_sets(1, l2) == bench.MAX_SETS
+    assert bench.rotation_sets(1, l2) == load_bench_script("harness").MAX_SETS
 
 
 def _targets(bench, rows):
@@ -113,7 +113,7 @@ def test_latest_keeps_the_newest_row_per_key(bench):
     rows = [measured("Q4_0", m=1, ms=1.0, date=new), measured("Q4_0", m=1, ms=2.0, date=old),
             measured("Q4_0", m=16, ms=3.0, date=old), measured("Q4_0", m=16, ms=4.0, date=old),
             measured("Q4_0", m=1, ms=5.0, date=old, dtype="bfloat16")]
-    got = {(r["m"], r["dtype"]): r["ms"] for r in bench.latest(rows)}
+    got = {(r["m"], r["dtype"]): r["ms"] for r in bench.latest(rows, bench.KEY)}
     assert got == {(1, "float16"): 1.0, (16, "float16"): 4.0, (1, "bfloat16"): 5.0}  # equal dates: the later line
 
 

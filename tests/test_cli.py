@@ -279,7 +279,7 @@ def test_chat_interactive_keeps_the_conversation(loads, capsys, monkeypatch, smo
     (["generate", "x", "--top-p", "2"], r"top_p must be in (0, 1]"),
     (["generate", "x", "--max-tokens", "0"], "max_tokens must be >= 1"),
     (["generate", "x", "--model", "/no/such.gguf"], "/no/such.gguf: no such model file"),
-    (["chat", "x", "--backend", "triton"], "backend 'triton' is not available yet"),
+    (["chat", "x", "--backend", "tensorrt"], "unknown backend 'tensorrt'; choose one of: torch, triton"),
 ])
 def test_generate_errors(argv, message, capsys):
     rc, out, err = run(argv, capsys)
@@ -301,3 +301,20 @@ def test_realm_chat_command_answers_paris():
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "tok/s decode" in proc.stderr
+
+
+def test_triton_on_cpu_switches_the_interpreter_on(monkeypatch, capsys):
+    """--backend triton without a GPU: Triton's interpreter must be on before Triton is imported; the CLI does it and
+    says so (a fresh `realm` process has not imported Triton yet, which the test stands in for)."""
+    import argparse
+    import os
+
+    from realm import cli
+
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cli._interpret_triton_on_cpu(argparse.Namespace(backend="torch", device="cpu"))
+    assert "TRITON_INTERPRET" not in os.environ
+    cli._interpret_triton_on_cpu(argparse.Namespace(backend="triton", device="cpu"))
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert "under Triton's interpreter" in capsys.readouterr().err

@@ -17,6 +17,12 @@ CASES += ["Q4_K:decode1:float16", "Q4_K:decode16:float16", "Q4_K:prefill:float16
 # The per-layer kernels (no weight format) in the half-precision dtypes a GPU runs them in.
 CASES += [f"{kind}:{dtype}" for kind in ("rms_norm", "rms_norm_residual", "rope", "silu_mul")
           for dtype in ("float16", "bfloat16")]
+# Attention (each case at head dims 64 and 128): every kernel variant in both half-precision dtypes, and float32
+# (the exact path the CPU tests and the float32 model comparison use) for the ones the model runs.
+ATTENTION = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_causal", "paged_decode",
+             "paged_decode_split", "paged_decode_combine")
+CASES += [f"{kind}:{dtype}" for kind in ATTENTION for dtype in ("float16", "bfloat16")]
+CASES += [f"{kind}:float32" for kind in ("flash_causal", "flash_paged_causal", "paged_decode", "paged_decode_split")]
 
 
 def test_kernels_compile_for_sm90():

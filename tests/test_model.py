@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_gguf import TINY, StubTokenizer, gguf_permute, write_tiny_llama
 from tolerances import assert_same_predictions
 
 import realm
@@ -39,11 +40,6 @@ def test_smollm2_config(smollm2):
     assert w.tied and w.output is w.token_embd  # SmolLM2 has no output.weight
     assert {m.fmt.name for m in w.matrices()} == {"Q4_1", "Q8_0"}
     assert w.layers[0].wq.fmt.name == "Q4_1" and w.token_embd.fmt.name == "Q8_0"
-
-
-def gguf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py's `LlamaModel.permute`, written out: per head, rows [2, head_dim/2] -> [head_dim/2, 2]."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 @pytest.mark.parametrize("n_heads,head_dim", [(1, 2), (3, 64), (9, 64), (4, 128)])
@@ -86,65 +82,6 @@ def test_rotate_half_rope_on_unpermuted_rows_equals_llama_cpp_rope_on_stored_row
 # ----------------------------------------------------------------------------------------------- a tiny GGUF model
 
 
-TINY = dict(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=50, layers=2, theta=10000.0, eps=1e-6)
-
-
-def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: str | None = None,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random 2-layer llama-family model stored as float32 GGUF, with Q/K rows permuted as the converter does.
-    Returns the HF-layout weights (HF state-dict names)."""
-    t = TINY
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=0.2):
-        return torch.randn(shape, generator=g) * scale
-
-    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(t["vocab"], t["hidden"], scale=1.0),
-                                   "model.norm.weight": 1 + rnd(t["hidden"])}
-    if not tied:
-        hf["lm_head.weight"] = rnd(t["vocab"], t["hidden"])
-    q, kv = t["n_heads"] * t["head_dim"], t["n_kv_heads"] * t["head_dim"]
-    for i in range(t["layers"]):
-        p = f"model.layers.{i}."
-        hf |= {p + "input_layernorm.weight": 1 + rnd(t["hidden"]), p + "post_attention_layernorm.weight": 1 + rnd(
-            t["hidden"]), p + "self_attn.q_proj.weight": rnd(q, t["hidden"]), p + "self_attn.k_proj.weight": rnd(
-            kv, t["hidden"]), p + "self_attn.v_proj.weight": rnd(kv, t["hidden"]), p + "self_attn.o_proj.weight": rnd(
-            t["hidden"], q), p + "mlp.gate_proj.weight": rnd(t["ffn"], t["hidden"]), p + "mlp.up_proj.weight": rnd(
-            t["ffn"], t["hidden"]), p + "mlp.down_proj.weight": rnd(t["hidden"], t["ffn"])}
-        if arch == "qwen2":
-            hf |= {p + "self_attn.q_proj.bias": rnd(q), p + "self_attn.k_proj.bias": rnd(kv),
-                   p + "self_attn.v_proj.bias": rnd(kv)}
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(t["layers"])
-    w.add_context_length(32)
-    w.add_embedding_length(t["hidden"])
-    w.add_feed_forward_length(t["ffn"])
-    w.add_head_count(t["n_heads"])
-    w.add_head_count_kv(t["n_kv_heads"])
-    w.add_rope_freq_base(t["theta"])
-    w.add_layer_norm_rms_eps(t["eps"])
-    tensors = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
-    if not tied:
-        tensors["output.weight"] = hf["lm_head.weight"]
-    for name, value in hf.items():
-        if name.startswith("model.layers."):
-            _, _, i, *rest = name.split(".")
-            module, kind = ".".join(rest[:-1]), rest[-1]
-            if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = t["n_heads"] if module == "self_attn.q_proj" else t["n_kv_heads"]
-                value = gguf_permute(value, heads)
-            tensors[f"blk.{i}.{names[module]}.{kind}"] = value
-    for name, value in tensors.items():
-        if name != drop:
-            w.add_tensor(name, value.numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return hf
 
 
 def hf_model(arch: str, state: dict[str, torch.Tensor], tied: bool):
@@ -171,19 +108,19 @@ def test_tiny_model_matches_hf_transformers(tmp_path, arch, tied):
     ids = torch.tensor([[3, 17, 42, 8, 8, 0, 49, 21, 5, 30, 11]])
     with torch.no_grad():
         expected = hf_model(arch, state, tied)(ids).logits
-    assert_same_predictions(TorchModel(weights).forward(ids), expected)
+    assert_same_predictions(TorchModel(weights).forward_tokens(ids), expected)
 
 
 def test_cached_forward_equals_whole_forward(tmp_path):
     write_tiny_llama(tmp_path / "tiny.gguf")
     model = TorchModel(load_weights(tmp_path / "tiny.gguf"))
     ids = torch.tensor([[3, 17, 42, 8, 8, 0, 49, 21, 5, 30, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]])
-    whole = model.forward(ids)
+    whole = model.forward_tokens(ids)
     cache = model.new_cache(batch=2, capacity=16)
-    pieces = [model.forward(ids[:, a:b], cache, start=a) for a, b in ((0, 4), (4, 5), (5, 10), (10, 11))]
+    pieces = [model.forward_tokens(ids[:, a:b], cache, start=a) for a, b in ((0, 4), (4, 5), (5, 10), (10, 11))]
     assert cache.length == 11
     assert_same_predictions(torch.cat(pieces, dim=1), whole)
-    assert_same_predictions(model.forward(ids, last_only=True), whole[:, -1:])
+    assert_same_predictions(model.forward_tokens(ids, last_only=True), whole[:, -1:])
 
 
 # ------------------------------------------------------------------------------------------- the exact reference
@@ -317,26 +254,6 @@ def test_prompt_longer_than_context(smollm2):
         smollm2.generate([5, 49152])
 
 
-class StubTokenizer:
-    """Just what generation needs from a tokenizer, for the tiny GGUF (which has no vocabulary)."""
-
-    stop_ids = frozenset()
-    add_bos_default = False
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def stream_decoder(self, skip_special=False, continuation=False):
-        class Decoder:
-            def push(self, token_id):
-                return f"<{token_id}>"
-
-            def flush(self):
-                return ""
-
-        return Decoder()
-
-
 def tiny_model(tmp_path, tokenizer_vocab: int = TINY["vocab"]) -> Model:
     write_tiny_llama(tmp_path / "tiny.gguf")  # context length 32
     return Model(load_weights(tmp_path / "tiny.gguf"), StubTokenizer(tokenizer_vocab), Backend.TORCH,
@@ -382,7 +299,6 @@ def test_bfloat16_backend_agrees_with_float32(smollm2):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"backend": "triton"}, "backend 'triton' is not available yet"),
     ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; choose one of: torch, triton"),
     ({"device": "tpu"}, "invalid device 'tpu'|device 'tpu' is not supported"),
     ({"dtype": torch.float64}, "dtype must be float32, float16 or bfloat16"),

@@ -91,7 +91,9 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
 # Largest KL divergence (nats, per position) allowed between two computations of one model's next-token distribution
 # in a dtype: float32 reorderings (chunked vs whole prefill, another attention kernel) move logits by ~1e-4 and KL by
 # ~1e-10; a real error (a wrong rope layout, a missing norm) moves it by >0.1.
-MODEL_KL: dict[torch.dtype, float] = {torch.float32: 1e-6}
+# float16: the torch backend in float16 on CPU against float32 measured a KL of at most 4.8e-5 (mean 1.7e-5) over the
+# 73 positions of test_model.PARAGRAPH on SmolLM2, with every argmax equal; 5e-4 leaves 10x for other kernels' orders.
+MODEL_KL: dict[torch.dtype, float] = {torch.float32: 1e-6, torch.float16: 5e-4}
 
 
 def kl_per_position(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,29 @@
     rms_norm(x, weight, eps, residual=None)   # RMSNorm, optionally fused with the residual add: y or (y, x + residual)
     apply_rope(q, k, positions, cos_sin)      # rotate-half rope in place; cos_sin = rope_cache(head_dim, n, theta, dev)
     silu_mul(gate_up)      # silu(gate) * up from the fused [tokens, 2 * ffn] gate/up projection
+    store_kv(k, v, k_cache, v_cache, slot_mapping)            # new K/V into their pages (layout: paged.py)
+    flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)      # varlen prefill, GQA; queries end their sequence
+    flash_attention_paged(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table)   # ... keys from the pages
+    paged_decode_attention(q, k_cache, v_cache, seq_lens, block_table)                # one query per sequence, split-K
     plan_qmatmul(m, w)     # which kernel and tiles qmatmul runs; autotune(x, w) measures and records the best
 """
 
 from . import tuning
 from .dequantize import dequantize, dequantize_ref
+from .flash_attention import (
+    AttentionConfig,
+    flash_attention,
+    flash_attention_paged,
+    flash_attention_paged_ref,
+    flash_attention_ref,
+)
+from .paged_attention import (
+    PagedDecodeConfig,
+    PagedDecodePlan,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    plan_decode,
+)
 from .qmatmul import (
     DecodeConfig,
     Plan,
@@ -25,9 +43,13 @@ from .qmatmul import (
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cache
 from .silu_mul import silu_mul, silu_mul_ref
+from .store_kv import store_kv, store_kv_ref
 
 __all__ = [
+    "AttentionConfig",
     "DecodeConfig",
+    "PagedDecodeConfig",
+    "PagedDecodePlan",
     "Plan",
     "PrefillConfig",
     "Regime",
@@ -37,6 +59,13 @@ __all__ = [
     "candidate_configs",
     "dequantize",
     "dequantize_ref",
+    "flash_attention",
+    "flash_attention_paged",
+    "flash_attention_paged_ref",
+    "flash_attention_ref",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "plan_decode",
     "plan_qmatmul",
     "qmatmul",
     "qmatmul_ref",
@@ -45,5 +74,7 @@ __all__ = [
     "rope_cache",
     "silu_mul",
     "silu_mul_ref",
+    "store_kv",
+    "store_kv_ref",
     "tuning",
 ]

@@ -102,6 +102,12 @@ def check_runnable(tensors: Sequence[torch.Tensor], what: str) -> None:
     raise ValueError(f"{what}: Triton kernels need CUDA tensors, got {device}{hint}")
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for activations of dtype: IEEE float32 products for float32 (TF32 would lose the
+    float32 reference's accuracy); "tf32" is ignored for 16-bit operands, which use the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _load_plane(ptr, rows, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
     """Codes k0 .. k0 + BLOCK_K of a W-bit plane: int32 [BLOCK_N, BLOCK_K]. Word j of a row holds codes

@@ -33,7 +33,7 @@ import triton.language as tl
 from realm.quant import QTensor
 
 from . import tuning
-from .qdecode import check_block_k, check_runnable, load_weight_tile, weight_args, weight_planes
+from .qdecode import check_block_k, check_runnable, dot_precision, load_weight_tile, weight_args, weight_planes
 
 log = logging.getLogger(__name__)
 
@@ -286,17 +286,13 @@ def qmatmul(x: torch.Tensor, w: QTensor, out: torch.Tensor | None = None, *, reg
     plan = plan_qmatmul(m, w, regime=regime, config=config, device=x.device)
     check_block_k(planes, plan.config.block_k)
     log.debug("qmatmul %s M=%d N=%d K=%d: %s", w.fmt.name, m, n, k, plan)
-    args = {"M": m, "N": n, "K": k, "stride_xm": x2.stride(0), "DOT_PRECISION": _dot_precision(x.dtype),
+    args = {"M": m, "N": n, "K": k, "stride_xm": x2.stride(0), "DOT_PRECISION": dot_precision(x.dtype),
             **weight_args(planes, plan.config.block_k)}
     if plan.regime is Regime.DECODE:
         _launch_decode(out2, x2, plan.config, args)
     else:
         _launch_prefill(out2, x2, plan.config, args)
     return out
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
 def _launch_decode(out2: torch.Tensor, x2: torch.Tensor, cfg: DecodeConfig, args: dict) -> None:

@@ -17,6 +17,21 @@ from pathlib import Path
 import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def check_launch_fields(config, powers_of_two: Iterable[str], min_tile: dict[str, int] | None = None) -> None:
+    """Validation every config dataclass shares: the named fields are positive powers of two (tile sizes, warps),
+    tiles are at least their minimum (tl.dot needs 16), num_stages >= 1. Raises ValueError naming the field."""
+    for name in powers_of_two:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value!r}")
+    for name, least in (min_tile or {}).items():
+        if getattr(config, name) < least:
+            raise ValueError(f"{name} must be >= {least} (tl.dot), got {getattr(config, name)}")
+    stages = getattr(config, "num_stages", 1)
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {stages!r}")
 _TABLE: dict[str, dict[str, dict]] = {}  # device name -> key -> config fields
 
 

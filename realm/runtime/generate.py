@@ -130,7 +130,7 @@ class GenerationStream:
         finish = FinishReason.LENGTH
 
         t0 = time.perf_counter()
-        logits = model.runner.forward(history[None, :n_prompt], cache=cache, start=0, last_only=True)  # ids checked
+        logits = model.run([self.prompt_ids], cache, start=0, last_only=True)  # ids checked by check_prompt
         while True:
             token = sampler.sample(logits[0, -1, :vocab], history[: n_prompt + len(generated)])
             history[n_prompt + len(generated)] = token
@@ -153,7 +153,7 @@ class GenerationStream:
             if len(generated) == max_new:  # max_tokens, or the context is full
                 break
             t0 = time.perf_counter()
-            logits = model.runner.forward(torch.tensor([[token]]), cache=cache, start=cache.length, last_only=True)
+            logits = model.run([[token]], cache, start=cache.length, last_only=True)
         if not stops.stopped:
             tail = stops.push(text_out.flush()) + stops.flush()
             if tail:

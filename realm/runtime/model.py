@@ -17,7 +17,7 @@ import torch
 
 from .config import ModelConfig, ModelError
 from .generate import Completion, GenerationStream
-from .kv_cache import KVCache
+from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .torch_model import TorchModel
@@ -26,7 +26,7 @@ from .weights import ModelWeights, load_weights
 
 class Backend(str, enum.Enum):
     TORCH = "torch"  # the torch reference forward (float32 by default)
-    TRITON = "triton"  # realm's Triton kernels: arrives with the Triton forward (flash / paged attention)
+    TRITON = "triton"  # realm's Triton kernels: quantized matmuls, flash / paged attention, fused layer ops
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -51,10 +51,15 @@ def _backend(backend: Backend | str) -> Backend:
         backend = Backend(backend)
     except ValueError:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(b.value for b in Backend)}") from None
-    if backend is Backend.TRITON:
-        raise ValueError("backend 'triton' is not available yet: it arrives with the Triton forward (flash and paged "
-                         "attention); use backend 'torch'")
     return backend
+
+
+def _runner(weights: ModelWeights, backend: Backend, device: torch.device, dtype: torch.dtype):
+    if backend is Backend.TORCH:
+        return TorchModel(weights, device=device, dtype=dtype)
+    from .triton_model import TritonModel  # imports Triton: only when asked for
+
+    return TritonModel(weights, device=device, dtype=dtype)
 
 
 class Model:
@@ -71,7 +76,7 @@ class Model:
         self.backend = backend
         self.device = device
         self.dtype = dtype
-        self.runner = TorchModel(weights, device=device, dtype=dtype)
+        self.runner = _runner(weights, backend, device, dtype)
 
     def __repr__(self) -> str:
         return (f"Model({self.config.name or self.weights.path.name!r}, {self.config.arch.name}, "
@@ -80,19 +85,30 @@ class Model:
 
     # ------------------------------------------------------------------------------------------------- forward
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return self.runner.new_cache(batch, capacity)
+    def new_cache(self, batch: int, capacity: int, block_size: int = DEFAULT_BLOCK_SIZE) -> KVCache:
+        """A paged cache for `batch` sequences of up to `capacity` tokens each, in the runner's dtype."""
+        return self.runner.new_cache(batch, capacity, block_size)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
-        """tokens: int [batch, T] -> logits [batch, T, vocab] (see TorchModel.forward)."""
+        """tokens: int [batch, T] at positions [start, start + T) -> logits [batch, T, vocab] in the runner's dtype
+        ([batch, 1, vocab] with last_only: what generation needs, skipping the output head for the other positions).
+
+        With a cache, the tokens follow the `start` tokens it holds and are stored in it; without one, start must be
+        0 and the T tokens attend only to each other.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, T], got shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be int32/int64 ids, got {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return self.runner.forward(tokens, cache=cache, start=start, last_only=last_only)
+        return self.runner.forward_tokens(tokens.tolist(), cache, start, last_only)
+
+    def run(self, tokens: Sequence[Sequence[int]], cache: KVCache | None = None, start: int = 0,
+            last_only: bool = False) -> torch.Tensor:
+        """`forward` on host ids [batch][T] that are known to be in range (generation's own tokens)."""
+        return self.runner.forward_tokens(tokens, cache, start, last_only)
 
     # ---------------------------------------------------------------------------------------------- generation
 
@@ -147,15 +163,25 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
         raise ValueError(f"invalid sampling option: {e}") from None
 
 
+def default_dtype(backend: Backend | str, device: torch.device) -> torch.dtype:
+    """float32 for the torch reference and for Triton's CPU interpreter; float16 for the Triton kernels on a GPU."""
+    if _backend(backend) is Backend.TRITON and device.type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
 def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None = None,
-         backend: Backend | str = Backend.TORCH, dtype: torch.dtype = torch.float32) -> Model:
+         backend: Backend | str = Backend.TORCH, dtype: torch.dtype | None = None) -> Model:
     """Load a GGUF model (a packaged name such as "smollm2", the default, or a path) for generation.
 
-    device: "cpu", "cuda" or None (CUDA when present); dtype: the torch backend's compute dtype (float32 is the
-    exact reference).
+    device: "cpu", "cuda" or None (CUDA when present); backend: "torch" (the reference) or "triton" (realm's
+    kernels; on CPU they run under Triton's interpreter, which needs TRITON_INTERPRET=1 set before Triton is
+    imported); dtype: the compute dtype, None for the backend's default (`default_dtype`; float32 is the exact
+    reference).
     """
     backend = _backend(backend)
     device = resolve_device(device)
+    dtype = default_dtype(backend, device) if dtype is None else dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     weights = load_weights(model)

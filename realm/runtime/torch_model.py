@@ -1,13 +1,17 @@
 """The torch reference forward of a llama-family model: float32 by default, on CPU or CUDA.
 
     model = TorchModel(load_weights("smollm2"), device="cpu")
-    logits = model.forward(tokens)                          # tokens: [batch, T] -> logits [batch, T, vocab]
-    logits = model.forward(tokens, cache=cache, start=n)    # T new tokens after n cached ones
+    logits = model.forward(batch, cache)     # batch: a ForwardBatch of ragged chunks; cache: the PagedKVCache
+
 
 It reproduces HF transformers' llama in float32 op for op (RMSNorm in float32, rotate-half rope with float32
 cos/sin, SDPA attention with GQA by repeating K/V heads, SiLU-gated MLP), on weights dequantized once from the
 QTensors with realm's bit-exact dequantizer, which is what HF gets from gguf-py. Q/K and gate/up projections are
 concatenated into one matrix each (fewer, larger matmuls); each output element is the same dot product.
+
+K and V live in the paged cache (realm.runtime.kv_cache); attention gathers each sequence's pages in torch and runs
+SDPA per sequence, so the paging changes no value: the per-token ops (norms, matmuls, rope) run once on the packed
+tokens of all sequences.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .batch import ForwardBatch
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import PagedKVCache
+from .runner import Runner
 from .weights import ModelWeights
 
 
@@ -55,7 +61,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, T, head_dim]; cos, sin: [T, head_dim]."""
+    """x: [..., head_dim]; cos, sin broadcast to it (HF: [batch, heads, T, head_dim] with [T, head_dim])."""
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
@@ -65,7 +71,7 @@ def causal_mask(start: int, tokens: int, device) -> torch.Tensor:
     return keys[None, :] <= (start + torch.arange(tokens, device=device))[:, None]
 
 
-class TorchModel:
+class TorchModel(Runner):
     """Weights dequantized to `dtype` on `device`; `forward` computes logits in `dtype` (float32: the reference)."""
 
     def __init__(self, weights: ModelWeights, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -82,72 +88,67 @@ class TorchModel:
         return w.to(device=self.device, dtype=self.dtype).contiguous()
 
     def _layer(self, w) -> _Layer:
-        c = self.config
-        biases = ((w.bq, c.q_size), (w.bk, c.kv_size), (w.bv, c.kv_size))
-        b_qkv = None
-        if any(b is not None for b, _ in biases):
-            b_qkv = self._matrix(torch.cat([b if b is not None else torch.zeros(n) for b, n in biases]))
+        b_qkv = w.qkv_bias()
         return _Layer(
             attn_norm=self._matrix(w.attn_norm),
             w_qkv=self._matrix(torch.cat([w.wq.dequantize(), w.wk.dequantize(), w.wv.dequantize()])),
-            b_qkv=b_qkv,
+            b_qkv=None if b_qkv is None else self._matrix(b_qkv),
             wo=self._matrix(w.wo.dequantize()),
             ffn_norm=self._matrix(w.ffn_norm),
             w_gate_up=self._matrix(torch.cat([w.w_gate.dequantize(), w.w_up.dequantize()])),
             w_down=self._matrix(w.w_down.dequantize()),
         )
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache.allocate(self.config, batch, capacity, self.dtype, self.device)
-
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens: int [batch, T] at positions [start, start + T) -> logits [batch, T, vocab] in `dtype`
-        ([batch, 1, vocab] with last_only: what generation needs, skipping the output head for the other positions).
-
-        Without a cache, start must be 0 and the T tokens attend only to each other.
-        """
-        batch, n = tokens.shape
-        if cache is None:
-            if start:
-                raise ValueError("forward without a cache starts at position 0")
-        else:
-            cache.check_room(start, n)
-            if cache.batch != batch:
-                raise ValueError(f"tokens have batch {batch}, the cache {cache.batch}")
-        if start + n > self.config.context_length:
-            raise ValueError(f"positions up to {start + n} exceed the context length {self.config.context_length}")
-        h = F.embedding(tokens.to(self.device), self.embedding)  # [batch, T, hidden]
-        cos, sin = self.cos[start : start + n], self.sin[start : start + n]
-        mask = causal_mask(start, n, self.device) if start and n > 1 else None
-        for i, layer in enumerate(self.layers):
-            h = h + self._attention(i, layer, rms_norm(h, layer.attn_norm, self.config.rms_eps), cos, sin, cache,
-                                    start, mask)
-            h = h + self._mlp(layer, rms_norm(h, layer.ffn_norm, self.config.rms_eps))
-        if cache is not None:
-            cache.length = start + n
-        if last_only:
-            h = h[:, -1:]
-        return F.linear(rms_norm(h, self.output_norm, self.config.rms_eps), self.output)
-
-    def _attention(self, i: int, layer: _Layer, x: torch.Tensor, cos, sin, cache: KVCache | None, start: int,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         c = self.config
-        batch, n, _ = x.shape
-        qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
-        q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
-        q = q.view(batch, n, c.n_heads, c.head_dim).transpose(1, 2)  # [batch, heads, T, head_dim]
-        k = k.view(batch, n, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(batch, n, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(i, start, k, v)  # [batch, kv_heads, start + T, head_dim]
-        # enable_gqa: each KV head serves n_heads / n_kv_heads query heads without copying K and V
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1,
-                                             scale=c.head_dim**-0.5, enable_gqa=True)
-        return F.linear(out.transpose(1, 2).reshape(batch, n, c.q_size), layer.wo)
+        h = F.embedding(batch.tokens, self.embedding)  # [tokens, hidden]
+        positions = batch.positions.long()
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]  # [tokens, 1, head_dim]
+        key_slots = _key_slots(batch, cache.block_size)
+        slots = batch.slot_mapping.long()
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.attn_norm, c.rms_eps)
+            h = h + self._attention(layer, x, cos, sin, cache.layer(i), slots, key_slots, batch)
+            h = h + self._mlp(layer, rms_norm(h, layer.ffn_norm, c.rms_eps))
+        h = h[batch.logits_rows]
+        return F.linear(rms_norm(h, self.output_norm, c.rms_eps), self.output)
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, cos, sin, kv: tuple[torch.Tensor, torch.Tensor],
+                   slots: torch.Tensor, key_slots: list[torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        c = self.config
+        n = x.shape[0]
+        q, k, v = F.linear(x, layer.w_qkv, layer.b_qkv).split((c.q_size, c.kv_size, c.kv_size), dim=-1)
+        q = apply_rope(q.view(n, c.n_heads, c.head_dim), cos, sin)  # [tokens, heads, head_dim]
+        k = apply_rope(k.view(n, c.n_kv_heads, c.head_dim), cos, sin)
+        k_flat, v_flat = (t.view(-1, c.n_kv_heads, c.head_dim) for t in kv)  # [slots, kv_heads, head_dim]
+        k_flat.index_copy_(0, slots, k)
+        v_flat.index_copy_(0, slots, v.view(n, c.n_kv_heads, c.head_dim))
+        out = torch.empty(n, c.n_heads, c.head_dim, dtype=x.dtype, device=x.device)
+        first = 0
+        for q_len, seq_len, keys in zip(batch.query_lens, batch.context_lens, key_slots, strict=True):
+            q_seq = q[first : first + q_len].transpose(0, 1)[None]  # [1, heads, q_len, head_dim]
+            k_seq = k_flat[keys].transpose(0, 1)[None]  # [1, kv_heads, seq_len, head_dim]
+            v_seq = v_flat[keys].transpose(0, 1)[None]
+            start = seq_len - q_len
+            mask = causal_mask(start, q_len, x.device) if start and q_len > 1 else None
+            # enable_gqa: each KV head serves n_heads / n_kv_heads query heads without copying K and V
+            o = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask,
+                                               is_causal=mask is None and q_len > 1, scale=c.head_dim**-0.5,
+                                               enable_gqa=True)
+            out[first : first + q_len] = o[0].transpose(0, 1)
+            first += q_len
+        return F.linear(out.view(n, c.q_size), layer.wo)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, layer.w_down)
+
+
+def _key_slots(batch: ForwardBatch, block_size: int) -> list[torch.Tensor]:
+    """Each sequence's flat cache slots for its tokens 0 .. seq_len - 1 (its pages, gathered in token order)."""
+    out = []
+    for row, seq_len in zip(batch.block_tables, batch.context_lens, strict=True):
+        t = torch.arange(seq_len, device=row.device)
+        out.append(row[t // block_size].long() * block_size + t % block_size)
+    return out

@@ -47,6 +47,15 @@ class LayerWeights:
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
 
+    def qkv_bias(self) -> torch.Tensor | None:
+        """float32 [q_size + 2 * kv_size]: the Q, K, V biases for a fused QKV projection (zeros for a missing one),
+        or None when the layer has none."""
+        biases = (self.bq, self.bk, self.bv)
+        if all(b is None for b in biases):
+            return None
+        sizes = (self.wq.shape[0], self.wk.shape[0], self.wv.shape[0])
+        return torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, sizes, strict=True)])
+
 
 @dataclass(frozen=True)
 class ModelWeights:

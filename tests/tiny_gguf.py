@@ -1,0 +1,114 @@
+"""A tiny random llama-family model written as a GGUF file, for tests that need a whole model quickly: the loader
+and forward against HF transformers, generation limits, and the Triton forward against the torch reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from realm.quant import FORMATS, quantize
+
+
+def gguf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's `LlamaModel.permute`, written out: per head, rows [2, head_dim/2] -> [head_dim/2, 2]."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+TINY = dict(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=50, layers=2, theta=10000.0, eps=1e-6)
+
+
+def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: str | None = None,
+                     seed: int = 0, dims: dict | None = None, formats: dict[str, str] | None = None,
+                     context_length: int = 32) -> dict[str, torch.Tensor]:
+    """A random llama-family model (TINY's sizes, updated by `dims`) stored as GGUF, with Q/K rows permuted as the
+    converter does. Matrices are float32 unless `formats` names a block format for their GGUF kind ("attn_q",
+    "ffn_down", "token_embd", "output", ...). Returns the HF-layout weights (HF state-dict names), before
+    quantization."""
+    t = {**TINY, **(dims or {})}
+    formats = formats or {}
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.2):
+        return torch.randn(shape, generator=g) * scale
+
+    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(t["vocab"], t["hidden"], scale=1.0),
+                                   "model.norm.weight": 1 + rnd(t["hidden"])}
+    if not tied:
+        hf["lm_head.weight"] = rnd(t["vocab"], t["hidden"])
+    q, kv = t["n_heads"] * t["head_dim"], t["n_kv_heads"] * t["head_dim"]
+    for i in range(t["layers"]):
+        p = f"model.layers.{i}."
+        hf |= {p + "input_layernorm.weight": 1 + rnd(t["hidden"]), p + "post_attention_layernorm.weight": 1 + rnd(
+            t["hidden"]), p + "self_attn.q_proj.weight": rnd(q, t["hidden"]), p + "self_attn.k_proj.weight": rnd(
+            kv, t["hidden"]), p + "self_attn.v_proj.weight": rnd(kv, t["hidden"]), p + "self_attn.o_proj.weight": rnd(
+            t["hidden"], q), p + "mlp.gate_proj.weight": rnd(t["ffn"], t["hidden"]), p + "mlp.up_proj.weight": rnd(
+            t["ffn"], t["hidden"]), p + "mlp.down_proj.weight": rnd(t["hidden"], t["ffn"])}
+        if arch == "qwen2":
+            hf |= {p + "self_attn.q_proj.bias": rnd(q), p + "self_attn.k_proj.bias": rnd(kv),
+                   p + "self_attn.v_proj.bias": rnd(kv)}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(t["layers"])
+    w.add_context_length(context_length)
+    w.add_embedding_length(t["hidden"])
+    w.add_feed_forward_length(t["ffn"])
+    w.add_head_count(t["n_heads"])
+    w.add_head_count_kv(t["n_kv_heads"])
+    if t["head_dim"] * t["n_heads"] != t["hidden"]:
+        w.add_key_length(t["head_dim"])
+        w.add_value_length(t["head_dim"])
+    w.add_rope_freq_base(t["theta"])
+    w.add_layer_norm_rms_eps(t["eps"])
+    tensors = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
+    if not tied:
+        tensors["output.weight"] = hf["lm_head.weight"]
+    for name, value in hf.items():
+        if name.startswith("model.layers."):
+            _, _, i, *rest = name.split(".")
+            module, kind = ".".join(rest[:-1]), rest[-1]
+            if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = t["n_heads"] if module == "self_attn.q_proj" else t["n_kv_heads"]
+                value = gguf_permute(value, heads)
+            tensors[f"blk.{i}.{names[module]}.{kind}"] = value
+    for name, value in tensors.items():
+        fmt = formats.get(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0])
+        if name == drop:
+            continue
+        if fmt is None or value.dim() == 1:
+            w.add_tensor(name, value.numpy().astype(np.float32))
+        else:
+            data = quantize(value, fmt)
+            w.add_tensor(name, data.numpy(), raw_dtype=GGMLQuantizationType(FORMATS[fmt].ggml_type))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+class StubTokenizer:
+    """Just what generation needs from a tokenizer, for the tiny GGUF (which has no vocabulary)."""
+
+    stop_ids = frozenset()
+    add_bos_default = False
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def stream_decoder(self, skip_special=False, continuation=False):
+        class Decoder:
+            def push(self, token_id):
+                return f"<{token_id}>"
+
+            def flush(self):
+                return ""
+
+        return Decoder()
+
+
