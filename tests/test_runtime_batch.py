@@ -9,6 +9,7 @@ from tiny_gguf import write_tiny_llama
 from tolerances import assert_same_predictions
 
 from realm.runtime import CacheFullError, ForwardBatch, KVCache, Logits, PagedKVCache, SequenceKV, load_weights
+from realm.runtime.runner import indexed_device
 from realm.runtime.torch_model import TorchModel
 
 
@@ -64,6 +65,8 @@ def test_rectangular_cache_scatters_each_sequences_blocks(tiny_torch):
         cache.check_room(0, 11)
     with pytest.raises(ValueError, match="capacity 65 exceeds the model's context length 64"):
         KVCache(tiny_torch.config, 1, 65, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="batch, capacity and block_size must be >= 1, got 1, 8 and 0"):
+        KVCache(tiny_torch.config, 1, 8, torch.float32, "cpu", block_size=0)
 
 
 # ----------------------------------------------------------------------------------------------- ForwardBatch
@@ -124,6 +127,33 @@ def test_forward_batch_errors(tiny_torch):
         ForwardBatch.build(cache, [(a, [1, 2, 3, 4])], "cpu", max_positions=3)
     with pytest.raises(ValueError, match="'first' is not a valid Logits"):
         ForwardBatch.build(cache, [(a, [1])], "cpu", logits="first")
+    shared = SequenceKV(blocks=list(a.blocks))  # a block-manager bug: two sequences writing one block
+    with pytest.raises(ValueError, match="two new tokens map to one cache slot"):
+        ForwardBatch.build(cache, [(a, [1]), (shared, [2])], "cpu")
+
+
+def test_runner_checks_the_step_against_the_model_and_cache(tiny_torch):
+    cache = cache_for(tiny_torch, num_blocks=20, block_size=4)
+    seq = SequenceKV()
+    cache.reserve(seq, 65)
+    batch = ForwardBatch.build(cache, [(seq, list(range(65)))], "cpu")  # no max_positions: built unchecked
+    with pytest.raises(ValueError, match="a sequence reaches position 65, past the context length 64"):
+        tiny_torch.forward(batch, cache)
+    c = tiny_torch.config
+    wide = torch.empty(c.n_layers, 20, 4, c.n_kv_heads + 1, c.head_dim)
+    for wrong, message in ((PagedKVCache.allocate(c, 20, 4, torch.float16, "cpu"), r"the KV cache is torch\.float16"),
+                           (PagedKVCache(wide, wide.clone()), "does not fit this model's 2 layers of 2 KV heads")):
+        short = SequenceKV(blocks=[0])
+        with pytest.raises(ValueError, match=message):
+            tiny_torch.forward(ForwardBatch.build(wrong, [(short, [1])], "cpu"), wrong)
+
+
+def test_cuda_devices_are_indexed():
+    """Tensors report cuda:0, and torch.device("cuda") != torch.device("cuda:0"): runners keep indexed devices."""
+    assert indexed_device("cpu") == torch.device("cpu")
+    assert indexed_device(torch.device("cuda", 1)) == torch.device("cuda:1")
+    if torch.cuda.is_available():
+        assert indexed_device("cuda") == torch.device("cuda", torch.cuda.current_device())
 
 
 # ------------------------------------------------------------------------------------ the reference, ragged

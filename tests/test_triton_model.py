@@ -117,6 +117,9 @@ def test_errors(tiny_weights, backends, monkeypatch):
     tri = backends[1]
     with pytest.raises(ValueError, match=r"computes in float16, bfloat16 or float32, got torch\.float64"):
         TritonModel(tiny_weights, tri.device, torch.float64)
+    if tri.device.type == "cpu":
+        with pytest.raises(ValueError, match="cannot run bfloat16 on CPU"):
+            TritonModel(tiny_weights, "cpu", torch.bfloat16)
     wrong = PagedKVCache.allocate(tri.config, 4, 4, torch.float16, tri.device)
     s = SequenceKV()
     wrong.reserve(s, 3)

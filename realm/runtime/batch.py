@@ -100,6 +100,8 @@ class ForwardBatch:
             ids.append(new)
             query_lens.append(n)
             context_lens.append(end)
+        if len(set(slots)) != len(slots):
+            raise ValueError("two new tokens map to one cache slot: the sequences share a block they both write")
         width = max(len(seq.blocks) for seq, _ in chunks)
         table = torch.zeros(len(chunks), width, dtype=torch.int32)
         for b, (seq, _) in enumerate(chunks):

@@ -98,8 +98,8 @@ class KVCache:
         if capacity > config.context_length:
             raise ValueError(f"KV cache capacity {capacity} exceeds the model's context length "
                              f"{config.context_length}")
-        if batch < 1 or capacity < 1:
-            raise ValueError(f"batch and capacity must be >= 1, got {batch} and {capacity}")
+        if batch < 1 or capacity < 1 or block_size < 1:
+            raise ValueError(f"batch, capacity and block_size must be >= 1, got {batch}, {capacity} and {block_size}")
         per_seq = -(-capacity // block_size)
         self.paged = PagedKVCache.allocate(config, batch * per_seq, block_size, dtype, device)
         self.paged.free.clear()

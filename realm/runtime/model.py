@@ -18,6 +18,7 @@ import torch
 from .config import ModelConfig, ModelError
 from .generate import Completion, GenerationStream
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache
+from .runner import indexed_device
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .torch_model import TorchModel
@@ -32,7 +33,7 @@ class Backend(str, enum.Enum):
 def resolve_device(device: torch.device | str | None) -> torch.device:
     """None: CUDA when there is one, else the CPU. Asking for CUDA without one is an error, not a fallback."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return indexed_device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except RuntimeError as e:
@@ -43,7 +44,7 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         raise ValueError(f"device {str(device)!r} requested, but torch sees {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(device)!r} is not supported; use cpu or cuda")
-    return device
+    return indexed_device(device)
 
 
 def _backend(backend: Backend | str) -> Backend:

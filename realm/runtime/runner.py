@@ -17,14 +17,36 @@ from .config import ModelConfig
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, PagedKVCache
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """cuda -> cuda:<current>: tensors report an indexed device, and torch.device("cuda") != torch.device("cuda:0")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Runner:
     config: ModelConfig
-    device: torch.device
+    device: torch.device  # indexed (cuda:0, not cuda): compared with tensors' devices
     dtype: torch.dtype
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Runs batch's packed chunks, storing their K and V in cache -> logits [len(batch.logits_rows), vocab] in
         `dtype`. The caller advances the sequences (batch.advance()) once the step is done."""
+        if batch.max_seq_len > self.config.context_length:
+            raise ValueError(f"a sequence reaches position {batch.max_seq_len}, past the context length "
+                             f"{self.config.context_length}")
+        if cache.k.dtype != self.dtype or cache.k.device != self.device:
+            raise ValueError(f"the KV cache is {cache.k.dtype} on {cache.k.device}; this model computes in "
+                             f"{self.dtype} on {self.device}")
+        if cache.k.shape[0] != self.config.n_layers or cache.k.shape[3:] != (self.config.n_kv_heads,
+                                                                                 self.config.head_dim):
+            raise ValueError(f"the KV cache's shape {tuple(cache.k.shape)} does not fit this model's "
+                             f"{self.config.n_layers} layers of {self.config.n_kv_heads} KV heads x "
+                             f"{self.config.head_dim}")
+        return self._forward(batch, cache)
+
+    def _forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         raise NotImplementedError
 
     def new_cache(self, batch: int, capacity: int, block_size: int = DEFAULT_BLOCK_SIZE) -> KVCache:

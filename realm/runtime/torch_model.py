@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .batch import ForwardBatch
 from .config import ModelConfig
 from .kv_cache import PagedKVCache
-from .runner import Runner
+from .runner import Runner, indexed_device
 from .weights import ModelWeights
 
 
@@ -76,7 +76,7 @@ class TorchModel(Runner):
 
     def __init__(self, weights: ModelWeights, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.config = weights.config
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         self.dtype = dtype
         self.embedding = self._matrix(weights.token_embd.dequantize())
         self.output = self.embedding if weights.tied else self._matrix(weights.output.dequantize())
@@ -100,7 +100,7 @@ class TorchModel(Runner):
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+    def _forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         c = self.config
         h = F.embedding(batch.tokens, self.embedding)  # [tokens, hidden]
         positions = batch.positions.long()

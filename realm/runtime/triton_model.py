@@ -37,7 +37,7 @@ from realm.quant import QTensor
 
 from .batch import ForwardBatch
 from .kv_cache import PagedKVCache
-from .runner import Runner
+from .runner import Runner, indexed_device
 from .weights import ModelWeights
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,16 +86,19 @@ class _Layer:
 class TritonModel(Runner):
     def __init__(self, weights: ModelWeights, device: torch.device | str = "cuda", dtype: torch.dtype = torch.float16):
         self.config = c = weights.config
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         self.dtype = dtype
         if dtype not in DTYPES:
             raise ValueError(f"the triton backend computes in float16, bfloat16 or float32, got {dtype}")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the triton backend runs on cuda (or cpu, interpreted), not {self.device}")
         if self.device.type == "cpu" and not INTERPRETED:
             raise ValueError("the triton backend on CPU runs Triton's interpreter: set TRITON_INTERPRET=1 before "
                              "Triton is imported (realm's CLI does this for --backend triton --device cpu), or use "
                              "a CUDA device")
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"the triton backend runs on cuda (or cpu, interpreted), not {self.device}")
+        if self.device.type == "cpu" and dtype == torch.bfloat16:
+            raise ValueError("the triton backend cannot run bfloat16 on CPU: Triton's interpreter computes bfloat16 "
+                             "tl.dot wrongly; use float32 or float16 there (bfloat16 runs on CUDA)")
         self.embedding = weights.token_embd.dequantize().to(device=self.device, dtype=dtype)  # [vocab, hidden]
         head = weights.token_embd if weights.tied else weights.output
         self.output = Projection.fuse([head], self.device)
@@ -122,10 +125,7 @@ class TritonModel(Runner):
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
-        if cache.k.dtype != self.dtype or cache.k.device != self.device:
-            raise ValueError(f"the KV cache is {cache.k.dtype} on {cache.k.device}; this model computes in "
-                             f"{self.dtype} on {self.device}")
+    def _forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         eps = self.config.rms_eps
         out = F.embedding(batch.tokens, self.embedding)  # [tokens, hidden]
         h = None  # the residual stream; the first layer's input is the embedding itself
