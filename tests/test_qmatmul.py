@@ -282,8 +282,10 @@ def test_bad_weight_and_config_get_a_clear_error():
         qmatmul(torch.randn(2, 256), _w(), config=DecodeConfig(block_k=16))
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         DecodeConfig(block_n=48)
-    with pytest.raises(ValueError, match="prefill tiles must be >= 16"):
+    with pytest.raises(ValueError, match=r"block_m must be >= 16 \(tl\.dot\), got 8"):
         PrefillConfig(block_m=8)
+    with pytest.raises(ValueError, match="num_stages must be an int >= 1, got 0"):
+        DecodeConfig(num_stages=0)
     with pytest.raises(ValueError, match="'fast' is not a valid Regime"):
         qmatmul(torch.randn(2, 256), _w(), regime="fast")
 

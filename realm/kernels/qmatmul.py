@@ -49,11 +49,6 @@ DECODE_MAX_M = 16  # the launcher's default boundary between the regimes
 BROADCAST_MAX_M = 4  # decode kernel: rows multiplied on CUDA cores; more rows use one 16-row tl.dot tile
 
 
-def _power_of_two(name: str, value: int) -> None:
-    if value < 1 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two, got {value}")
-
-
 @dataclass(frozen=True)
 class DecodeConfig:
     block_n: int = 32
@@ -63,10 +58,9 @@ class DecodeConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_n", "block_k", "num_warps"):
-            _power_of_two(name, getattr(self, name))
-        if self.split_k < 1 or self.num_stages < 1:
-            raise ValueError(f"split_k and num_stages must be >= 1, got {self.split_k}, {self.num_stages}")
+        tuning.check_launch_fields(self, ("block_n", "block_k", "num_warps"))
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
 @dataclass(frozen=True)
@@ -79,12 +73,10 @@ class PrefillConfig:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k", "num_warps"):
-            _power_of_two(name, getattr(self, name))
-        if self.block_m < 16 or self.block_n < 16 or self.block_k < 16:
-            raise ValueError(f"prefill tiles must be >= 16 (tl.dot), got {self.block_m}x{self.block_n}x{self.block_k}")
-        if self.group_m < 1 or self.num_stages < 1:
-            raise ValueError(f"group_m and num_stages must be >= 1, got {self.group_m}, {self.num_stages}")
+        tuning.check_launch_fields(self, ("block_m", "block_n", "block_k", "num_warps"),
+                                   {"block_m": 16, "block_n": 16, "block_k": 16})
+        if self.group_m < 1:
+            raise ValueError(f"group_m must be >= 1, got {self.group_m}")
 
 
 Config = DecodeConfig | PrefillConfig
