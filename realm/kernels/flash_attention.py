@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 
 from . import paged, tuning
+from .checks import check_heads
 from .qdecode import check_runnable, dot_precision
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # one head's row of q and the float32 accumulator stay in registers
 MAX_BATCH = 65535  # the grid's third axis
 LOG2E = math.log2(math.e)
@@ -214,17 +214,6 @@ def _flash_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, k_index_ptr,
 
 # ---- validation --------------------------------------------------------------------------------------------------
 
-def _check_heads(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [tokens, heads, head_dim], got shape {list(t.shape)}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(f"{name} must be contiguous along head_dim (stride 1), got strides {t.stride()}")
-
-
 def _check_heads_match(q: torch.Tensor, n_kv_heads: int, kv_dtype: torch.dtype, kv_head_dim: int, kv: str) -> None:
     """q against the keys/values: one dtype, one head_dim, n_heads a multiple of n_kv_heads."""
     n_heads, head_dim = q.shape[1], q.shape[2]
@@ -314,7 +303,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     on CUDA). out: optional output buffer (stride 1 along head_dim). config: tile sizes (default_config).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_heads(name, t)
+        check_heads(name, t)
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ValueError(f"k and v must have one shape and dtype, got {k.dtype} {list(k.shape)} and "
                          f"{v.dtype} {list(v.shape)}")
@@ -345,7 +334,7 @@ def flash_attention_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     block_table: int32 [batch, max_blocks]: key j of sequence b is at block block_table[b, j // block_size], row
     j % block_size. Other arguments as flash_attention.
     """
-    _check_heads("q", q)
+    check_heads("q", q)
     num_blocks, block_size, n_kv_heads, head_dim = paged.check_kv_cache(k_cache, v_cache)
     _check_heads_match(q, n_kv_heads, k_cache.dtype, head_dim, "k_cache")
     lens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)

@@ -42,12 +42,12 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .checks import check_heads
 from .paged import check_block_table, check_kv_cache, gather_kv
 from .qdecode import check_runnable, dot_precision
 
 log = logging.getLogger(__name__)
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # one [rows, head_dim] float32 accumulator per program, held in registers
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: a group of query heads is padded to this many rows
 PROGRAMS_PER_SM = 2  # the heuristic's target occupancy: enough programs in flight to saturate HBM
@@ -214,12 +214,7 @@ def plan_decode(batch: int, n_kv_heads: int, max_seq_len: int, device: torch.dev
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                   block_table: torch.Tensor, scale: float | None, out: torch.Tensor | None) -> None:
-    if q.dtype not in DTYPES:
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [batch, n_heads, head_dim], got shape {list(q.shape)}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q must be contiguous along head_dim (stride 1), got strides {q.stride()}")
+    check_heads("q", q, "[batch, n_heads, head_dim]")
     num_blocks, block_size, kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
     batch, n_heads, q_head_dim = q.shape
     if k_cache.dtype != q.dtype:

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_heads
 from .qdecode import check_runnable
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POSITION_DTYPES = (torch.int32, torch.int64)
 
 
@@ -74,18 +74,9 @@ def rope_cache(head_dim: int, max_positions: int, theta: float, device: torch.de
     return torch.stack((freqs.cos(), freqs.sin()), dim=1).to(device)
 
 
-def _check_heads(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [tokens, heads, head_dim], got shape {list(t.shape)}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous along head_dim (stride 1), got strides {t.stride()}")
-
-
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
-    _check_heads("q", q)
-    _check_heads("k", k)
+    check_heads("q", q)
+    check_heads("k", k)
     if k.dtype != q.dtype:
         raise ValueError(f"q and k must have one dtype, got {q.dtype} and {k.dtype}")
     tokens, _, head_dim = q.shape

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged import KV_DTYPES, check_index, check_kv_cache
+from .checks import check_heads
+from .paged import check_index, check_kv_cache
 from .qdecode import check_runnable
 
 MAX_TILE = 4096  # elements one program copies per tensor: 32 heads of 128 (Llama-3-70B's 8 KV heads take one tile)
@@ -48,12 +49,7 @@ def _store_kv_kernel(k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, slot_ptr, n_slots, 
 def _check_inputs(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> None:
     for name, t in (("k", k), ("v", v)):
-        if t.dtype not in KV_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D [tokens, kv_heads, head_dim], got shape {list(t.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous along head_dim (stride 1), got strides {t.stride()}")
+        check_heads(name, t, "[tokens, kv_heads, head_dim]")
     if v.shape != k.shape:
         raise ValueError(f"k {list(k.shape)} and v {list(v.shape)} must have one shape")
     _, _, kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
