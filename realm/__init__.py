@@ -9,3 +9,12 @@ def load(*args, **kwargs):
     from .runtime import load as _load
 
     return _load(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    """realm.LLM, the offline batch API (`realm.runtime.llm.LLM`), imported on first use like `load`."""
+    if name == "LLM":
+        from .runtime.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'realm' has no attribute {name!r}")

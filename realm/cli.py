@@ -4,6 +4,7 @@
     realm quantize IN.gguf OUT.gguf --type Q4_K      # re-encode a model file (IN may be a packaged model: smollm2)
     realm generate "Once upon a time" --max-tokens 64    # stream a continuation, then tokens/s
     realm chat "What is the capital of France?"          # one answer through the chat template; no question: a loop
+    realm batch requests.jsonl -o results.jsonl          # many JSONL requests, continuously batched, one result each
 
 A subcommand is a `Command` (its arguments and what it runs) in `COMMANDS`; adding one there is all a new subcommand
 needs. Expected failures (bad input, a missing or broken file) print `realm: error: ...` and exit with status 2.
@@ -12,14 +13,22 @@ needs. Expected failures (bad input, a missing or broken file) print `realm: err
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .models import MODELS, resolve_model
 from .quant import FORMATS
+
+if TYPE_CHECKING:
+    from .runtime import Completion, SamplingParams
 
 EXIT_ERROR = 2  # argparse's status for a usage error; realm uses it for every expected failure
 EXIT_INTERRUPTED = 130
@@ -186,6 +195,217 @@ def _quantize_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_args(parser: argparse.ArgumentParser) -> None:
+    from .runtime.engine import EngineConfig
+    from .runtime.sampling import SamplingParams
+    from .runtime.scheduler import Batching
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the epilog's examples as written
+    parser.epilog = _batch_epilog([f.name for f in dataclasses.fields(SamplingParams)])
+    parser.add_argument("file", metavar="FILE", help='JSONL requests, one per line ("-": standard input)')
+    parser.add_argument("-o", "--output", metavar="OUT", default=None,
+                        help="write the JSONL results here (default: standard output)")
+    _model_args(parser)
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens, metavar="N",
+                        help=f"tokens per forward step, decodes and prefill chunks together "
+                             f"({EngineConfig.max_batch_tokens})")
+    engine.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, metavar="N",
+                        help=f"sequences per step ({EngineConfig.max_num_seqs})")
+    engine.add_argument("--kv-blocks", type=int, default=None, metavar="N",
+                        help="KV cache blocks (default: sized from the device's memory)")
+    engine.add_argument("--block-size", type=int, default=EngineConfig.block_size, metavar="N",
+                        help=f"tokens per KV cache block ({EngineConfig.block_size})")
+    engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=EngineConfig.prefix_caching,
+                        help="compute the full blocks of identical prompt prefixes once (default: on)")
+    engine.add_argument("--batching", choices=[b.value for b in Batching], default=EngineConfig.batching.value,
+                        help="continuous (default), or static: a baseline that refills the batch only when every "
+                             "request in it has finished")
+    sampling = parser.add_argument_group("sampling defaults", "for the requests that leave a field out")
+    _sampling_args(sampling, max_tokens=SamplingParams.max_tokens)
+    sampling.add_argument("--ignore-eos", action="store_true", help="go on past end-of-generation tokens")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _batch_epilog(sampling_fields: list[str]) -> str:
+    return f"""\
+Each non-blank line of FILE is one request, a JSON object (blank lines are skipped; the "line" of
+a result still counts them). A request has "prompt" (text, or a list of token ids) or "messages"
+(a chat, run through the model's chat template), and any of the sampling fields:
+  {", ".join(sampling_fields)}
+(stop: a string or a list of strings); a field left out takes the command line's value. E.g.:
+  {{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8, "seed": 1}}
+  {{"prompt": [1, 9038, 2115], "stop": ["\\n"]}}
+  {{"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}
+
+The output has one JSON line per request, in the input's order (index: the request's, from 0;
+line: FILE's, from 1):
+  {{"index": 0, "line": 1, "text": "...", "token_ids": [...], "finish_reason": "length", "timings": {{...}}}}
+A request that cannot run (not a JSON object, an unknown key, a bad value, an empty prompt, a
+prompt over the model's context, more tokens than the KV cache holds) fails alone; the others run
+as if it were not there:
+  {{"index": 3, "line": 5, "finish_reason": "error", "error": "temperature must be >= 0 (...), got -1"}}
+
+Exit status: 0 when the batch ran, even if some of its requests failed (each says so on its
+line); 2 when the command cannot run (bad options, an unreadable FILE, a model that won't load)."""
+
+
+@dataclass
+class _BatchItem:
+    """One request of a batch: where it came from, and what to run (prompt) or why it cannot (error)."""
+
+    index: int  # among the requests, from 0
+    line: int  # in the file, from 1
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None  # turned into the prompt once the model (its chat template) is loaded
+    params: SamplingParams | None = None
+    error: str | None = None
+
+
+def _read_batch(file: str, defaults: SamplingParams) -> list[_BatchItem]:
+    """FILE's requests, parsed and checked; a request that is wrong gets its error, the others are not affected."""
+    if file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        with open(file, "rb") as f:
+            data = f.read()
+    items = []
+    for number, raw in enumerate(data.splitlines(), start=1):  # bytes: splits at \n, \r\n and \r only
+        if not raw.strip():
+            continue
+        item = _BatchItem(index=len(items), line=number)
+        try:
+            item.prompt, item.messages, item.params = _parse_request(raw, defaults)
+        except ValueError as e:
+            item.error = str(e)
+        items.append(item)
+    return items
+
+
+def _parse_request(raw: bytes, defaults: SamplingParams):
+    """One JSONL line -> (prompt, messages, SamplingParams); ValueError naming what is wrong. defaults: the
+    SamplingParams whose fields a request may set."""
+    fields = [f.name for f in dataclasses.fields(defaults)]
+    try:
+        request = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the line is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the line is not JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(request, dict):
+        raise ValueError(f"a request must be a JSON object, got {_brief(request)}")
+    unknown = [k for k in request if k not in ("prompt", "messages", *fields)]
+    if unknown:
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; a request "
+                         f"takes prompt or messages, and {', '.join(fields)}")
+    if ("prompt" in request) == ("messages" in request):
+        raise ValueError("a request needs either 'prompt' or 'messages'" if "prompt" not in request
+                         else "a request takes 'prompt' or 'messages', not both")
+    prompt, messages = request.get("prompt"), request.get("messages")
+    if "prompt" in request and not (isinstance(prompt, str) or _is_ids(prompt)):
+        raise ValueError(f"prompt must be text or a list of token ids (integers), got {_brief(prompt)}")
+    if "messages" in request:
+        _check_messages(messages)
+    sampling = {k: v for k, v in request.items() if k in fields}
+    stop = sampling.get("stop", "")
+    if not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise ValueError(f"stop must be a string or a list of strings, got {_brief(stop)}")
+    if not isinstance(sampling.get("ignore_eos", False), bool):
+        raise ValueError(f"ignore_eos must be true or false, got {_brief(sampling['ignore_eos'])}")
+    return prompt, messages, dataclasses.replace(defaults, **sampling)  # SamplingParams checks the values
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:  # json.loads would keep the last one silently
+        raise ValueError(f"duplicate key{'s' if len(twice) > 1 else ''} {', '.join(map(repr, twice))}")
+    return dict(pairs)
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects, got "
+                         f"{_brief(messages)}")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content', got {_brief(m)}")
+
+
+def _brief(value, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _batch_result(item: _BatchItem, completion: Completion | None) -> dict:
+    error = item.error if completion is None else completion.error
+    if error is not None:
+        return {"index": item.index, "line": item.line, "finish_reason": "error", "error": error}
+    return {"index": item.index, "line": item.line, "text": completion.text, "token_ids": completion.token_ids,
+            "finish_reason": completion.finish_reason.value, "timings": dataclasses.asdict(completion.timings)}
+
+
+def _batch_run(args: argparse.Namespace) -> int:
+    from .runtime.engine import EngineConfig
+    from .runtime.llm import LLM
+
+    # all that can be checked without the model is checked before it loads
+    config = EngineConfig(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
+                          kv_blocks=args.kv_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching,
+                          batching=args.batching)
+    defaults = dataclasses.replace(_sampling(args), ignore_eos=args.ignore_eos)
+    if args.output is not None:
+        _check_output(Path(args.output))
+    items = _read_batch(args.file, defaults)
+
+    model = _load(args)
+    for item in items:
+        if item.messages is not None and item.error is None:
+            try:
+                item.prompt = model.chat_prompt(item.messages)
+            except ValueError as e:  # a template that refuses these messages, or a vocabulary without one
+                item.error = str(e)
+    llm = LLM(model, backend=model.backend, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    runnable = [item for item in items if item.error is None]
+    start = time.perf_counter()
+    completions = llm.generate([item.prompt for item in runnable], [item.params for item in runnable],
+                               progress=not args.no_progress)
+    wall_s = time.perf_counter() - start
+    done = dict(zip((item.index for item in runnable), completions, strict=True))
+    results = [_batch_result(item, done.get(item.index)) for item in items]
+
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in results]
+    if args.output is None:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    if not args.quiet:
+        print(_batch_summary(results, wall_s), file=sys.stderr)
+    return 0
+
+
+def _check_output(out: Path) -> None:
+    """Before the batch runs, rather than after, when its results would be lost."""
+    if out.is_dir():
+        raise ValueError(f"{out}: is a directory")
+    if not out.absolute().parent.is_dir():
+        raise ValueError(f"{out}: output directory {out.absolute().parent} does not exist")
+
+
+def _batch_summary(results: list[dict], wall_s: float) -> str:
+    failed = sum(r["finish_reason"] == "error" for r in results)
+    tokens = sum(len(r.get("token_ids", ())) for r in results)
+    speed = tokens / wall_s if wall_s > 0 else float("nan")
+    return (f"[{len(results)} request{'' if len(results) == 1 else 's'}, {failed} failed; {tokens} output tokens in "
+            f"{wall_s:.2f} s: {speed:.1f} tok/s]")
+
+
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
@@ -194,6 +414,8 @@ COMMANDS: dict[str, Command] = {
         Command("generate", "continue a prompt with a model, streaming the text", _generate_args, _generate_run),
         Command("chat", "answer through the model's chat template (no question: interactive)", _chat_args,
                 _chat_run),
+        Command("batch", "run many JSONL requests, continuously batched; one JSONL result per request", _batch_args,
+                _batch_run),
     )
 }
 

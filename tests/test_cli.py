@@ -318,3 +318,199 @@ def test_triton_on_cpu_switches_the_interpreter_on(monkeypatch, capsys):
     cli._interpret_triton_on_cpu(argparse.Namespace(backend="triton", device="cpu"))
     assert os.environ["TRITON_INTERPRET"] == "1"
     assert "under Triton's interpreter" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------ batch
+
+TINY_VOCAB, TINY_CONTEXT = 50, 64
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random model (no vocabulary: prompts are token ids), fast enough for batches with preemption."""
+    import torch
+    from tiny_gguf import StubTokenizer, write_tiny_llama
+
+    from realm.runtime import Backend, Model, load_weights
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_llama(path, context_length=TINY_CONTEXT)
+    return Model(load_weights(path), StubTokenizer(TINY_VOCAB), Backend.TORCH, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    """The EngineConfig of every LLM the CLI makes."""
+    import realm.runtime.llm
+
+    configs = []
+
+    class RecordingLLM(realm.runtime.llm.LLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            configs.append(self.engine.config)
+
+    monkeypatch.setattr(realm.runtime.llm, "LLM", RecordingLLM)
+    return configs
+
+
+def _jsonl(*requests) -> str:
+    """Requests as JSONL lines; a str is written as it is (a blank or broken line)."""
+    import json
+
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in requests)
+
+
+def _results(text: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# ids prompts for the tiny model: mixed lengths, three sharing a 12-token prefix (three full blocks of 4)
+SHARED = [7, 3, 30, 12, 44, 9, 1, 25, 16, 38, 5, 21]
+TINY_PROMPTS = [[*SHARED, 2, 8], [4, 40, 11], [*SHARED, 19], list(range(1, 23)), [33], [*SHARED, 6, 6, 27, 13]]
+TINY_MAX_TOKENS = [10, 14, 6, 9, 12, 8]
+
+
+@pytest.mark.parametrize("options", [
+    [],  # continuous, prefix caching on
+    ["--no-prefix-caching"],
+    ["--batching", "static", "--max-num-seqs", "3"],
+])
+def test_batch_equals_each_prompt_alone(tmp_path, capsys, monkeypatch, tiny_model, engines, options):
+    """Results in the file's order, each equal to that prompt generated alone; 12 blocks of 4 tokens cannot hold the
+    six sequences at once (preemption, recomputation), and 8 tokens a step split the longer prompts into chunks."""
+    import realm.runtime
+    from realm.runtime import EngineConfig
+
+    monkeypatch.setattr(realm.runtime, "load", lambda *args, **kwargs: tiny_model)
+    requests = [{"prompt": p, "max_tokens": n} for p, n in zip(TINY_PROMPTS, TINY_MAX_TOKENS, strict=True)]
+    src, dst = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text(_jsonl(*requests[:2], "", "   ", *requests[2:]))  # blank lines: skipped, still counted
+    argv = ["batch", src, "-o", dst, "--kv-blocks", "12", "--block-size", "4", "--max-batch-tokens", "8",
+            "--no-progress", *options]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and out == ""
+    results = _results(dst.read_text())
+    assert [(r["index"], r["line"]) for r in results] == [(0, 1), (1, 2), (2, 5), (3, 6), (4, 7), (5, 8)]
+    for r, prompt, n in zip(results, TINY_PROMPTS, TINY_MAX_TOKENS, strict=True):
+        alone = tiny_model.generate(prompt, max_tokens=n)
+        assert (r["token_ids"], r["text"], r["finish_reason"]) == (alone.token_ids, alone.text, "length")
+        assert r["timings"]["prompt_tokens"] == len(prompt) and r["timings"]["generated_tokens"] == n
+    timings = [r["timings"] for r in results]
+    assert sum(t["preemptions"] for t in timings) > 0
+    prefix_caching = "--no-prefix-caching" not in options
+    assert (sum(t["cached_tokens"] for t in timings) > 0) == prefix_caching
+    static = "static" in options
+    assert engines == [EngineConfig(max_batch_tokens=8, max_num_seqs=3 if static else 64, kv_blocks=12, block_size=4,
+                                    prefix_caching=prefix_caching, batching="static" if static else "continuous")]
+    assert err.startswith(f"[6 requests, 0 failed; {sum(TINY_MAX_TOKENS)} output tokens in ") and "tok/s]" in err
+
+
+def test_batch_bad_requests_fail_alone(capsys, monkeypatch, loads, smollm2):
+    """From standard input, on the default model: every bad line gets its own error line, the good ones (a text, a
+    chat, token ids) what they give alone. 16 blocks of 4 tokens: 64 KV slots."""
+    import io
+
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    good = [{"prompt": "The capital of France is"}, {"messages": chat, "max_tokens": 8},
+            {"prompt": [1, 9038, 2115], "max_tokens": 3, "stop": ["zzz"], "ignore_eos": True}]
+    bad = [
+        ("not json", "the line is not JSON: Expecting value at column 1"),
+        ("[1, 2]", "a request must be a JSON object, got [1, 2]"),
+        ({"prompt": "x", "temprature": 0.5}, "unknown key 'temprature'; a request takes prompt or messages, and "
+                                             "max_tokens, temperature, top_k, "),
+        ({"max_tokens": 3}, "a request needs either 'prompt' or 'messages'"),
+        ({"prompt": "x", "messages": chat}, "a request takes 'prompt' or 'messages', not both"),
+        ({"prompt": "x", "temperature": -1}, "temperature must be >= 0 (0 is greedy), got -1"),
+        ({"prompt": "x", "max_tokens": 2.5}, "max_tokens must be an integer, got 2.5"),
+        ({"prompt": "x", "stop": 5}, "stop must be a string or a list of strings, got 5"),
+        ({"prompt": "x", "ignore_eos": "yes"}, 'ignore_eos must be true or false, got "yes"'),
+        ('{"prompt": "x", "seed": 1, "seed": 2}', "duplicate key 'seed'"),
+        ({"prompt": [1, True]}, "prompt must be text or a list of token ids (integers), got [1, true]"),
+        ({"messages": [{"role": "user"}]}, "messages[0] must be an object with string 'role' and 'content'"),
+        ({"prompt": ""}, "the prompt is empty"),
+        ({"prompt": []}, "the prompt is empty"),
+        ({"prompt": [1] * 8192}, "the prompt has 8192 tokens; the model's context holds 8192"),
+        ({"prompt": [1] * 62}, "the prompt (62 tokens) and max_tokens (5) need 66 KV slots, 17 blocks of 4; the "
+                               "cache has 16 blocks in all"),
+        ({"prompt": [49152]}, "prompt token ids out of range [0, 49152): [49152]"),
+    ]
+    lines = [good[0], *[b for b, _ in bad[:9]], good[1], *[b for b, _ in bad[9:]], good[2]]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(_jsonl(*lines).encode())))
+    argv = ["batch", "-", "--max-tokens", "5", "--kv-blocks", "16", "--block-size", "4", "--no-progress", "--quiet"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and err == ""
+    results = _results(out)
+    assert [(r["index"], r["line"]) for r in results] == [(i, i + 1) for i in range(len(lines))]
+    errors = [r for r in results if r["finish_reason"] == "error"]
+    assert len(errors) == len(bad)
+    for r, (_, message) in zip(errors, bad, strict=True):
+        assert set(r) == {"index", "line", "finish_reason", "error"}
+        assert r["error"].startswith(message), (r, message)
+    texts = [r for r in results if r["finish_reason"] != "error"]
+    alone = [smollm2.generate("The capital of France is", max_tokens=5), smollm2.chat(chat, max_tokens=8),
+             smollm2.generate([1, 9038, 2115], max_tokens=3, stop=("zzz",), ignore_eos=True)]
+    assert [r["index"] for r in texts] == [0, 10, len(lines) - 1]
+    for r, a in zip(texts, alone, strict=True):
+        assert (r["text"], r["token_ids"], r["finish_reason"]) == (a.text, a.token_ids, a.finish_reason.value)
+    assert texts[1]["text"] == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-batch-tokens", "0"], "max_batch_tokens must be an integer >= 1, got 0"),
+    (["--max-num-seqs", "0"], "max_num_seqs must be an integer >= 1, got 0"),
+    (["--kv-blocks", "0"], "kv_blocks must be an integer >= 1, got 0"),
+    (["--block-size", "0"], "block_size must be an integer >= 1, got 0"),
+    (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    (["-o", "/no/such/dir/out.jsonl"], "/no/such/dir/out.jsonl: output directory /no/such/dir does not exist"),
+])
+def test_batch_option_errors_exit_2_before_the_model_loads(tmp_path, capsys, loads, argv, message):
+    src = tmp_path / "requests.jsonl"
+    src.write_text(_jsonl({"prompt": "x"}))
+    rc, out, err = run(["batch", src, *argv], capsys)
+    assert (rc, out, err) == (2, "", f"realm: error: {message}\n")
+    assert loads == []
+
+
+def test_batch_missing_file_and_usage_errors(tmp_path, capsys, loads):
+    missing = tmp_path / "missing.jsonl"
+    rc, _out, err = run(["batch", missing], capsys)
+    assert (rc, err) == (2, f"realm: error: {missing}: No such file or directory\n")
+    with pytest.raises(SystemExit) as e:
+        main(["batch", str(missing), "--batching", "dynamic"])
+    assert e.value.code == 2 and "invalid choice: 'dynamic'" in capsys.readouterr().err
+    assert loads == []
+
+
+def test_batch_help_documents_the_format_and_exit_status(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["batch", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for text in ("--prefix-caching, --no-prefix-caching", "blank lines are skipped", '"messages"',
+                 "max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos",
+                 "Exit status: 0 when the batch ran, even if some of its requests failed"):
+        assert text in out, text
+
+
+def test_batch_on_the_triton_backend(tmp_path, capsys, monkeypatch, tiny_model):
+    """--backend triton: the loaded Model brings its backend to the engine (on CPU: under Triton's interpreter)."""
+    import realm.runtime
+    from realm.runtime import Backend, Model
+
+    triton_model = Model(tiny_model.weights, tiny_model.tokenizer, Backend.TRITON, tiny_model.device, tiny_model.dtype)
+    backends = []
+
+    def fake_load(model, device=None, backend="torch", dtype=None):
+        backends.append(backend)
+        return triton_model
+
+    monkeypatch.setattr(realm.runtime, "load", fake_load)
+    src = tmp_path / "requests.jsonl"
+    src.write_text(_jsonl(*({"prompt": p, "max_tokens": 3} for p in TINY_PROMPTS[:2])))
+    rc, out, _err = run(["batch", src, "--backend", "triton", "--kv-blocks", "16", "--no-progress", "--quiet"], capsys)
+    assert rc == 0 and backends == ["triton"]
+    assert [r["token_ids"] for r in _results(out)] == [tiny_model.generate(p, max_tokens=3).token_ids
+                                                       for p in TINY_PROMPTS[:2]]

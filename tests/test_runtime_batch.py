@@ -35,18 +35,18 @@ def test_paged_cache_layout_and_blocks(tiny_torch):
     assert cache.nbytes == 2 * cache.k.numel() * 4
     a, b = SequenceKV(), SequenceKV()
     cache.reserve(a, 9)  # 3 blocks
-    assert len(a.blocks) == 3 and len(cache.free) == 2
+    assert len(a.blocks) == 3 and cache.blocks.num_free == 2
     cache.reserve(a, 12)  # still 3
     assert len(a.blocks) == 3
     with pytest.raises(CacheFullError, match="13 tokens need 4 more KV blocks of 4; 2 of 5 are free"):
         cache.reserve(b, 13)
-    assert b.blocks == [] and len(cache.free) == 2  # a refused reservation takes nothing
+    assert b.blocks == [] and cache.blocks.num_free == 2  # a refused reservation takes nothing
     cache.reserve(b, 8)
     assert set(a.blocks).isdisjoint(b.blocks) and sorted(a.blocks + b.blocks) == [0, 1, 2, 3, 4]
     cache.release(a)
-    assert a.blocks == [] and a.length == 0 and len(cache.free) == 3
+    assert a.blocks == [] and a.length == 0 and cache.blocks.num_free == 3
     cache.reserve(b, 20)  # reuses a's blocks
-    assert len(b.blocks) == 5 and not cache.free
+    assert len(b.blocks) == 5 and cache.blocks.num_free == 0
 
 
 def test_cache_full_message_counts_the_missing_blocks(tiny_torch):

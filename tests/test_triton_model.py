@@ -72,25 +72,27 @@ def test_chunked_prefill_and_decode_match_the_whole_prompt(backends):
     assert_same_predictions(torch.cat(pieces, dim=1).cpu(), whole)
 
 
-def test_ragged_batch_matches_the_torch_reference_on_the_same_batch(backends):
-    """A fresh prompt, a decode step and a chunk after cached tokens in one launch, each sequence's blocks scattered."""
+@pytest.mark.parametrize(("prompts", "cached", "num_decode"), [
+    ([IDS[:7], IDS[:11], IDS[5:17]], [0, 10, 4], 0),  # a fresh prompt, a decode, a chunk: all paged flash attention
+    ([IDS[:11], IDS[2:19], IDS[:7], IDS[5:17]], [10, 16, 0, 4], 2),  # decodes first: paged decode for those two
+])
+def test_ragged_batch_matches_the_torch_reference_on_the_same_batch(backends, prompts, cached, num_decode):
+    """Fresh prompts, decode steps and chunks after cached tokens in one launch, each sequence's blocks scattered."""
     ref, tri = backends
-    prompts = [IDS[:7], IDS[:11], IDS[5:17]]
-    cached = [0, 10, 4]
     logits = []
     for model in (ref, tri):
         cache = PagedKVCache.allocate(model.config, 16, 4, model.dtype, model.device)
         seqs = [SequenceKV() for _ in prompts]
         for s, p in zip(seqs, prompts, strict=True):
             cache.reserve(s, len(p))
-        cache.free.reverse()  # later reservations take other blocks than the first ones
+        cache.blocks.free_blocks.reverse()  # later reservations take other blocks than the first ones
         early = [(s, p[:n]) for s, p, n in zip(seqs, prompts, cached, strict=True) if n]
         first = ForwardBatch.build(cache, early, model.device)
         model.forward(first, cache)
         first.advance()
         step = ForwardBatch.build(cache, [(s, p[n:]) for s, p, n in zip(seqs, prompts, cached, strict=True)],
                                   model.device, Logits.ALL)
-        assert not step.is_decode and not step.is_fresh_prefill
+        assert not step.is_decode and not step.is_fresh_prefill and step.num_decode == num_decode
         logits.append(model.forward(step, cache).cpu())
     assert_same_predictions(logits[1], logits[0])
 

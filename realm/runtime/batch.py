@@ -60,6 +60,12 @@ class ForwardBatch:
         return self.max_seqlen_q == 1
 
     @property
+    def num_decode(self) -> int:
+        """Leading sequences with one new token each (the engine puts decodes first): a mixed step can run them
+        through paged decode attention and only the rest through paged flash attention."""
+        return next((b for b, q in enumerate(self.query_lens) if q != 1), len(self.query_lens))
+
+    @property
     def is_fresh_prefill(self) -> bool:
         """No sequence has cached tokens: attention needs only this step's K and V."""
         return all(q == c for q, c in zip(self.query_lens, self.context_lens, strict=True))

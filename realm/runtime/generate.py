@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an end-of-generation token or a stop string
     LENGTH = "length"  # max_tokens reached, or the context is full
+    ABORT = "abort"  # cancelled
+    ERROR = "error"  # a bad request (batched generation reports it in the output instead of raising)
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,11 @@ class TokenEvent:
 class Timings:
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    prefill_s: float = 0.0  # the prompt's forward and the first token
+    prefill_s: float = 0.0  # the prompt's forward and the first token (batched: from its first scheduled step)
     decode_s: float = 0.0  # every later token
+    queue_s: float = 0.0  # batched: from arrival to the first step it was scheduled in
+    cached_tokens: int = 0  # batched: tokens found in the prefix cache at its (last) admission
+    preemptions: int = 0  # batched: times its KV blocks were taken back (its tokens were then recomputed)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -61,6 +66,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_ids: list[int]
     timings: Timings = field(default_factory=Timings)
+    error: str | None = None  # with finish_reason "error": what was wrong with the request
 
 
 class StopStrings:
@@ -101,6 +107,43 @@ class StopStrings:
         return best
 
 
+class OutputText:
+    """A request's generated ids as the text to show: incremental detokenization, end-of-generation tokens, stop
+    strings. `add` returns the TokenEvent to emit, or None when the token ends generation (end-of-generation)."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.decoder = tokenizer.stream_decoder(skip_special=True, continuation=True)
+        self.stops = StopStrings(params.stop)
+        self.stop_ids = frozenset() if params.ignore_eos else frozenset(tokenizer.stop_ids)
+        self.pieces: list[str] = []
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was found: generation ends, and nothing after it is shown."""
+        return self.stops.stopped
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add(self, token: int) -> TokenEvent | None:
+        if token in self.stop_ids:
+            return None
+        shown = self.stops.push(self.decoder.push(token))
+        self.pieces.append(shown)
+        return TokenEvent(token, shown)
+
+    def close(self) -> TokenEvent | None:
+        """The text still held back (a partial character, a possible stop string's start), as a last event."""
+        if self.stops.stopped:
+            return None
+        tail = self.stops.push(self.decoder.flush()) + self.stops.flush()
+        if not tail:
+            return None
+        self.pieces.append(tail)
+        return TokenEvent(None, tail)
+
+
 class GenerationStream:
     """Iterate for TokenEvents; `completion` is set once the iteration ends."""
 
@@ -115,8 +158,7 @@ class GenerationStream:
         model, params = self.model, self.params
         tokenizer = model.tokenizer
         sampler = Sampler(params)
-        text_out = tokenizer.stream_decoder(skip_special=True, continuation=True)
-        stops = StopStrings(params.stop)
+        out = OutputText(tokenizer, params)
         n_prompt = len(self.prompt_ids)
         # prompt + output never exceed the context; the last token sampled is never fed back, so needs no slot
         max_new = min(params.max_tokens, model.config.context_length - n_prompt)
@@ -126,7 +168,6 @@ class GenerationStream:
         vocab = tokenizer.vocab_size  # the embedding may have more rows (padding) than the tokenizer has tokens
         timings = Timings(prompt_tokens=n_prompt)
         generated: list[int] = []
-        text: list[str] = []
         finish = FinishReason.LENGTH
 
         t0 = time.perf_counter()
@@ -141,23 +182,20 @@ class GenerationStream:
             else:
                 timings.decode_s += now - t0
             t0 = now
-            if token in tokenizer.stop_ids and not params.ignore_eos:
+            event = out.add(token)
+            if event is None:  # end of generation
                 finish = FinishReason.STOP
                 break
-            shown = stops.push(text_out.push(token))
-            text.append(shown)
-            yield TokenEvent(token, shown)
-            if stops.stopped:
+            yield event
+            if out.stopped:
                 finish = FinishReason.STOP
                 break
             if len(generated) == max_new:  # max_tokens, or the context is full
                 break
             t0 = time.perf_counter()
             logits = model.run([[token]], cache, start=cache.length, last_only=True)
-        if not stops.stopped:
-            tail = stops.push(text_out.flush()) + stops.flush()
-            if tail:
-                text.append(tail)
-                yield TokenEvent(None, tail)
+        tail = out.close()
+        if tail is not None:
+            yield tail
         timings.generated_tokens = len(generated)
-        self.completion = Completion("".join(text), generated, finish, self.prompt_ids, timings)
+        self.completion = Completion(out.text, generated, finish, self.prompt_ids, timings)

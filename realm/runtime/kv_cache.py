@@ -1,16 +1,17 @@
-"""The paged KV cache both backends use: fixed-size blocks of tokens, a free list, and per-sequence block lists.
+"""The paged KV cache both backends use: fixed-size blocks of tokens, and the block manager that hands them out.
 
     cache = PagedKVCache.allocate(config, num_blocks=256, block_size=16, dtype=torch.float16, device="cuda")
     seq = SequenceKV()
-    cache.reserve(seq, 40)            # blocks for 40 tokens (3 blocks of 16)
+    cache.reserve(seq, 40)            # blocks for 40 tokens (3 blocks of 16): cache.blocks.allocate
     k, v = cache.layer(0)             # [num_blocks, block_size, kv_heads, head_dim] each: realm/kernels/paged.py
-    cache.release(seq)                # its blocks back to the free list
+    cache.release(seq)                # its blocks back: cache.blocks.free
 
 Token t of a sequence lives in block `seq.blocks[t // block_size]`, row `t % block_size`. Blocks are taken from the
 free list in any order, so a sequence's blocks are scattered: the kernels and the torch reference look every token up
 through the block table and never assume adjacency. `KVCache` wraps one PagedKVCache with a fixed batch of sequences
 of one capacity, for the rectangular `Model.forward(tokens [batch, T], cache, start)` API and single-stream
-generation; the continuous-batching scheduler manages blocks itself.
+generation. Which block holds what (reference counts, prefix caching) is the block manager's business
+(realm.runtime.block_manager, plain Python); the cache itself is the two tensors.
 """
 
 from __future__ import annotations
@@ -19,37 +20,39 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .block_manager import BlockManager, CacheFullError, SequenceKV
 from .config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
 
-
-class CacheFullError(ValueError):
-    """Not enough free blocks for a reservation."""
-
-
-@dataclass
-class SequenceKV:
-    """One sequence's place in the cache: its blocks in token order and how many tokens are stored."""
-
-    blocks: list[int] = field(default_factory=list)
-    length: int = 0
+__all__ = ["DEFAULT_BLOCK_SIZE", "CacheFullError", "KVCache", "PagedKVCache", "SequenceKV"]
 
 
 @dataclass
 class PagedKVCache:
     k: torch.Tensor  # [layers, num_blocks, block_size, kv_heads, head_dim]
     v: torch.Tensor
-    free: list[int] = field(default_factory=list)  # block ids not held by any sequence
+    blocks: BlockManager = field(default=None)  # type: ignore[assignment]  # None: one without prefix caching
+
+    def __post_init__(self):
+        if self.blocks is None:
+            self.blocks = BlockManager(self.k.shape[1], self.k.shape[2], prefix_caching=False)
+        elif (self.blocks.num_blocks, self.blocks.block_size) != tuple(self.k.shape[1:3]):
+            raise ValueError(f"the block manager's {self.blocks.num_blocks} blocks of {self.blocks.block_size} do "
+                             f"not match the cache's {self.k.shape[1]} of {self.k.shape[2]}")
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> PagedKVCache:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 prefix_caching: bool = False) -> PagedKVCache:
+        blocks = BlockManager(num_blocks, block_size, prefix_caching)  # checks the sizes
         shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
         k = torch.empty(shape, dtype=dtype, device=device)
-        return cls(k, torch.empty_like(k), list(range(num_blocks)))
+        return cls(k, torch.empty_like(k), blocks)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
 
     @property
     def num_blocks(self) -> int:
@@ -67,23 +70,12 @@ class PagedKVCache:
         """Layer i's K and V caches, [num_blocks, block_size, kv_heads, head_dim] each (views)."""
         return self.k[i], self.v[i]
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
-
     def reserve(self, seq: SequenceKV, tokens: int) -> None:
         """Give seq enough blocks to hold `tokens` tokens in all (a no-op when it already has them)."""
-        need = self.blocks_for(tokens) - len(seq.blocks)
-        if need <= 0:
-            return
-        if need > len(self.free):
-            raise CacheFullError(f"{tokens} tokens need {need} more KV blocks of {self.block_size}; "
-                                 f"{len(self.free)} of {self.num_blocks} are free")
-        seq.blocks.extend(self.free.pop() for _ in range(need))
+        self.blocks.allocate(seq, tokens)
 
     def release(self, seq: SequenceKV) -> None:
-        self.free.extend(reversed(seq.blocks))
-        seq.blocks.clear()
-        seq.length = 0
+        self.blocks.free(seq)
 
 
 class KVCache:
@@ -102,8 +94,10 @@ class KVCache:
             raise ValueError(f"batch, capacity and block_size must be >= 1, got {batch}, {capacity} and {block_size}")
         per_seq = -(-capacity // block_size)
         self.paged = PagedKVCache.allocate(config, batch * per_seq, block_size, dtype, device)
-        self.paged.free.clear()
-        self.sequences = [SequenceKV(blocks=list(range(b, batch * per_seq, batch))) for b in range(batch)]
+        self.sequences = [SequenceKV() for _ in range(batch)]
+        for _ in range(per_seq):  # one block each in turn
+            for seq in self.sequences:
+                self.paged.reserve(seq, (len(seq.blocks) + 1) * block_size)
         self.capacity = capacity
 
     @property

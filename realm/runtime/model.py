@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import enum
+import operator
 import os
 from collections.abc import Sequence
 
@@ -118,7 +119,7 @@ class Model:
         if isinstance(prompt, str):
             bos = self.tokenizer.add_bos_default if add_bos is None else add_bos
             return self.tokenizer.encode(prompt, add_bos=bos)
-        return [int(t) for t in prompt]
+        return [_token_id(t) for t in prompt]
 
     def check_prompt(self, ids: Sequence[int]) -> None:
         if not ids:
@@ -151,6 +152,16 @@ class Model:
 
     def chat(self, messages: str | Sequence[dict], params: SamplingParams | None = None, **sampling) -> Completion:
         return self.generate(self.chat_prompt(messages), params, **sampling)
+
+
+def _token_id(t) -> int:
+    """An integer id (Python, numpy or a 0-d tensor); floats, strings and bools are refused, not converted."""
+    if not isinstance(t, bool):
+        try:
+            return operator.index(t)
+        except TypeError:
+            pass
+    raise ValueError(f"a prompt is text or a sequence of integer token ids; got the element {t!r}")
 
 
 def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:

@@ -51,6 +51,8 @@ class SamplingParams:
             _check_int("seed", self.seed, minimum=0)
             if self.seed >= 2**63:
                 raise ValueError(f"seed must be < 2**63 (torch.Generator's range), got {self.seed}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")

@@ -9,9 +9,9 @@ Per layer, on the packed tokens of every sequence of the batch (realm.kernels):
     qkv  = qmatmul(x, W_qkv)                         Q, K, V rows of one format concatenated: one launch
     apply_rope(q, k, positions)                      in place on views of qkv, each token at its own position
     store_kv(k, v, cache, slot_mapping)              this step's K, V into their pages
-    o    = attention(q, ...)                         paged decode (one token per sequence), flash attention on
-                                                     this step's K, V (fresh prompts), or flash attention over the
-                                                     pages (chunks after cached tokens, mixed batches)
+    o    = attention(q, ...)                         flash attention on this step's K, V (fresh prompts only);
+                                                     else paged decode for the one-token sequences (decodes first)
+                                                     and paged flash attention for chunks after cached tokens
     x, h = rms_norm(qmatmul(o, W_o), ffn_norm, residual=h)
     out  = qmatmul(silu_mul(qmatmul(x, W_gate_up)), W_down)
 
@@ -155,13 +155,19 @@ class TritonModel(Runner):
         k_cache, v_cache = kv
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         scale = c.head_dim**-0.5
-        if batch.is_decode:
-            o = paged_decode_attention(q, k_cache, v_cache, batch.seq_lens, batch.block_tables, scale=scale,
-                                       max_seq_len=batch.max_seq_len)
-        elif batch.is_fresh_prefill:
+        if batch.is_fresh_prefill:
             o = flash_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True, scale=scale,
                                 max_seqlen_q=batch.max_seqlen_q)
-        else:
-            o = flash_attention_paged(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables,
-                                      causal=True, scale=scale, max_seqlen_q=batch.max_seqlen_q)
+            return o.view(n, c.q_size)
+        # Decodes (the leading num_decode sequences, one token each) through paged decode attention, which reads
+        # each K/V byte once per query-head group; prefill chunks after cached tokens through paged flash attention
+        d = batch.num_decode
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        if d:
+            paged_decode_attention(q[:d], k_cache, v_cache, batch.seq_lens[:d], batch.block_tables[:d], scale=scale,
+                                   max_seq_len=max(batch.context_lens[:d]), out=o[:d])
+        if d < len(batch.query_lens):
+            cu = batch.cu_seqlens_q[d:] - d if d else batch.cu_seqlens_q  # the chunks' offsets in q[d:]
+            flash_attention_paged(q[d:], k_cache, v_cache, cu, batch.seq_lens[d:], batch.block_tables[d:],
+                                  causal=True, scale=scale, max_seqlen_q=max(batch.query_lens[d:]), out=o[d:])
         return o.view(n, c.q_size)

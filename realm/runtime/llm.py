@@ -1,0 +1,113 @@
+"""`realm.LLM`: the offline batch API. Many prompts in, one Completion per prompt out, continuously batched.
+
+    llm = realm.LLM(model="smollm2", backend="torch", device="cpu", max_batch_tokens=512, kv_blocks=1024)
+    outs = llm.generate(["Once upon a time", "The capital of France is"], SamplingParams(max_tokens=32))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].timings
+
+A request that cannot run (empty prompt, prompt over the context, more tokens than the KV cache holds, bad ids)
+gets a Completion with finish reason "error" and the reason in `error`; the other prompts run as if it were not
+there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import Engine, EngineConfig, Request
+from .generate import Completion, FinishReason, Timings, TokenEvent
+from .kv_cache import DEFAULT_BLOCK_SIZE
+from .model import Backend, Model, load
+from .sampling import SamplingParams
+from .scheduler import Batching
+
+PROGRESS_FROM = 16  # prompts in a batch from which a progress bar is shown by default
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | Model = "smollm2", backend: Backend | str | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 max_batch_tokens: int = 512, max_num_seqs: int = 64, kv_blocks: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True,
+                 batching: Batching | str = Batching.CONTINUOUS):
+        """model: a packaged model name, a GGUF path, or a loaded Model (then device and dtype must be left out, and
+        backend, if given, be the model's); backend: None is the torch reference; the rest configures the engine
+        (EngineConfig)."""
+        config = EngineConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, kv_blocks=kv_blocks,
+                              block_size=block_size, prefix_caching=prefix_caching, batching=batching)
+        if isinstance(model, Model):
+            if device is not None or dtype is not None or (backend is not None and Backend(backend) is not
+                                                            model.backend):
+                raise ValueError(f"a loaded Model brings its backend ({model.backend.value}), device and dtype; do "
+                                 "not pass others")
+        else:
+            model = load(model, device=device, backend=Backend.TORCH if backend is None else backend, dtype=dtype)
+        self.model = model
+        self.engine = Engine(model, config)
+
+    def __repr__(self) -> str:
+        return f"LLM({self.engine!r})"
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 progress: bool | None = None,
+                 on_event: Callable[[int, TokenEvent], None] | None = None) -> list[Completion]:
+        """One Completion per prompt, in order. prompts: texts or token-id lists (one text alone is a batch of one);
+        sampling: one SamplingParams for all, one per prompt, or None for the defaults; progress: a bar on stderr
+        (None: for batches of PROGRESS_FROM prompts or more); on_event(prompt index, TokenEvent): streaming."""
+        prompts = [prompts] if _single(prompts) else list(prompts)
+        params = self._params(sampling, len(prompts))
+        outputs: list[Completion | None] = [None] * len(prompts)
+        running: dict[int, Request] = {}  # prompt index -> its request
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            callback = None if on_event is None else (lambda _request, event, i=i: on_event(i, event))
+            try:
+                running[i] = self.engine.add_request(prompt, p, on_event=callback)
+            except (ValueError, TypeError) as e:  # this request alone fails
+                outputs[i] = _failed(prompt, e)
+        show = len(prompts) >= PROGRESS_FROM if progress is None else progress
+        with tqdm(total=len(prompts), disable=not show, unit="req", file=sys.stderr) as bar:
+            bar.update(len(prompts) - len(running))
+            try:
+                while running:
+                    self.engine.step()
+                    for i in [i for i, r in running.items() if r.finished]:
+                        outputs[i] = running.pop(i).completion
+                        bar.update()
+            finally:  # an interrupted batch leaves nothing behind in the engine
+                for request in running.values():
+                    self.engine.cancel(request)
+        return outputs  # type: ignore[return-value]
+
+    @staticmethod
+    def _params(sampling, n: int) -> list[SamplingParams]:
+        if sampling is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling, SamplingParams):
+            return [sampling] * n
+        sampling = list(sampling)
+        if len(sampling) != n or not all(isinstance(p, SamplingParams) for p in sampling):
+            raise ValueError(f"sampling must be one SamplingParams or one per prompt ({n}), got {len(sampling)} items")
+        return sampling
+
+
+def _single(prompts) -> bool:
+    """One prompt (a text, or a list of ids) rather than a batch of them."""
+    return isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0 and
+                                        all(isinstance(t, int) for t in prompts))
+
+
+def _failed(prompt: Prompt, error: Exception) -> Completion:
+    ids = [t for t in prompt if isinstance(t, int)] if isinstance(prompt, Sequence) and not isinstance(prompt, str) \
+        else []
+    return Completion("", [], FinishReason.ERROR, ids, Timings(prompt_tokens=len(ids)), error=str(error))

@@ -1,0 +1,81 @@
+"""A sequence's state in the engine: its tokens (prompt, then generated), its place in the KV cache, its status.
+Plain Python: the scheduler and block manager never touch tensors.
+
+    seq = Sequence(seq_id=7, token_ids=[1, 2, 3], max_tokens=16)
+    seq.remaining          # 3: tokens not yet in the KV cache (computed by the next forward steps)
+    seq.append(42)         # a sampled token; it enters the cache in the next step
+
+`seq_id` is the arrival order: the scheduler serves older sequences first, preempts the newest, and resumes the
+preempted in arrival order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .block_manager import SequenceKV
+
+
+class SequenceStatus(str, enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted (its KV dropped, to be recomputed)
+    RUNNING = "running"  # holds KV blocks; gets a chunk in steps while the token budget lasts
+    FINISHED = "finished"  # done or cancelled; holds nothing
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    token_ids: list[int]  # the prompt, then the generated tokens
+    max_tokens: int  # generated tokens at most
+    salt: str | None = None  # prefix-cache namespace: sequences with different salts never share KV blocks
+    num_prompt_tokens: int = -1  # set from token_ids at creation
+    kv: SequenceKV = field(default_factory=SequenceKV)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_cached_tokens: int = 0  # tokens found in the prefix cache at its (last) admission
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        self.token_ids = list(self.token_ids)
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+        if self.num_prompt_tokens < 1:
+            raise ValueError("a sequence needs at least one prompt token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id}, {self.status.value}, {self.num_prompt_tokens}+{self.num_output_tokens} "
+                f"tokens, {self.num_computed} computed, blocks {self.kv.blocks})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose K and V are in the cache."""
+        return self.kv.length
+
+    @property
+    def remaining(self) -> int:
+        """Tokens the next steps must run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Cache slots the sequence may ever need: the last generated token is never fed back, so never stored."""
+        return self.num_prompt_tokens + self.max_tokens - 1
+
+    def append(self, token: int) -> None:
+        if self.num_output_tokens >= self.max_tokens:
+            raise ValueError(f"sequence {self.seq_id} already has its {self.max_tokens} tokens")
+        self.token_ids.append(token)

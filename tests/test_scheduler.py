@@ -1,0 +1,443 @@
+"""The scheduler and sequences alone (plain Python, no torch): budgets, chunked prefill, preemption and FIFO
+resumption, static batching, prefix caching through admissions, errors, and a property test that drives a simulated
+engine through random arrivals, steps and cancellations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from test_block_manager import KVContents, prompts
+
+from realm.runtime.block_manager import BlockManager, SequenceKV
+from realm.runtime.scheduler import Batching, Chunk, Scheduler, SchedulerConfig, Step
+from realm.runtime.sequence import Sequence, SequenceStatus
+
+WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
+
+
+def make(num_blocks: int = 16, block_size: int = 4, prefix_caching: bool = True, **config) -> Scheduler:
+    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size, prefix_caching))
+
+
+def next_token(token_ids: list[int]) -> int:
+    """A deterministic "greedy" model: the same tokens always continue the same way."""
+    return (sum(token_ids) * 31 + len(token_ids)) % 5
+
+
+def step(scheduler: Scheduler) -> Step:
+    """What the engine does each step: schedule, run (here: nothing), complete, sample where a chunk completes,
+    finish what reached max_tokens."""
+    out = scheduler.schedule()
+    scheduler.complete(out)
+    for chunk in out.chunks:
+        if chunk.completes:
+            chunk.seq.append(next_token(chunk.seq.token_ids))
+            if chunk.seq.num_output_tokens == chunk.seq.max_tokens:
+                scheduler.finish(chunk.seq)
+    return out
+
+
+def spans(out: Step) -> list[tuple[int, int, int]]:
+    return [(c.seq.seq_id, c.start, c.num_tokens) for c in out.chunks]
+
+
+def test_importing_the_scheduler_does_not_import_torch():
+    code = ("import realm.runtime.scheduler, realm.runtime.block_manager, realm.runtime.sequence, sys; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_batch_tokens": 0}, r"max_batch_tokens must be an integer >= 1, got 0"),
+    ({"max_batch_tokens": -3}, r"max_batch_tokens must be an integer >= 1, got -3"),
+    ({"max_batch_tokens": 1.5}, r"max_batch_tokens must be an integer >= 1, got 1\.5"),
+    ({"max_batch_tokens": "8"}, r"max_batch_tokens must be an integer >= 1, got '8'"),
+    ({"max_batch_tokens": True}, r"max_batch_tokens must be an integer >= 1, got True"),
+    ({"max_num_seqs": 0}, r"max_num_seqs must be an integer >= 1, got 0"),
+    ({"batching": "dynamic"}, r"unknown batching 'dynamic'; choose one of: continuous, static"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SchedulerConfig(**kwargs)
+
+
+def test_config_takes_batching_by_name():
+    assert SchedulerConfig(batching="static").batching is Batching.STATIC
+    assert SchedulerConfig().batching is Batching.CONTINUOUS
+
+
+@pytest.mark.parametrize("token_ids,max_tokens,message", [
+    ([], 4, "a sequence needs at least one prompt token"),
+    ([1], 0, "max_tokens must be >= 1, got 0"),
+    ([1], -2, "max_tokens must be >= 1, got -2"),
+])
+def test_sequence_rejects_bad_values(token_ids, max_tokens, message):
+    with pytest.raises(ValueError, match=message):
+        Sequence(0, token_ids, max_tokens)
+
+
+def test_sequence_counts_tokens():
+    seq = Sequence(3, (5, 6, 7), max_tokens=2)
+    assert (seq.num_tokens, seq.num_prompt_tokens, seq.num_output_tokens, seq.remaining) == (3, 3, 0, 3)
+    assert seq.max_kv_tokens == 4 and seq.status is WAITING and seq.token_ids == [5, 6, 7]
+    seq.kv.length = 3
+    seq.append(9)
+    assert (seq.output_ids, seq.remaining, seq.num_computed) == ([9], 1, 3)
+    seq.append(8)
+    with pytest.raises(ValueError, match="sequence 3 already has its 2 tokens"):
+        seq.append(1)
+
+
+def test_add_rejects_a_sequence_that_cannot_fit_even_alone():
+    scheduler = make(num_blocks=4, block_size=4)
+    scheduler.add(Sequence(0, [1] * 10, max_tokens=7))  # 16 slots: exactly the cache
+    with pytest.raises(ValueError, match=r"the prompt \(10 tokens\) and max_tokens \(8\) need 17 KV slots, 5 blocks "
+                                         r"of 4; the cache has 4 blocks in all"):
+        scheduler.add(Sequence(1, [1] * 10, max_tokens=8))
+    assert [s.seq_id for s in scheduler.waiting] == [0]
+
+
+def test_add_rejects_a_sequence_twice():
+    scheduler = make()
+    seq = Sequence(0, [1, 2], max_tokens=4)
+    scheduler.add(seq)
+    with pytest.raises(ValueError, match="sequence id 0 is already scheduled"):
+        scheduler.add(seq)
+    with pytest.raises(ValueError, match="sequence id 0 is already scheduled"):
+        scheduler.add(Sequence(0, [3], max_tokens=1))
+    scheduler.schedule()
+    with pytest.raises(ValueError, match="only a new sequence can be added"):
+        scheduler.add(seq)
+    assert scheduler.waiting == [] and scheduler.running == [seq]
+
+
+# ------------------------------------------------------------------------------------------------ scheduling
+
+def test_an_idle_scheduler_forms_an_empty_step():
+    scheduler = make()
+    assert not scheduler.has_work
+    out = scheduler.schedule()
+    assert not out and out.num_tokens == 0 and scheduler.stats.steps == 0
+
+
+def test_chunked_prefill_runs_alongside_decodes():
+    scheduler = make(max_batch_tokens=8)
+    a, b = Sequence(0, [1, 2], max_tokens=10), Sequence(1, list(range(20)), max_tokens=2)
+    scheduler.add(a)
+    assert spans(step(scheduler)) == [(0, 0, 2)]
+    scheduler.add(b)
+    steps, outputs = [], []
+    for _ in range(4):
+        steps.append(spans(step(scheduler)))
+        outputs.append((a.num_output_tokens, b.num_output_tokens))
+    assert steps == [[(0, 2, 1), (1, 0, 7)], [(0, 3, 1), (1, 7, 7)], [(0, 4, 1), (1, 14, 6)], [(0, 5, 1), (1, 20, 1)]]
+    assert outputs == [(2, 0), (3, 0), (4, 1), (5, 2)]  # b samples once its last prompt chunk ran
+    assert b.status is FINISHED and a.status is RUNNING
+
+
+def test_chunk_reads_its_tokens():
+    seq = Sequence(0, [4, 5, 6, 7], max_tokens=1)
+    assert Chunk(seq, 1, 2).token_ids == [5, 6] and not Chunk(seq, 1, 2).completes and Chunk(seq, 1, 3).completes
+
+
+def test_running_sequences_go_before_waiting_ones():
+    scheduler = make(max_batch_tokens=3)
+    for i in range(3):
+        scheduler.add(Sequence(i, [i + 1], max_tokens=4))
+    assert spans(step(scheduler)) == [(0, 0, 1), (1, 0, 1), (2, 0, 1)]
+    scheduler.add(Sequence(3, [9], max_tokens=4))
+    assert spans(step(scheduler)) == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]  # the budget went to the decodes
+    assert [s.seq_id for s in scheduler.waiting] == [3]
+
+
+def test_max_num_seqs_caps_the_batch():
+    scheduler = make(max_num_seqs=2)
+    seqs = [Sequence(i, [i + 1], max_tokens=2) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    assert spans(step(scheduler)) == [(0, 0, 1), (1, 0, 1)]
+    assert spans(step(scheduler)) == [(0, 1, 1), (1, 1, 1)]  # both finish here
+    assert spans(step(scheduler)) == [(2, 0, 1)]
+
+
+def test_admission_keeps_a_free_block_per_running_sequence_and_never_overtakes():
+    scheduler = make(num_blocks=3, block_size=2)
+    scheduler.add(Sequence(0, [1], max_tokens=2))
+    assert spans(step(scheduler)) == [(0, 0, 1)]
+    assert scheduler.blocks.num_free == 2
+    scheduler.add(Sequence(1, [3, 4, 5, 6], max_tokens=1))  # needs both free blocks: one is kept for sequence 0
+    scheduler.add(Sequence(2, [7], max_tokens=1))  # would fit, but does not pass sequence 1
+    assert spans(step(scheduler)) == [(0, 1, 1)]  # sequence 0 finishes
+    assert [s.seq_id for s in scheduler.waiting] == [1, 2]
+    assert spans(step(scheduler)) == [(1, 0, 4)]  # sequence 2 would leave no block for sequence 1
+    assert spans(step(scheduler)) == [(2, 0, 1)]
+    assert not scheduler.has_work and scheduler.blocks.num_used == 0
+
+
+def test_preemption_takes_the_newest_running_sequence():
+    scheduler = make(num_blocks=6, block_size=1)
+    seqs = [Sequence(i, [i + 1], max_tokens=4) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    step(scheduler)
+    step(scheduler)
+    assert scheduler.blocks.num_free == 0
+    out = step(scheduler)
+    assert out.preempted == [seqs[2]] and spans(out) == [(0, 2, 1), (1, 2, 1)]  # not sequence 1, which is older
+    assert seqs[2].status is WAITING and seqs[2].kv == SequenceKV() and seqs[2].num_preemptions == 1
+    assert scheduler.stats.preemptions == 1 and scheduler.waiting == [seqs[2]]
+    scheduler.blocks.check([s.kv for s in scheduler.running])
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempted_sequence_resumes_before_later_arrivals(prefix_caching):
+    scheduler = make(num_blocks=5, block_size=2, prefix_caching=prefix_caching)
+    a, b, c = Sequence(0, [1, 2], max_tokens=5), Sequence(1, [3, 4], max_tokens=5), Sequence(2, [5], max_tokens=1)
+    scheduler.add(a)
+    scheduler.add(b)
+    for _ in range(3):
+        step(scheduler)
+    scheduler.add(c)
+    out = step(scheduler)  # b has no block for its next token: b, the newest, waits; c may not join
+    assert out.preempted == [b] and spans(out) == [(0, 4, 1)]
+    assert scheduler.waiting == [b, c] and (b.num_tokens, b.num_preemptions) == (5, 1)
+    out = step(scheduler)  # a's last token; b does not fit beside it, and c does not pass b
+    assert spans(out) == [(0, 5, 1)] and a.status is FINISHED
+    out = step(scheduler)  # b recomputes its prompt and outputs, or finds their full blocks in the prefix cache
+    cached = 4 if prefix_caching else 0
+    assert spans(out) == [(1, cached, 5 - cached), (2, 0, 1)] and b.num_cached_tokens == cached
+    while scheduler.has_work:
+        step(scheduler)
+    assert b.num_output_tokens == 5 and c.num_output_tokens == 1
+    assert scheduler.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("batching,expected", [(Batching.STATIC, [[0], [0], [1]]),
+                                               (Batching.CONTINUOUS, [[0, 1], [0], []])])
+def test_static_batching_refills_only_when_all_have_finished(batching, expected):
+    scheduler = make(batching=batching)
+    scheduler.add(Sequence(0, [1], max_tokens=3))
+    step(scheduler)
+    scheduler.add(Sequence(1, [2], max_tokens=1))
+    assert [[c.seq.seq_id for c in step(scheduler).chunks] for _ in range(3)] == expected
+
+
+def test_static_batching_admits_a_whole_batch_whatever_the_budget():
+    """The wave is max_num_seqs sequences, not what one step's token budget holds; their prompts are prefilled in
+    the next steps."""
+    scheduler = make(num_blocks=32, batching="static", max_batch_tokens=8, max_num_seqs=3)
+    for i in range(4):
+        scheduler.add(Sequence(i, [i + 1] * 6, max_tokens=2))
+    first = step(scheduler)
+    assert [s.seq_id for s in scheduler.running] == [0, 1, 2] and [s.seq_id for s in scheduler.waiting] == [3]
+    assert spans(first) == [(0, 0, 6), (1, 0, 2)]  # seq 2 was admitted with no tokens this step
+    assert spans(scheduler.schedule()) == [(0, 6, 1), (1, 2, 4), (2, 0, 3)]
+
+
+def test_finish_cancels_waiting_and_running_sequences():
+    scheduler = make(max_num_seqs=1)
+    a, b = Sequence(0, [1, 2, 3, 4, 5], max_tokens=4), Sequence(1, [6], max_tokens=4)
+    scheduler.add(a)
+    scheduler.add(b)
+    step(scheduler)
+    assert scheduler.blocks.num_used == 2
+    scheduler.finish(b)  # waiting
+    scheduler.finish(a)  # running
+    scheduler.finish(a)  # already finished: a no-op
+    assert a.status is FINISHED and b.status is FINISHED and a.kv == SequenceKV()
+    assert scheduler.waiting == [] and scheduler.running == []
+    assert not scheduler.has_work and scheduler.blocks.num_used == 0 and not scheduler.schedule()
+
+
+def test_complete_rejects_a_chunk_of_a_cancelled_sequence():
+    scheduler = make()
+    seq = Sequence(0, [1, 2], max_tokens=2)
+    scheduler.add(seq)
+    out = scheduler.schedule()
+    scheduler.finish(seq)
+    with pytest.raises(RuntimeError, match=r"chunk 0\.\.2 of .* is stale"):
+        scheduler.complete(out)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_admission_takes_committed_blocks_from_the_prefix_cache(prefix_caching):
+    scheduler = make(block_size=4, prefix_caching=prefix_caching)
+    prompt = list(range(10))
+    a, b = Sequence(0, prompt, max_tokens=3), Sequence(1, prompt, max_tokens=3)
+    scheduler.add(a)
+    step(scheduler)  # a's full blocks are committed
+    scheduler.add(b)
+    out = step(scheduler)
+    cached = 8 if prefix_caching else 0
+    assert spans(out) == [(0, 10, 1), (1, cached, 10 - cached)] and b.num_cached_tokens == cached
+    shared = a.kv.blocks[:2] if prefix_caching else []
+    assert [x for x in b.kv.blocks if x in a.kv.blocks] == shared
+    assert [scheduler.blocks.ref_count[x] for x in a.kv.blocks[:2]] == ([2, 2] if prefix_caching else [1, 1])
+    assert (scheduler.stats.prompt_tokens, scheduler.stats.cached_tokens) == (20, cached)
+    scheduler.blocks.check([a.kv, b.kv])
+
+
+def test_salted_and_simultaneous_sequences_do_not_share():
+    scheduler = make(block_size=4)
+    prompt = list(range(10))
+    a, b, c = Sequence(0, prompt, 2), Sequence(1, prompt, 2), Sequence(2, prompt, 2, salt="other")
+    for seq in (a, b):
+        scheduler.add(seq)
+    step(scheduler)  # a and b computed the same blocks in one step: one copy each, a's are the ones hashed
+    assert not set(a.kv.blocks) & set(b.kv.blocks) and b.num_cached_tokens == 0
+    hashed = a.kv.blocks[:2]
+    assert sorted(scheduler.blocks.cached.values()) == hashed
+    scheduler.add(c)
+    step(scheduler)  # a and b finish
+    assert c.num_cached_tokens == 0 and not set(c.kv.blocks) & set(hashed)
+    d = Sequence(3, prompt, 2)
+    scheduler.add(d)
+    step(scheduler)
+    assert d.num_cached_tokens == 8 and d.kv.blocks[:2] == hashed  # a's blocks, found although a has finished
+    scheduler.blocks.check([s.kv for s in scheduler.running])
+
+
+# ------------------------------------------------------------------------------------------------- properties
+
+class EngineMachine(RuleBasedStateMachine):
+    """A simulated engine: requests arrive (prompts often sharing prefixes), steps run (schedule, write the KV
+    model, complete, append a "greedy" token to each completing chunk's sequence, finish those at max_tokens), and
+    requests are cancelled, in any order. After every operation the blocks are consistent and every running sequence
+    reads its own KV; every step keeps the budgets and the policy's order; at the end everything finishes within a
+    bound on the steps and no block is leaked."""
+
+    @initialize(num_blocks=st.integers(4, 24), block_size=st.integers(1, 4), max_batch_tokens=st.integers(1, 12),
+                max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans(), batching=st.sampled_from(Batching))
+    def setup(self, num_blocks, block_size, max_batch_tokens, max_num_seqs, prefix_caching, batching):
+        self.config = SchedulerConfig(max_batch_tokens, max_num_seqs, batching)
+        self.scheduler = Scheduler(self.config, BlockManager(num_blocks, block_size, prefix_caching))
+        self.blocks = self.scheduler.blocks
+        self.kv = KVContents(self.blocks)
+        self.seqs: list[Sequence] = []  # every one added
+        self.cancelled: set[int] = set()
+        self.steps = 0
+        self.next_id = 0
+
+    @property
+    def unfinished(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.status is not FINISHED]
+
+    @rule(token_ids=prompts(), max_tokens=st.integers(1, 12), salt=st.sampled_from([None, "a"]))
+    def arrive(self, token_ids, max_tokens, salt):
+        seq = Sequence(self.next_id, token_ids, max_tokens, salt)
+        self.next_id += 1  # a rejected request uses up its id too, as in the engine
+        if self.blocks.blocks_for(seq.max_kv_tokens) > self.blocks.num_blocks:
+            with pytest.raises(ValueError, match="KV slots"):
+                self.scheduler.add(seq)
+            assert seq not in self.scheduler.waiting
+            return
+        self.scheduler.add(seq)
+        self.seqs.append(seq)
+
+    @precondition(lambda self: self.unfinished)
+    @rule(i=st.integers(0, 99))
+    def cancel(self, i):
+        seq = self.unfinished[i % len(self.unfinished)]
+        self.scheduler.finish(seq)
+        self.cancelled.add(seq.seq_id)
+        assert seq.status is FINISHED and seq.kv == SequenceKV()
+        assert seq not in self.scheduler.waiting and seq not in self.scheduler.running
+
+    @rule()
+    def run_step(self):
+        sched, config = self.scheduler, self.config
+        running, waiting = list(sched.running), list(sched.waiting)
+        preemptions = sched.stats.preemptions
+        out = sched.schedule()
+        self.steps += bool(out)
+        assert bool(out) == bool(running or waiting), "an empty step with work to do, or a step without work"
+        # budgets, and every chunk where its sequence's cache ends, in blocks it holds
+        assert out.num_tokens <= config.max_batch_tokens and len(out.chunks) <= config.max_num_seqs
+        assert len({c.seq.seq_id for c in out.chunks}) == len(out.chunks), "two chunks of one sequence"
+        for c in out.chunks:
+            assert c.seq.status is RUNNING and c.start == c.seq.num_computed and c.num_tokens >= 1
+            assert len(c.seq.kv.blocks) * self.blocks.block_size >= c.start + c.num_tokens
+        # each chunk takes all its sequence's remaining tokens, or what is left of the budget
+        budget = config.max_batch_tokens
+        for c in out.chunks:
+            assert c.num_tokens == min(c.seq.num_tokens - c.start, budget)
+            budget -= c.num_tokens
+        # preemption: the newest running sequences, newest first; nothing admitted in that step
+        assert sched.stats.preemptions == preemptions + len(out.preempted)
+        assert [s.seq_id for s in out.preempted] == sorted((s.seq_id for s in out.preempted), reverse=True)
+        assert all(s in running and s.status is WAITING and s.kv == SequenceKV() for s in out.preempted)
+        if out.preempted:
+            assert max((s.seq_id for s in sched.running), default=-1) < out.preempted[-1].seq_id
+        # running sequences first, in arrival order; then the head of the waiting queue, in order
+        old = [c.seq for c in out.chunks if c.seq in running]
+        new = [c.seq for c in out.chunks if c.seq not in running]
+        assert [c.seq for c in out.chunks] == old + new
+        survivors = [s for s in running if s not in out.preempted]
+        assert old == survivors[: len(old)]
+        if len(old) < len(survivors):
+            assert sum(c.num_tokens for c in out.chunks if c.seq in running) == config.max_batch_tokens
+        assert new == waiting[: len(new)], "a waiting sequence was overtaken"
+        if new:
+            assert not out.preempted and (config.batching is Batching.CONTINUOUS or not running)
+        # the forward
+        for c in out.chunks:
+            self.kv.write(c.seq.kv, c.seq.token_ids, c.seq.salt, c.start, c.num_tokens)
+        sched.complete(out)
+        for c in out.chunks:
+            assert c.seq.num_computed == c.start + c.num_tokens
+            if c.completes:
+                c.seq.append(next_token(c.seq.token_ids))
+                if c.seq.num_output_tokens == c.seq.max_tokens:
+                    sched.finish(c.seq)
+                    assert c.seq.kv == SequenceKV()
+
+    @invariant()
+    def consistent(self):
+        sched = self.scheduler
+        holders = [s.kv for s in sched.running]
+        self.blocks.check(holders or [SequenceKV()])  # an empty holder: reference counts are compared (all 0)
+        assert self.blocks.num_used == len({b for kv in holders for b in kv.blocks})
+        assert [s.seq_id for s in sched.waiting] == sorted(s.seq_id for s in sched.waiting)
+        assert [s.seq_id for s in sched.running] == sorted(s.seq_id for s in sched.running)
+        # preempted sequences are newer than all that still run, and admission is FIFO: the queues never interleave
+        assert max((s.seq_id for s in sched.running), default=-1) < min((s.seq_id for s in sched.waiting),
+                                                                       default=self.next_id)
+        assert len(sched.running) <= self.config.max_num_seqs
+        assert set(sched.running) | set(sched.waiting) == set(self.unfinished)
+        for seq in sched.waiting:
+            assert seq.status is WAITING and seq.kv == SequenceKV()
+        for seq in sched.running:
+            assert seq.status is RUNNING and seq.remaining >= 1 and seq.num_output_tokens < seq.max_tokens
+            self.kv.verify(seq.kv, seq.token_ids, seq.salt)
+        self.kv.verify_index()
+        if not self.blocks.prefix_caching:
+            assert max(self.blocks.ref_count) <= 1 and not self.blocks.cached
+        assert sched.stats.preemptions == sum(s.num_preemptions for s in self.seqs)
+        assert sched.stats.cached_tokens <= sched.stats.prompt_tokens
+
+    def teardown(self):
+        # progress: the oldest unfinished sequence is never preempted and gets a token every step, so it finishes
+        # within max_kv_tokens steps of becoming the oldest
+        bound = sum(s.max_kv_tokens for s in self.seqs)
+        while self.scheduler.has_work:
+            assert self.steps <= bound, f"{self.steps} steps, more than {bound}"
+            self.run_step()
+            self.consistent()
+        assert self.steps <= bound
+        for seq in self.seqs:
+            assert seq.status is FINISHED
+            assert seq.seq_id in self.cancelled or seq.num_output_tokens == seq.max_tokens
+        self.blocks.check()
+        assert self.blocks.num_used == 0 and self.blocks.num_free == self.blocks.num_blocks
+
+
+EngineMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_engine_properties = EngineMachine.TestCase
