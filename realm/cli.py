@@ -362,6 +362,9 @@ def _batch_run(args: argparse.Namespace) -> int:
         _check_output(Path(args.output))
     items = _read_batch(args.file, defaults)
 
+    if all(item.error is not None for item in items):  # nothing to run (an empty FILE, or only bad lines)
+        _write_batch([_batch_result(item, None) for item in items], args, wall_s=0.0)
+        return 0
     model = _load(args)
     for item in items:
         if item.messages is not None and item.error is None:
@@ -376,8 +379,11 @@ def _batch_run(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)
     wall_s = time.perf_counter() - start
     done = dict(zip((item.index for item in runnable), completions, strict=True))
-    results = [_batch_result(item, done.get(item.index)) for item in items]
+    _write_batch([_batch_result(item, done.get(item.index)) for item in items], args, wall_s)
+    return 0
 
+
+def _write_batch(results: list[dict], args: argparse.Namespace, wall_s: float) -> None:
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in results]
     if args.output is None:
         sys.stdout.writelines(lines)
@@ -387,7 +393,6 @@ def _batch_run(args: argparse.Namespace) -> int:
             f.writelines(lines)
     if not args.quiet:
         print(_batch_summary(results, wall_s), file=sys.stderr)
-    return 0
 
 
 def _check_output(out: Path) -> None:

@@ -344,7 +344,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self):
         # an empty holder when there are none, so that check() still compares the reference counts (all 0)
-        self.bm.check([seq for seq, _, _ in self.seqs] or [SequenceKV()])
+        self.bm.check([seq for seq, _, _ in self.seqs])
         held = {b for seq, _, _ in self.seqs for b in seq.blocks}
         assert self.bm.num_used == len(held)
         for seq, token_ids, salt in self.seqs:

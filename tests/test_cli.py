@@ -379,7 +379,7 @@ TINY_MAX_TOKENS = [10, 14, 6, 9, 12, 8]
     ["--batching", "static", "--max-num-seqs", "3"],
 ])
 def test_batch_equals_each_prompt_alone(tmp_path, capsys, monkeypatch, tiny_model, engines, options):
-    """Results in the file's order, each equal to that prompt generated alone; 12 blocks of 4 tokens cannot hold the
+    """Results in the file's order, each equal to that prompt generated alone; 9 blocks of 4 tokens cannot hold the
     six sequences at once (preemption, recomputation), and 8 tokens a step split the longer prompts into chunks."""
     import realm.runtime
     from realm.runtime import EngineConfig
@@ -388,7 +388,7 @@ def test_batch_equals_each_prompt_alone(tmp_path, capsys, monkeypatch, tiny_mode
     requests = [{"prompt": p, "max_tokens": n} for p, n in zip(TINY_PROMPTS, TINY_MAX_TOKENS, strict=True)]
     src, dst = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     src.write_text(_jsonl(*requests[:2], "", "   ", *requests[2:]))  # blank lines: skipped, still counted
-    argv = ["batch", src, "-o", dst, "--kv-blocks", "12", "--block-size", "4", "--max-batch-tokens", "8",
+    argv = ["batch", src, "-o", dst, "--kv-blocks", "9", "--block-size", "4", "--max-batch-tokens", "8",
             "--no-progress", *options]
     rc, out, err = run(argv, capsys)
     assert rc == 0 and out == ""
@@ -403,7 +403,7 @@ def test_batch_equals_each_prompt_alone(tmp_path, capsys, monkeypatch, tiny_mode
     prefix_caching = "--no-prefix-caching" not in options
     assert (sum(t["cached_tokens"] for t in timings) > 0) == prefix_caching
     static = "static" in options
-    assert engines == [EngineConfig(max_batch_tokens=8, max_num_seqs=3 if static else 64, kv_blocks=12, block_size=4,
+    assert engines == [EngineConfig(max_batch_tokens=8, max_num_seqs=3 if static else 64, kv_blocks=9, block_size=4,
                                     prefix_caching=prefix_caching, batching="static" if static else "continuous")]
     assert err.startswith(f"[6 requests, 0 failed; {sum(TINY_MAX_TOKENS)} output tokens in ") and "tok/s]" in err
 

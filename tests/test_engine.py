@@ -216,11 +216,64 @@ def tiny_models(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", list(Backend))
 def test_tiny_model_batch_equals_alone_on_both_backends(tiny_models, backend):
-    """Decodes, chunks after cached tokens and fresh prompts in one step, with preemption (8 blocks of 4)."""
+    """Decodes, chunks after cached tokens and fresh prompts in one step, with preemption (6 blocks of 4)."""
     model = next(m for m in tiny_models if m.backend is backend)
-    params = [greedy(n) for n in (6, 9, 4, 7)]
+    params = [greedy(n) for n in (10, 14, 6, 12)]
     alone = [model.generate(p, sp).token_ids for p, sp in zip(TINY_PROMPTS, params, strict=True)]
-    llm = LLM(model, backend=backend, max_batch_tokens=6, kv_blocks=8, block_size=4)
+    llm = LLM(model, backend=backend, max_batch_tokens=6, kv_blocks=6, block_size=4)
     outs = llm.generate(TINY_PROMPTS, params)
     assert [o.token_ids for o in outs] == alone
     assert llm.engine.scheduler.stats.preemptions > 0
+
+
+def test_callbacks_cannot_break_the_engine(tiny_models):
+    """A callback that raises ends its own request (finish reason "error"); one that cancels on the last event, or
+    cancels another request mid-step, leaves every request consistent; the engine goes on."""
+    model = next(m for m in tiny_models if m.backend is Backend.TORCH)
+    engine = Engine(model, EngineConfig(kv_blocks=32, block_size=4))
+
+    def boom(request, event):
+        if len(request.seq.output_ids) == 2:
+            raise RuntimeError("client went away")
+
+    def cancel_at_end(request, event):
+        engine.cancel(request)  # on every event, the last included: a no-op once finished
+
+    bad = engine.add_request(TINY_PROMPTS[0], greedy(6), on_event=boom)
+    late = engine.add_request(TINY_PROMPTS[1], greedy(4))
+    killer = engine.add_request(TINY_PROMPTS[2], greedy(5),
+                                on_event=lambda r, e: engine.cancel(late) if len(r.seq.output_ids) == 2 else None)
+    selfish = engine.add_request(TINY_PROMPTS[3], greedy(1), on_event=cancel_at_end)
+    engine.run()
+    assert bad.completion.finish_reason is FinishReason.ERROR
+    assert bad.completion.error == "on_event raised RuntimeError: client went away"
+    assert len(bad.completion.token_ids) == 2
+    assert late.completion.finish_reason is FinishReason.ABORT and len(late.completion.token_ids) == 2
+    assert killer.completion.finish_reason is FinishReason.LENGTH
+    assert selfish.completion.finish_reason is FinishReason.LENGTH  # its only event was its last: cancel is a no-op
+    for r in (bad, late, killer, selfish):  # the events a stream would give spell the completion
+        assert "".join(e.text for e in r.events) == r.completion.text
+    engine.cache.blocks.check([])
+    again = engine.add_request(TINY_PROMPTS[1], greedy(4))
+    engine.run()
+    assert again.completion.token_ids == model.generate(TINY_PROMPTS[1], greedy(4)).token_ids
+
+
+def test_requests_are_checked(tiny_models):
+    model = next(m for m in tiny_models if m.backend is Backend.TORCH)
+    engine, other = (Engine(model, EngineConfig(kv_blocks=8)) for _ in range(2))
+    with pytest.raises(ValueError, match="salt must be a string or None, got 7"):
+        engine.add_request([1, 2], greedy(2), salt=7)
+    with pytest.raises(ValueError, match="no request 5 was ever added"):
+        engine.cancel(5)
+    foreign = other.add_request([1, 2], greedy(2))
+    with pytest.raises(ValueError, match="request 0 is not one of this engine's unfinished requests"):
+        next(engine.stream(foreign))
+    llm = LLM(model, kv_blocks=8)
+    (one,) = llm.generate(torch.tensor([5, 6, 7]), greedy(2))  # a 1-D tensor of ids is one prompt
+    assert one.prompt_ids == [5, 6, 7] and len(one.token_ids) == 2
+    bad = llm.generate([None, b"abc"], greedy(2))
+    assert [o.error for o in bad] == ["a prompt is text or a sequence of integer token ids; got NoneType",
+                                      "a prompt is text or a sequence of integer token ids; got bytes"]
+    with pytest.raises(ValueError, match="sampling holds a dict, not a SamplingParams"):
+        llm.generate([[1], [2]], [greedy(1), {"max_tokens": 1}])

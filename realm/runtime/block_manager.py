@@ -167,9 +167,9 @@ class BlockManager:
 
     # ------------------------------------------------------------------------------------------------- checks
 
-    def check(self, sequences: Sequence[SequenceKV] = ()) -> None:
+    def check(self, sequences: Sequence[SequenceKV] | None = None) -> None:
         """Assert the invariants (tests, debugging): every block in exactly one state; with `sequences` (all that
-        hold blocks), reference counts equal the number of holders."""
+        hold blocks; [] when none should), reference counts equal the number of holders."""
         free, evictable = set(self.free_blocks), set(self.evictable)
         used = {b for b in range(self.num_blocks) if self.ref_count[b] > 0}
         assert len(free) == len(self.free_blocks), "a block is twice in the free list"
@@ -179,7 +179,7 @@ class BlockManager:
         assert all(self.block_hash[b] is not None for b in evictable), "an evictable block has no hash"
         assert {b: h for h, b in self.cached.items()} == {b: h for b, h in enumerate(self.block_hash)
                                                            if h is not None}, "hash index out of sync"
-        if sequences:
+        if sequences is not None:
             held = [0] * self.num_blocks
             for seq in sequences:
                 for b in seq.blocks:

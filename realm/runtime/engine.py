@@ -51,7 +51,7 @@ class EngineConfig:
     batching: Batching = Batching.CONTINUOUS  # STATIC: a baseline that refills only when all have finished
 
     def __post_init__(self):
-        self.scheduler_config()  # validates those fields
+        object.__setattr__(self, "batching", self.scheduler_config().batching)  # validated, and an enum
         for name in ("kv_blocks", "block_size"):
             value = getattr(self, name)
             if value is None and name == "kv_blocks":
@@ -101,13 +101,6 @@ class Request:
     def finished(self) -> bool:
         return self.completion is not None
 
-    def emit(self, event: TokenEvent | None) -> None:
-        if event is None:
-            return
-        self.events.append(event)
-        if self.on_event is not None:
-            self.on_event(self, event)
-
 
 class Engine:
     def __init__(self, model: Model, config: EngineConfig | None = None):
@@ -119,6 +112,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler_config(), self.cache.blocks)
         self.requests: dict[int, Request] = {}  # unfinished, by id
         self._next_id = 0
+        self._delivering: deque[tuple[Request, TokenEvent | None]] | None = None  # a step's events, being emitted
         self._vocab = model.tokenizer.vocab_size  # the embedding may have more rows (padding) than tokens
 
     def __repr__(self) -> str:
@@ -156,9 +150,15 @@ class Engine:
 
     def cancel(self, request: Request | int) -> None:
         """Stop a request now (finish reason "abort") and free its KV blocks; a finished one is left as it is."""
-        request = self.requests.get(request) if isinstance(request, int) else request
-        if request is not None and not request.finished:
-            self._finish(request, FinishReason.ABORT)
+        if isinstance(request, int):
+            if not 0 <= request < self._next_id:
+                raise ValueError(f"no request {request} was ever added to this engine")
+            request = self.requests.get(request)
+            if request is None:  # finished already
+                return
+        if not request.finished:
+            self._check_own(request)
+            self._deliver(request, self._finish(request, FinishReason.ABORT))
 
     # ------------------------------------------------------------------------------------------------- running
 
@@ -182,16 +182,24 @@ class Engine:
         sampling = [(row, self.requests[c.seq.seq_id]) for row, c in enumerate(chunks) if c.completes]
         tokens = self._sample(logits, sampling)
         now = time.perf_counter()
-        finished = []
+        # The engine's state first (every token appended, every finished request completed and its blocks freed),
+        # user callbacks last: whatever a callback does (raise, cancel), no sequence is left half-updated.
+        finished, events = [], []
         for (_, request), token in zip(sampling, tokens, strict=True):
-            if request.finished:  # cancelled by an on_event callback earlier in this loop
-                continue
             if request.first_token_s is None:
                 request.first_token_s = now
-            reason = self._accept(request, token)
-            if reason is not None and not request.finished:
-                self._finish(request, reason, now)
+            reason, event = self._accept(request, token)
+            tail = None
+            if reason is not None:
+                tail = self._finish(request, reason, now)
                 finished.append(request)
+            events.append((request, event, tail))
+        self._delivering = deque((request, e) for request, *news in events for e in news)
+        try:
+            while self._delivering:
+                self._emit(*self._delivering.popleft())
+        finally:
+            self._delivering = None
         return finished
 
     def run(self) -> None:
@@ -207,6 +215,7 @@ class Engine:
                 yield request.events.popleft()
             if request.finished:
                 return
+            self._check_own(request)
             self.step()
 
     # ---------------------------------------------------------------------------------------------- internals
@@ -227,24 +236,25 @@ class Engine:
                 tokens[i] = request.sampler.sample(logits[row, : self._vocab], history)
         return tokens
 
-    def _accept(self, request: Request, token: int) -> FinishReason | None:
-        """Append a sampled token; the finish reason when it ends the request."""
+    def _accept(self, request: Request, token: int) -> tuple[FinishReason | None, TokenEvent | None]:
+        """Append a sampled token -> (the finish reason if it ends the request, the event to emit)."""
         seq = request.seq
         seq.append(token)
         event = request.output.add(token)
         if event is None:  # end of generation
-            return FinishReason.STOP
-        request.emit(event)
+            return FinishReason.STOP, None
         if request.output.stopped:
-            return FinishReason.STOP
+            return FinishReason.STOP, event
         if seq.num_output_tokens == seq.max_tokens:
-            return FinishReason.LENGTH
-        return None
+            return FinishReason.LENGTH, event
+        return None, event
 
-    def _finish(self, request: Request, reason: FinishReason, now: float | None = None) -> None:
+    def _finish(self, request: Request, reason: FinishReason, now: float | None = None,
+                error: str | None = None) -> TokenEvent | None:
+        """Complete the request and free its blocks -> the held-back text's event, for the caller to emit."""
         now = time.perf_counter() if now is None else now
         self.scheduler.finish(request.seq)
-        request.emit(request.output.close())
+        tail = request.output.close()
         seq = request.seq
         first = request.first_token_s
         timings = Timings(
@@ -256,5 +266,38 @@ class Engine:
             cached_tokens=seq.num_cached_tokens,
             preemptions=seq.num_preemptions,
         )
-        request.completion = Completion(request.output.text, seq.output_ids, reason, request.prompt_ids, timings)
+        request.completion = Completion(request.output.text, seq.output_ids, reason, request.prompt_ids, timings,
+                                        error)
         del self.requests[request.request_id]
+        return tail
+
+    def _deliver(self, request: Request, event: TokenEvent | None) -> None:
+        """Emit now, or after the events of the step being delivered (so a callback that cancels another request
+        cannot put that request's last text before its token's)."""
+        if self._delivering is None:
+            self._emit(request, event)
+        else:
+            self._delivering.append((request, event))
+
+    def _emit(self, request: Request, event: TokenEvent | None) -> None:
+        """Queue the event for `stream` and call on_event. A callback that raises ends its request with finish
+        reason "error" and the exception in `error` (the other requests go on)."""
+        if event is None:
+            return
+        request.events.append(event)
+        if request.on_event is None:
+            return
+        try:
+            request.on_event(request, event)
+        except Exception as e:
+            message = f"on_event raised {type(e).__name__}: {e}"
+            if request.finished:
+                request.completion.finish_reason, request.completion.error = FinishReason.ERROR, message
+                return
+            tail = self._finish(request, FinishReason.ERROR, error=message)
+            if tail is not None:
+                request.events.append(tail)  # for `stream`; the failing callback is not called again
+
+    def _check_own(self, request: Request) -> None:
+        if self.requests.get(request.request_id) is not request:
+            raise ValueError(f"request {request.request_id} is not one of this engine's unfinished requests")

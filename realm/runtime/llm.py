@@ -11,6 +11,7 @@ there.
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -65,28 +66,28 @@ class LLM:
         """One Completion per prompt, in order. prompts: texts or token-id lists (one text alone is a batch of one);
         sampling: one SamplingParams for all, one per prompt, or None for the defaults; progress: a bar on stderr
         (None: for batches of PROGRESS_FROM prompts or more); on_event(prompt index, TokenEvent): streaming."""
-        prompts = [prompts] if _single(prompts) else list(prompts)
+        prompts = _prompt_list(prompts)
         params = self._params(sampling, len(prompts))
         outputs: list[Completion | None] = [None] * len(prompts)
         running: dict[int, Request] = {}  # prompt index -> its request
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            callback = None if on_event is None else (lambda _request, event, i=i: on_event(i, event))
-            try:
-                running[i] = self.engine.add_request(prompt, p, on_event=callback)
-            except (ValueError, TypeError) as e:  # this request alone fails
-                outputs[i] = _failed(prompt, e)
         show = len(prompts) >= PROGRESS_FROM if progress is None else progress
-        with tqdm(total=len(prompts), disable=not show, unit="req", file=sys.stderr) as bar:
-            bar.update(len(prompts) - len(running))
-            try:
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                callback = None if on_event is None else (lambda _request, event, i=i: on_event(i, event))
+                try:
+                    running[i] = self.engine.add_request(prompt, p, on_event=callback)
+                except ValueError as e:  # this request alone fails
+                    outputs[i] = _failed(prompt, e)
+            with tqdm(total=len(prompts), disable=not show, unit="req", file=sys.stderr) as bar:
+                bar.update(len(prompts) - len(running))
                 while running:
                     self.engine.step()
                     for i in [i for i, r in running.items() if r.finished]:
                         outputs[i] = running.pop(i).completion
                         bar.update()
-            finally:  # an interrupted batch leaves nothing behind in the engine
-                for request in running.values():
-                    self.engine.cancel(request)
+        finally:  # an interrupted batch leaves nothing behind in the engine
+            for request in running.values():
+                self.engine.cancel(request)
         return outputs  # type: ignore[return-value]
 
     @staticmethod
@@ -95,19 +96,41 @@ class LLM:
             return [SamplingParams()] * n
         if isinstance(sampling, SamplingParams):
             return [sampling] * n
-        sampling = list(sampling)
-        if len(sampling) != n or not all(isinstance(p, SamplingParams) for p in sampling):
-            raise ValueError(f"sampling must be one SamplingParams or one per prompt ({n}), got {len(sampling)} items")
-        return sampling
+        if not isinstance(sampling, Sequence):
+            raise ValueError(f"sampling must be a SamplingParams or a list of them, got {type(sampling).__name__}")
+        if len(sampling) != n:
+            raise ValueError(f"sampling must be one SamplingParams or one per prompt ({n}), got {len(sampling)}")
+        bad = next((p for p in sampling if not isinstance(p, SamplingParams)), None)
+        if bad is not None:
+            raise ValueError(f"sampling holds a {type(bad).__name__}, not a SamplingParams")
+        return list(sampling)
 
 
-def _single(prompts) -> bool:
-    """One prompt (a text, or a list of ids) rather than a batch of them."""
-    return isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0 and
-                                        all(isinstance(t, int) for t in prompts))
+def _prompt_list(prompts) -> list:
+    """A batch of prompts; one text, or one sequence of ids (a list, a tuple, a 1-D array or tensor), alone is a
+    batch of one."""
+    if hasattr(prompts, "tolist"):  # numpy arrays, tensors: 1-D is one prompt, 2-D a batch of them
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
+        if isinstance(prompts, str):
+            return [prompts]
+        raise ValueError(f"prompts must be a text, a list of token ids, or a list of those; got "
+                         f"{type(prompts).__name__}")
+    if prompts and all(_is_id(t) for t in prompts):
+        return [list(prompts)]
+    return [p.tolist() if hasattr(p, "tolist") else p for p in prompts]
+
+
+def _is_id(t) -> bool:
+    try:
+        operator.index(t)
+    except TypeError:
+        return False
+    return not isinstance(t, bool)
 
 
 def _failed(prompt: Prompt, error: Exception) -> Completion:
-    ids = [t for t in prompt if isinstance(t, int)] if isinstance(prompt, Sequence) and not isinstance(prompt, str) \
-        else []
+    """The output of a request that could not run: its ids if it had any valid ones, else none."""
+    ids = list(prompt) if isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(
+        _is_id(t) for t in prompt) else []
     return Completion("", [], FinishReason.ERROR, ids, Timings(prompt_tokens=len(ids)), error=str(error))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -119,6 +119,8 @@ class Model:
         if isinstance(prompt, str):
             bos = self.tokenizer.add_bos_default if add_bos is None else add_bos
             return self.tokenizer.encode(prompt, add_bos=bos)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+            raise ValueError(f"a prompt is text or a sequence of integer token ids; got {type(prompt).__name__}")
         return [_token_id(t) for t in prompt]
 
     def check_prompt(self, ids: Sequence[int]) -> None:

@@ -10,14 +10,16 @@ KV blocks. Iteration-level (a sequence joins or leaves the batch at any step), w
 
 A step is formed in two passes, older sequences first:
 1. Running sequences, in arrival order, each get min(its remaining tokens, the budget left): one token for a
-   decode, a chunk of the prompt for a prefill in progress. When the blocks for that chunk are not free, the newest
-   running sequence is preempted (its blocks freed; it will recompute its prompt and output when resumed), until
-   they are, or until the sequence itself was the newest.
+   decode, a chunk of the prompt for a prefill in progress (shrunk to the free blocks, if they are short). When
+   even that does not fit, the newest running sequence is preempted (its blocks freed; it will recompute its prompt
+   and output when resumed), until it fits, or until the sequence itself was the newest. Older sequences come
+   first in everything: a resumed prefill takes the budget before newer sequences' decodes.
 2. Waiting sequences, in arrival order (a preempted sequence keeps its place, ahead of later arrivals), are
    admitted while the budget, `max_num_seqs` and the blocks last, after taking what they can from the prefix cache.
    The first that does not fit stops admission (no overtaking: a long prompt is never starved by short ones), and
-   so does a preemption in pass 1. An admission leaves one free block per running sequence, so the next steps'
-   decodes do not at once preempt what was just admitted.
+   so does a preemption in pass 1. A sequence is admitted only when the blocks for all its tokens (not just this
+   step's chunk) are free, with one to spare per running sequence, so that the next steps' decodes do not at once
+   preempt what was just admitted.
 
 With `Batching.STATIC` (a baseline for benchmarks) pass 2 runs only when no sequence is running, and then admits a
 whole batch (up to `max_num_seqs`, whatever the token budget; prompts the budget leaves out are prefilled in the next
@@ -106,6 +108,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # sorted by arrival
+        self.ids: set[int] = set()  # of the sequences waiting or running
         self.stats = SchedulerStats()
 
     @property
@@ -123,10 +126,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if seq.status is not SequenceStatus.WAITING or seq.kv.blocks or seq.num_computed:
             raise ValueError(f"only a new sequence can be added, got {seq!r}")
-        if any(s.seq_id == seq.seq_id for s in (*self.waiting, *self.running)):
+        if seq.seq_id in self.ids:
             raise ValueError(f"sequence id {seq.seq_id} is already scheduled")
         self.check_fits(seq)
         bisect.insort(self.waiting, seq, key=_by_arrival)
+        self.ids.add(seq.seq_id)
 
     # ------------------------------------------------------------------------------------------------ schedule
 
@@ -137,7 +141,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.remaining, budget)
+            n = self._fit(seq, min(seq.remaining, budget))
             while not self.blocks.can_allocate(seq.kv, seq.num_computed + n) and self.running[-1] is not seq:
                 step.preempted.append(self._preempt(self.running[-1]))
             if not self.blocks.can_allocate(seq.kv, seq.num_computed + n):
@@ -154,14 +158,21 @@ class Scheduler:
         self.stats.steps += bool(step)
         return step
 
+    def _fit(self, seq: Sequence, n: int) -> int:
+        """A prefill chunk shrinks to the room its blocks and the free ones have, rather than preempting others
+        (a decode, 1 token, cannot shrink)."""
+        room = (len(seq.kv.blocks) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
+        return max(1, min(n, room))
+
     def _admit(self, step: Step, budget: int, whole_batch: bool = False) -> None:
         while (self.waiting and (budget > 0 or whole_batch) and not step.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             cached = self.blocks.match_prefix(seq.kv, seq.token_ids, seq.salt)
             n = min(seq.remaining, budget)
-            need = self.blocks.blocks_needed(seq.kv, seq.num_computed + n)
-            if need + len(self.running) > self.blocks.num_free:  # keep a block per running sequence free
+            # all its tokens must fit now (a prefill that could not finish would only be preempted), with a block
+            # to spare per running sequence
+            if self.blocks.blocks_needed(seq.kv, seq.num_tokens) + len(self.running) > self.blocks.num_free:
                 self.blocks.free(seq.kv)  # gives back what the prefix match took
                 break
             self.blocks.allocate(seq.kv, seq.num_computed + n)
@@ -205,5 +216,6 @@ class Scheduler:
         if seq not in queue:
             raise ValueError(f"{seq!r} is not in this scheduler")
         queue.remove(seq)
+        self.ids.discard(seq.seq_id)
         self.blocks.free(seq.kv)
         seq.status = SequenceStatus.FINISHED

@@ -43,6 +43,8 @@ class Sequence:
             raise ValueError("a sequence needs at least one prompt token")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.salt is not None and not isinstance(self.salt, str):
+            raise ValueError(f"salt must be a string or None, got {self.salt!r}")
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id}, {self.status.value}, {self.num_prompt_tokens}+{self.num_output_tokens} "
