@@ -60,6 +60,7 @@ from harness import (
     latest,
     matmul_tflops,
     plot_only_rows,
+    positive_int,
     print_table,
     read_jsonl,
     require_gpu,
@@ -558,30 +559,20 @@ def _shape(text: str) -> AttnShape:
     return SHAPES[text]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default both)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                    help="default bfloat16 float16 (--quick bfloat16); --plot-only: the dtypes shown, the first plotted")
     p.add_argument("--prefill-shapes", nargs="+", type=_shape, help=f"default {' '.join(PREFILL_SHAPES)}")
-    p.add_argument("--seqs", nargs="+", type=_positive, help=f"prefill lengths; default {' '.join(map(str, SEQS))}")
+    p.add_argument("--seqs", nargs="+", type=positive_int, help=f"prefill lengths; default {' '.join(map(str, SEQS))}")
     p.add_argument("--masks", nargs="+", choices=list(MASKS), default=list(MASKS), help="prefill masks (default both)")
-    p.add_argument("--tokens", type=_positive, default=TOKENS,
+    p.add_argument("--tokens", type=positive_int, default=TOKENS,
                    help=f"query tokens per prefill launch: batch = max(1, tokens // S) (default {TOKENS})")
     p.add_argument("--decode-shapes", nargs="+", type=_shape, help=f"default {' '.join(DECODE_SHAPES)}")
-    p.add_argument("--contexts", nargs="+", type=_positive,
+    p.add_argument("--contexts", nargs="+", type=positive_int,
                    help=f"decode tokens per sequence; default {' '.join(map(str, CONTEXTS))}")
-    p.add_argument("--batches", nargs="+", type=_positive, help=f"decode batch sizes; default "
+    p.add_argument("--batches", nargs="+", type=positive_int, help=f"decode batch sizes; default "
                    f"{' '.join(map(str, BATCHES))}")
     p.add_argument("--out", type=Path, default=JSONL, help="JSONL to append to; the PNG goes next to it")
     p.add_argument("--quick", action="store_true", help="a short run: prefill mha-d128 gqa-d128 at 1k 4k 16k, decode "

@@ -230,6 +230,17 @@ def target_results(rows: Sequence[dict], targets: Iterable[Target], worst: Calla
     return results
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def shown(path: str | Path) -> str:
     """path relative to the repository when inside it (shorter lines), else as given (resolved)."""
     path = Path(path).resolve()

@@ -87,6 +87,7 @@ from harness import (
     environment,
     latest,
     plot_only_rows,
+    positive_int,
     print_table,
     read_jsonl,
     shown,
@@ -598,43 +599,33 @@ def _backends(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="a packaged model name or a .gguf path (default smollm2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where realm and transformers run")
     p.add_argument("--backends", type=_backends, help="realm backends, comma separated (default torch on cpu, "
                    "torch,triton on cuda; triton: cuda only)")
-    p.add_argument("--requests", nargs="+", type=_positive, help=f"values of N, concurrent requests (default "
+    p.add_argument("--requests", nargs="+", type=positive_int, help=f"values of N, concurrent requests (default "
                    f"{' '.join(map(str, REQUESTS))}; --quick {' '.join(map(str, QUICK['requests']))})")
-    p.add_argument("--max-num-seqs", type=_positive, help=f"sequences per batch, both engines (default {MAX_NUM_SEQS}; "
-                   f"--quick {QUICK['max_num_seqs']})")
-    p.add_argument("--max-batch-tokens", type=_positive, help=f"tokens per step (default the engine's, "
+    p.add_argument("--max-num-seqs", type=positive_int, help=f"sequences per batch, both engines (default "
+                   f"{MAX_NUM_SEQS}; --quick {QUICK['max_num_seqs']})")
+    p.add_argument("--max-batch-tokens", type=positive_int, help=f"tokens per step (default the engine's, "
                    f"{EngineConfig().max_batch_tokens})")
-    p.add_argument("--kv-blocks", type=_positive, help="KV cache blocks (default: max-num-seqs sequences of the "
+    p.add_argument("--kv-blocks", type=positive_int, help="KV cache blocks (default: max-num-seqs sequences of the "
                    "longest prompt and output, plus one block each)")
-    p.add_argument("--block-size", type=_positive, default=BLOCK_SIZE, help=f"tokens per KV block (default "
+    p.add_argument("--block-size", type=positive_int, default=BLOCK_SIZE, help=f"tokens per KV block (default "
                    f"{BLOCK_SIZE})")
-    p.add_argument("--prompt-lens", nargs=2, type=_positive, metavar=("MIN", "MAX"),
+    p.add_argument("--prompt-lens", nargs=2, type=positive_int, metavar=("MIN", "MAX"),
                    help="prompt lengths, uniform (default 16 256; --quick 16 64)")
-    p.add_argument("--output-lens", nargs=2, type=_positive, metavar=("MIN", "MAX"),
+    p.add_argument("--output-lens", nargs=2, type=positive_int, metavar=("MIN", "MAX"),
                    help="wanted output lengths are clipped to these (default 8 256; --quick 4 32)")
     p.add_argument("--output-median", type=float, help="median of the lognormal output lengths (default 32; --quick 8)")
     p.add_argument("--output-sigma", type=float, default=1.0, help="log-sigma of the output lengths (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="the workload's seed (default 0)")
-    p.add_argument("--repeats", type=_positive, default=1, help="timed runs per engine, mode and N, interleaved "
+    p.add_argument("--repeats", type=positive_int, default=1, help="timed runs per engine, mode and N, interleaved "
                    "(default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short runs per engine and mode first (default 1)")
-    p.add_argument("--threads", type=_positive, default=os.cpu_count(), help="torch CPU threads (default "
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch CPU threads (default "
                    "os.cpu_count())")
     p.add_argument("--no-hf", action="store_true", help="do not measure transformers")
     p.add_argument("--out", type=Path, default=JSONL, help="JSONL to append to; the PNG goes next to it")
