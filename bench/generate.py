@@ -42,6 +42,7 @@ import torch
 from harness import (
     RESULTS,
     append_jsonl,
+    comma_list,
     cpu_name,
     environment,
     latest,
@@ -376,28 +377,13 @@ def print_summary(rows: list[dict]) -> None:
 
 # ---- command line ------------------------------------------------------------------------------------------------
 
-def _dtypes(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in DTYPES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"dtypes must be a comma list of {', '.join(DTYPES)}, got {text!r}")
-    return names
-
-
-def _backends(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names or any(n not in BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"backends must be a comma list of {', '.join(BACKENDS)}, got {text!r}")
-    return names
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="a packaged model name or a .gguf path (default smollm2)")
-    p.add_argument("--dtypes", type=_dtypes, default=["float32"], help="realm compute dtypes, comma separated "
-                   f"({', '.join(DTYPES)}); default float32")
-    p.add_argument("--backends", type=_backends, default=["torch"], help="realm backends, comma separated "
-                   "(torch, triton: GPU only); default torch")
+    p.add_argument("--dtypes", type=comma_list("dtypes", DTYPES), default=["float32"],
+                   help=f"realm compute dtypes, comma separated ({', '.join(DTYPES)}); default float32")
+    p.add_argument("--backends", type=comma_list("backends", BACKENDS), default=["torch"],
+                   help="realm backends, comma separated (torch, triton: GPU only); default torch")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="realm's device (llama.cpp runs on CPU "
                    "only, and only beside realm on CPU)")
     p.add_argument("--tokens", type=int, help=f"new tokens per run (default {DEFAULTS['tokens']}, "

@@ -241,6 +241,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def comma_list(what: str, choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated, non-empty list of names among `choices`."""
+    choices = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"{what} must be a comma list of {', '.join(choices)}, got {text!r}")
+        return names
+
+    return parse
+
+
 def shown(path: str | Path) -> str:
     """path relative to the repository when inside it (shorter lines), else as given (resolved)."""
     path = Path(path).resolve()

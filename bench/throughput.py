@@ -83,6 +83,7 @@ from harness import (
     RESULTS,
     Target,
     append_jsonl,
+    comma_list,
     cpu_name,
     environment,
     latest,
@@ -592,19 +593,12 @@ def print_summary(rows: list[dict]) -> None:
 
 # ---- command line ------------------------------------------------------------------------------------------------
 
-def _backends(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names or any(n not in BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"backends must be a comma list of {', '.join(BACKENDS)}, got {text!r}")
-    return names
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="a packaged model name or a .gguf path (default smollm2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where realm and transformers run")
-    p.add_argument("--backends", type=_backends, help="realm backends, comma separated (default torch on cpu, "
-                   "torch,triton on cuda; triton: cuda only)")
+    p.add_argument("--backends", type=comma_list("backends", BACKENDS),
+                   help="realm backends, comma separated (default torch on cpu, torch,triton on cuda; triton: cuda)")
     p.add_argument("--requests", nargs="+", type=positive_int, help=f"values of N, concurrent requests (default "
                    f"{' '.join(map(str, REQUESTS))}; --quick {' '.join(map(str, QUICK['requests']))})")
     p.add_argument("--max-num-seqs", type=positive_int, help=f"sequences per batch, both engines (default "
