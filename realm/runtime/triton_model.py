@@ -73,6 +73,28 @@ class Projection:
 
 
 @dataclass(frozen=True)
+class _AttentionPlan:
+    """Which attention kernels a step runs. Fresh prompts only: flash attention on the step's own K, V. Otherwise
+    the leading num_decode sequences (one token each; the engine puts decodes first) through paged decode
+    attention, which reads each K/V byte once per query-head group, and the chunks after them (tokens following
+    cached ones) through paged flash attention."""
+
+    fresh: bool
+    num_decode: int
+    decode_max_seq_len: int
+    chunk_cu_seqlens: torch.Tensor | None  # the chunks' offsets in q[num_decode:]; None without chunks
+    chunk_max_seqlen_q: int
+
+    @classmethod
+    def of(cls, batch: ForwardBatch) -> _AttentionPlan:
+        d = batch.num_decode
+        chunks = d < len(batch.query_lens)
+        cu = (batch.cu_seqlens_q[d:] - d if d else batch.cu_seqlens_q) if chunks else None
+        return cls(batch.is_fresh_prefill, d, max(batch.context_lens[:d], default=0), cu,
+                   max(batch.query_lens[d:], default=0))
+
+
+@dataclass(frozen=True)
 class _Layer:
     attn_norm: torch.Tensor  # float32 [hidden]
     qkv: Projection
@@ -127,6 +149,7 @@ class TritonModel(Runner):
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         eps = self.config.rms_eps
+        plan = _AttentionPlan.of(batch)  # once per step, not per layer
         out = F.embedding(batch.tokens, self.embedding)  # [tokens, hidden]
         h = None  # the residual stream; the first layer's input is the embedding itself
         for i, layer in enumerate(self.layers):
@@ -134,13 +157,13 @@ class TritonModel(Runner):
                 h, x = out, rms_norm(out, layer.attn_norm, eps)
             else:
                 x, h = rms_norm(out, layer.attn_norm, eps, residual=h)
-            o = self._attention(layer, x, batch, cache.layer(i))
+            o = self._attention(layer, x, batch, plan, cache.layer(i))
             x, h = rms_norm(layer.wo(o), layer.ffn_norm, eps, residual=h)
             out = layer.down(silu_mul(layer.gate_up(x)))
         x = rms_norm(out, self.output_norm, eps, residual=h)[0]
         return self.output(x[batch.logits_rows])
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, batch: ForwardBatch,
+    def _attention(self, layer: _Layer, x: torch.Tensor, batch: ForwardBatch, plan: _AttentionPlan,
                    kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [tokens, hidden] -> attention output [tokens, q_size] (before the output projection)."""
         c = self.config
@@ -155,19 +178,17 @@ class TritonModel(Runner):
         k_cache, v_cache = kv
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         scale = c.head_dim**-0.5
-        if batch.is_fresh_prefill:
+        if plan.fresh:
             o = flash_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True, scale=scale,
                                 max_seqlen_q=batch.max_seqlen_q)
             return o.view(n, c.q_size)
-        # Decodes (the leading num_decode sequences, one token each) through paged decode attention, which reads
-        # each K/V byte once per query-head group; prefill chunks after cached tokens through paged flash attention
-        d = batch.num_decode
+        d = plan.num_decode
         o = torch.empty_like(q, memory_format=torch.contiguous_format)
         if d:
             paged_decode_attention(q[:d], k_cache, v_cache, batch.seq_lens[:d], batch.block_tables[:d], scale=scale,
-                                   max_seq_len=max(batch.context_lens[:d]), out=o[:d])
-        if d < len(batch.query_lens):
-            cu = batch.cu_seqlens_q[d:] - d if d else batch.cu_seqlens_q  # the chunks' offsets in q[d:]
-            flash_attention_paged(q[d:], k_cache, v_cache, cu, batch.seq_lens[d:], batch.block_tables[d:],
-                                  causal=True, scale=scale, max_seqlen_q=max(batch.query_lens[d:]), out=o[d:])
+                                   max_seq_len=plan.decode_max_seq_len, out=o[:d])
+        if plan.chunk_cu_seqlens is not None:
+            flash_attention_paged(q[d:], k_cache, v_cache, plan.chunk_cu_seqlens, batch.seq_lens[d:],
+                                  batch.block_tables[d:], causal=True, scale=scale,
+                                  max_seqlen_q=plan.chunk_max_seqlen_q, out=o[d:])
         return o.view(n, c.q_size)
