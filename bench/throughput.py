@@ -296,8 +296,8 @@ class RealmRunner:
     def __init__(self, model, config: EngineConfig, device: torch.device):
         self.engine = Engine(model, config)
         with torch.inference_mode():  # first touch of the cache's pages now, not in a timed run
-            self.engine.cache.k.zero_()
-            self.engine.cache.v.zero_()
+            self.engine.runner.kv.k.zero_()
+            self.engine.runner.kv.v.zero_()
         dtype = str(model.dtype).removeprefix("torch.")
         self.fields = {"engine": f"realm {model.backend.value} {dtype}", "engine_kind": "realm",
                        "backend": model.backend.value, "dtype": dtype, "mode": Batching(config.batching).value,

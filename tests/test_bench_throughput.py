@@ -236,7 +236,7 @@ def test_continuous_and_static_give_the_same_greedy_tokens(bench, tiny):
         runs[mode] = runner.run(requests)
         assert runner.fields["mode"] == mode
         assert [len(t) for t in runs[mode].token_ids] == [r.max_tokens for r in requests]
-        assert not runner.engine.has_work and runner.engine.cache.blocks.num_used == 0
+        assert not runner.engine.has_work and runner.engine.blocks.num_used == 0
     assert runs["continuous"].token_ids == runs["static"].token_ids
     static, continuous = runs["static"].batch_sizes, runs["continuous"].batch_sizes
     assert max(static) == 4 and max(continuous) == 4

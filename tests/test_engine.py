@@ -1,18 +1,21 @@
 """The continuously batching engine (realm.runtime.engine) and the offline API (realm.LLM), end to end.
 
 The acceptance test: with greedy sampling every output of a batch of mixed-length prompts equals that prompt
-generated alone (`Model.generate`, the single-sequence loop, an independent code path), also when a small KV cache
-forces preemptions (the preempted sequences recompute their tokens) and with prefix caching on and off. The batched
+generated alone (`Model.generate`, itself checked against the single-sequence oracle of tests/oracle.py), also
+when a small KV cache forces preemptions (the preempted sequences recompute their tokens) and with prefix caching on
+and off. The batched
 forward packs different numbers of tokens per step than the solo run, so logits differ in the last float bits
 (matmuls of other shapes); greedy tokens agree unless two logits tie that closely, which these prompts do not.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 import torch
+from oracle import greedy_alone
 from tiny_gguf import StubTokenizer, write_tiny_llama
 
 import realm
@@ -45,8 +48,12 @@ def greedy(max_tokens: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def solo(smollm2):
-    """Each prompt generated alone by the single-sequence loop."""
-    return [smollm2.generate(p, greedy(n)) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)]
+    """Each prompt generated alone (`Model.generate`: one request on the model's own engine), and checked against
+    the independent single-sequence oracle (tests/oracle.py: no scheduler, no step plan, no batched sampler)."""
+    alone = [smollm2.generate(p, greedy(n)) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)]
+    for c, n in zip(alone, MAX_TOKENS, strict=True):
+        assert c.token_ids == greedy_alone(smollm2, c.prompt_ids, n)
+    return alone
 
 
 @pytest.mark.parametrize(("kv_blocks", "prefix_caching"), [(None, True), (10, True), (10, False)])
@@ -66,7 +73,7 @@ def test_batch_equals_each_prompt_alone(smollm2, solo, kv_blocks, prefix_caching
         assert stats.preemptions == 0
     # the system prompt is shared: later prompts find its full blocks (and resumed sequences their own)
     assert (stats.cached_tokens > 0) == prefix_caching
-    blocks = llm.engine.cache.blocks
+    blocks = llm.engine.blocks
     blocks.check()
     assert blocks.num_used == 0  # every block came back; cached ones are evictable
 
@@ -115,10 +122,10 @@ def test_cancel_frees_blocks_and_leaves_the_rest_unchanged(smollm2, solo):
         engine.step()
     running, waiting = requests[0], requests[3]
     assert running.seq.kv.blocks and not waiting.seq.kv.blocks
-    used = engine.cache.blocks.num_used
+    used = engine.blocks.num_used
     engine.cancel(running)
     engine.cancel(waiting.request_id)
-    assert engine.cache.blocks.num_used < used and not running.seq.kv.blocks
+    assert engine.blocks.num_used < used and not running.seq.kv.blocks
     for r in (running, waiting):
         assert r.completion.finish_reason is FinishReason.ABORT
     assert len(running.completion.token_ids) < MAX_TOKENS[0] and waiting.completion.token_ids == []
@@ -126,8 +133,8 @@ def test_cancel_frees_blocks_and_leaves_the_rest_unchanged(smollm2, solo):
     assert [r.completion.token_ids for r in requests[1:3]] == [s.token_ids for s in solo[1:3]]
     engine.cancel(requests[1])  # finished already: nothing changes
     assert requests[1].completion.finish_reason is FinishReason.LENGTH
-    engine.cache.blocks.check()
-    assert engine.cache.blocks.num_used == 0
+    engine.blocks.check()
+    assert engine.blocks.num_used == 0
 
 
 def test_cancel_from_a_callback(smollm2):
@@ -167,13 +174,20 @@ def test_bad_requests_fail_alone(smollm2, solo):
 
 
 def test_timings_and_progress(smollm2, capsys):
-    llm = LLM(smollm2, max_batch_tokens=16, kv_blocks=64)
+    """One sequence at a time (max_num_seqs=1): each request waits in the queue while the ones before it run, so
+    its queue time covers their whole prefill and decode; the first waits for nothing."""
+    llm = LLM(smollm2, max_batch_tokens=64, max_num_seqs=1, kv_blocks=64)
     outs = llm.generate(PROMPTS[:3], [greedy(n) for n in MAX_TOKENS[:3]], progress=True)
     assert "3/3" in capsys.readouterr().err
     for out, n in zip(outs, MAX_TOKENS, strict=False):
         t = out.timings
         assert t.generated_tokens == n and t.prompt_tokens == len(out.prompt_ids)
-        assert t.queue_s >= 0 and t.prefill_s > 0 and t.decode_s > 0 and t.decode_tokens_per_s > 0
+        assert t.prefill_s > 0 and t.decode_s > 0 and t.decode_tokens_per_s == (n - 1) / t.decode_s
+    first = outs[0].timings
+    assert first.queue_s < first.prefill_s  # admitted in the first step
+    for before, after in itertools.pairwise(outs):
+        ran = before.timings.queue_s + before.timings.prefill_s + before.timings.decode_s
+        assert after.timings.queue_s >= ran
 
 
 def test_engine_and_llm_errors(smollm2):
@@ -252,8 +266,8 @@ def test_callbacks_cannot_break_the_engine(tiny_models):
     assert killer.completion.finish_reason is FinishReason.LENGTH
     assert selfish.completion.finish_reason is FinishReason.LENGTH  # its only event was its last: cancel is a no-op
     for r in (bad, late, killer, selfish):  # the events a stream would give spell the completion
-        assert "".join(e.text for e in r.events) == r.completion.text
-    engine.cache.blocks.check([])
+        assert "".join(e.text for e in engine.stream(r)) == r.completion.text
+    engine.blocks.check([])
     again = engine.add_request(TINY_PROMPTS[1], greedy(4))
     engine.run()
     assert again.completion.token_ids == model.generate(TINY_PROMPTS[1], greedy(4)).token_ids
@@ -267,7 +281,7 @@ def test_requests_are_checked(tiny_models):
     with pytest.raises(ValueError, match="no request 5 was ever added"):
         engine.cancel(5)
     foreign = other.add_request([1, 2], greedy(2))
-    with pytest.raises(ValueError, match="request 0 is not one of this engine's unfinished requests"):
+    with pytest.raises(ValueError, match="request 0 is not one of this engine's requests"):
         next(engine.stream(foreign))
     llm = LLM(model, kv_blocks=8)
     (one,) = llm.generate(torch.tensor([5, 6, 7]), greedy(2))  # a 1-D tensor of ids is one prompt

@@ -1,5 +1,6 @@
 """realm.kernels' per-layer kernels (rms_norm, apply_rope, silu_mul) against their references and against
-realm.runtime.torch_model, on the `device` fixture (Triton's interpreter on CPU, the same tests on CUDA).
+HF transformers' llama formulas (tests/hf_formulas.py), on the `device` fixture (Triton's interpreter on CPU, the
+same tests on CUDA).
 
 The kernels compute in float32 and round once to the activation dtype; their references do the same, so float16 and
 bfloat16 results differ from them by at most one rounding of that dtype: the dtype's TOLERANCES entry.
@@ -7,6 +8,7 @@ bfloat16 results differ from them by at most one rounding of that dtype: the dty
 
 from types import SimpleNamespace
 
+import hf_formulas as hf
 import pytest
 import torch
 from tolerances import assert_close, assert_equal, poison
@@ -21,7 +23,6 @@ from realm.kernels import (
     silu_mul,
     silu_mul_ref,
 )
-from realm.runtime import torch_model
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOKENS = [1, 3, 64, 123]
@@ -73,16 +74,19 @@ def test_rms_norm_matches_reference(fused, tokens, hidden, dtype, device):
     assert_close(y, rms_norm_ref(h, weight, EPS), what=what)  # the norm of the stream the kernel wrote
 
 
-def test_rms_norm_equals_torch_model(device):
-    """SmolLM2-135M's shapes (hidden 576) in float32: the kernel is torch_model.rms_norm, the fused form its
-    `h = h + sublayer` followed by the next norm."""
+def test_rms_norm_equals_hf(device):
+    """SmolLM2-135M's shapes (hidden 576) in float32: the kernel is HF's LlamaRMSNorm, the fused form its
+    `h = h + sublayer` followed by the next norm; the reference op is HF's bit for bit."""
     x = _activations(7, 576, torch.float32, device, seed=4)
     residual = _activations(7, 576, torch.float32, device, seed=5)
     weight = (1 + _randn(576, seed=6, scale=0.2)).to(device)
-    assert_close(rms_norm(x, weight, EPS), torch_model.rms_norm(x, weight, EPS))
+    assert_close(rms_norm(x, weight, EPS), hf.rms_norm(x, weight, EPS))
     y, h = rms_norm(x, weight, EPS, residual)
     assert_equal(h, residual + x)
-    assert_close(y, torch_model.rms_norm(residual + x, weight, EPS))
+    assert_close(y, hf.rms_norm(residual + x, weight, EPS))
+    y_ref, h_ref = rms_norm_ref(x.cpu(), weight.cpu(), EPS, residual.cpu())
+    assert_equal(h_ref, residual.cpu() + x.cpu())
+    assert_equal(y_ref, hf.rms_norm(residual.cpu() + x.cpu(), weight.cpu(), EPS))
 
 
 def test_rms_norm_updates_the_residual_stream_in_place_and_reads_strided_rows(device):
@@ -188,26 +192,30 @@ def test_rope_at_position_zero_is_the_identity(dtype, device):
     assert_equal(k, k0)
 
 
-def test_rope_cache_is_torch_models_table():
+def test_rope_cache_is_hfs_table():
     config = SimpleNamespace(head_dim=64, rope_theta=THETA)
-    cos, sin = torch_model.rope_tables(config, MAX_POSITIONS, "cpu")
+    cos, sin = hf.rope_tables(config, MAX_POSITIONS, "cpu")
     cos_sin = rope_cache(64, MAX_POSITIONS, THETA)
     assert cos_sin.shape == (MAX_POSITIONS, 2, 32) and cos_sin.dtype == torch.float32
-    for half in (slice(0, 32), slice(32, 64)):  # both halves of torch_model's tables repeat the frequencies
+    for half in (slice(0, 32), slice(32, 64)):  # both halves of HF's tables repeat the frequencies
         assert_equal(cos_sin[:, 0], cos[:, half].contiguous())
         assert_equal(cos_sin[:, 1], sin[:, half].contiguous())
 
 
-def test_rope_equals_torch_model(device):
+def test_rope_equals_hf(device):
     """SmolLM2-135M's attention shapes (9 query heads, 3 KV heads, head_dim 64), tokens at positions 40 .. 46 as
-    torch_model.forward(start=40) rotates them in its [batch, heads, T, head_dim] layout."""
+    HF rotates them in its [batch, heads, T, head_dim] layout; the reference op equals it bit for bit."""
     start, n = 40, 7
     config = SimpleNamespace(head_dim=64, rope_theta=THETA)
-    cos, sin = torch_model.rope_tables(config, 256, device)
+    cos, sin = hf.rope_tables(config, 256, device)
     _, q, k = _qkv(n, 9, 3, 64, torch.float32, device, seed=3)
-    expected = [torch_model.apply_rope(t.transpose(0, 1)[None], cos[start : start + n], sin[start : start + n])
+    expected = [hf.apply_rope(t.transpose(0, 1)[None], cos[start : start + n], sin[start : start + n])
                 [0].transpose(0, 1) for t in (q, k)]
-    apply_rope(q, k, torch.arange(start, start + n, device=device), rope_cache(64, 256, THETA, device))
+    positions = torch.arange(start, start + n, device=device)
+    q_ref, k_ref = apply_rope_ref(q, k, positions, rope_cache(64, 256, THETA, device))
+    assert_equal(q_ref.cpu(), expected[0].cpu())  # the reference op is HF's rotation, bit for bit
+    assert_equal(k_ref.cpu(), expected[1].cpu())
+    apply_rope(q, k, positions, rope_cache(64, 256, THETA, device))
     assert_close(q, expected[0], what="q")
     assert_close(k, expected[1], what="k")
 
@@ -277,11 +285,11 @@ def test_silu_mul_matches_reference(tokens, ffn, dtype, device):
     assert_close(y, silu_mul_ref(gate_up), what=f"silu_mul {tokens}x{ffn} {dtype}")
 
 
-def test_silu_mul_equals_torch_model_and_reads_strided_rows(device):
+def test_silu_mul_equals_hf_and_reads_strided_rows(device):
     wide = _randn(5, 2 * 1536 + 64, device=device, seed=1, scale=3.0)
     gate_up = wide[:, 64:]  # rows 3136 apart, as a slice of a wider buffer
     gate, up = gate_up.chunk(2, dim=-1)
-    assert_close(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)  # torch_model._mlp's expression
+    assert_close(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)  # HF's LlamaMLP expression
 
 
 # exp(-gate) overflows to inf on purpose; the interpreter's numpy warns about it.

@@ -62,7 +62,10 @@ def test_rotate_half_rope_on_unpermuted_rows_equals_llama_cpp_rope_on_stored_row
     """The loader's un-permutation is right for the real file: per head, q from the stored (GGUF) rows under ggml's
     interleaved rope equals, after the same row permutation, q from the loaded rows under HF's rotate-half rope."""
     from realm.gguf_io import find_tensor, open_gguf, tensor_to_float
-    from realm.runtime.torch_model import apply_rope
+
+    def apply_rope(x, cos, sin):  # HF's apply_rotary_pos_emb (rotate-half), in float64 here
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     c = smollm2.config
     stored = tensor_to_float(find_tensor(open_gguf(smollm2.weights.path), "blk.3.attn_k.weight"))
@@ -175,6 +178,17 @@ def test_logits_match_hf_on_every_position_of_a_paragraph(smollm2, hf_smollm2):
     with torch.no_grad():
         expected = hf_smollm2(ids).logits
     assert_same_predictions(smollm2.forward(ids), expected)
+
+
+@pytest.mark.parametrize("case", HF_REFERENCE["greedy"], ids=lambda c: c["prompt"][:24])
+def test_logits_are_hfs_bit_for_bit_on_the_recorded_prompts(smollm2, hf_smollm2, case):
+    """The torch backend in float32 is HF transformers' forward: on each recorded prompt and its recorded greedy
+    continuation, teacher-forced, every logit equals HF's exactly (not within a tolerance)."""
+    ids = torch.tensor([case["prompt_ids"] + case["generated_ids"]])
+    with torch.no_grad():
+        expected = hf_smollm2(ids).logits
+    ours = smollm2.forward(ids)
+    assert torch.equal(ours, expected), f"max |difference| {(ours - expected).abs().max().item()}"
 
 
 def test_greedy_matches_live_hf(smollm2, hf_smollm2):
@@ -291,7 +305,7 @@ def test_bfloat16_backend_agrees_with_float32(smollm2):
     """The --dtype plumbing: bfloat16 weights and activations pick float32's token on most positions of a paragraph
     (bfloat16 keeps 8 bits of mantissa, so near ties flip)."""
     low = realm.load("smollm2", device="cpu", dtype=torch.bfloat16)
-    assert low.runner.embedding.dtype == torch.bfloat16
+    assert low.transformer.embedding.dtype == torch.bfloat16
     ids = torch.tensor([smollm2.encode(PARAGRAPH, add_bos=False)])
     agreement = (low.forward(ids).argmax(-1) == smollm2.forward(ids).argmax(-1)).float().mean().item()
     assert agreement >= 0.85, f"bfloat16 agrees with float32 on {agreement:.1%} of positions"

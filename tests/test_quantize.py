@@ -9,6 +9,7 @@ from quant_inputs import weights
 from tolerances import assert_equal
 
 from realm.quant import FORMATS, QuantError, dequantize, quantize
+from realm.quantize_file import Fallback, group_fallbacks, quantize_gguf
 
 GGUF_PY_QUANTIZES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"]
 GGUF_PY_DEQUANTIZES = [n for n in FORMATS if n not in ("Q8_1", "Q8_K")]
@@ -166,3 +167,51 @@ def test_bytes_equal_llama_cpp_on_a_large_heavy_tailed_matrix(name):
         pytest.skip("llama-cpp-python is not installed")
     x = weights("student_t", 1024, 4096, seed=0)
     assert_equal(quantize(x, name), torch.from_numpy(ggml.quantize(x.numpy(), FORMATS[name].ggml_type)), name)
+
+
+# ---- re-encoding a file: fallbacks reported once per kind, not once per tensor --------------------------------------
+
+def _write_f32_model(path, shapes):
+    w = gguf.GGUFWriter(path, "llama")
+    for i, (name, shape) in enumerate(shapes.items()):
+        w.add_tensor(name, weights("gauss", int(np.prod(shape[:-1])), shape[-1], seed=i).reshape(shape).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_fallbacks_are_summarised_one_line_per_kind(tmp_path, capsys):
+    """SmolLM2 to Q4_K: 181 tensors of 576-wide rows fall back to Q5_0; the report is one line, not 181."""
+    shapes = {"token_embd.weight": (3, 576), "blk.0.attn_norm.weight": (576,)}
+    shapes |= {f"blk.{i}.attn_q.weight": (2, 576) for i in range(5)}
+    shapes |= {"blk.0.ffn_down.weight": (2, 256), "blk.0.odd.weight": (2, 40), "blk.1.attn_k.weight": (2, 96)}
+    src = tmp_path / "src.gguf"
+    _write_f32_model(src, shapes)
+    summary = quantize_gguf(src, tmp_path / "out.gguf", "Q4_K", progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fallback")]
+    assert lines == [
+        "fallback Q4_K -> Q5_0 for 7 tensors: row lengths 96, 576 not a multiple of 256 (llama.cpp's rule), "
+        "e.g. token_embd.weight, blk.0.attn_q.weight, ...",
+        "fallback Q4_K -> F16 for 1 tensor: row length 40 not a multiple of 256, nor of Q5_0's 32 (llama.cpp's rule), "
+        "e.g. blk.0.odd.weight",
+    ]
+    assert err.count("fallback") == 2  # printed once, not again around the progress bar
+    assert "quantize Q4_K: 100%" in err
+    assert len(summary.fallbacks) == 8  # every tensor is still recorded
+    assert {name: s.tensors for name, s in summary.formats.items()} == {"Q5_0": 7, "F16": 1, "Q4_K": 1, "F32": 1}
+    table = summary.table()
+    assert "Q4_K, 8 fallbacks" in table
+    for name in ("Q4_K", "Q5_0", "F16", "F32", "total"):
+        assert name in table
+
+
+def test_fallback_report_shortens_long_lists():
+    q4_0, f16 = FORMATS["Q4_0"], FORMATS["F16"]
+    fallbacks = [Fallback(f"t{i}", 33 + i, q4_0, f16) for i in range(6)]
+    [group] = group_fallbacks(fallbacks)
+    assert group.tensors == tuple(f"t{i}" for i in range(6)) and group.row_lengths == tuple(range(33, 39))
+    assert str(group) == ("fallback Q4_0 -> F16 for 6 tensors: row lengths 33, 34, 35, 36, ... not a multiple of 32 "
+                          "(llama.cpp's rule), e.g. t0, t1, ...")
+    assert group_fallbacks([]) == []

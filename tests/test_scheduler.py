@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from hypothesis import settings
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_block_manager import KVContents, prompts
 
-from realm.runtime.block_manager import BlockManager, SequenceKV
+from realm.runtime.block_manager import BlockManager, CacheFullError, SequenceKV
 from realm.runtime.scheduler import Batching, Chunk, Scheduler, SchedulerConfig, Step
 from realm.runtime.sequence import Sequence, SequenceStatus
 
@@ -305,14 +306,170 @@ def test_salted_and_simultaneous_sequences_do_not_share():
     scheduler.blocks.check([s.kv for s in scheduler.running])
 
 
+def test_a_prefill_chunk_takes_the_room_a_preemption_made():
+    """A prefill that finds no free block preempts the newest sequence, then takes the room that made, not just the
+    one token it would have had before (the property test found this with a static batch)."""
+    scheduler = make(num_blocks=4, block_size=2, max_batch_tokens=8)
+    a, b = Sequence(0, [1] * 6, max_tokens=2), Sequence(1, [2] * 5, max_tokens=2)
+    for seq, blocks_for, computed in ((a, 2, 2), (b, 6, 5)):  # a ran 2 prompt tokens; b, newer, took every block
+        scheduler.add(seq)
+        scheduler.waiting.remove(seq)
+        scheduler.running.append(seq)
+        seq.status = RUNNING
+        scheduler.blocks.allocate(seq.kv, blocks_for)
+        seq.kv.length = computed
+    b.append(3)
+    out = scheduler.schedule()
+    assert out.preempted == [b] and spans(out) == [(0, 2, 4)]
+
+
+# ------------------------------------------------------------------------------- speculative decoding, copies
+
+def decode_to(scheduler: Scheduler, seq: Sequence, num_tokens: int) -> None:
+    while seq.num_tokens < num_tokens:
+        step(scheduler)
+
+
+def test_chunk_checks_num_unverified():
+    seq = Sequence(0, [4, 5, 6, 7], max_tokens=1)
+    assert Chunk(seq, 1, 3).num_unverified == 0 and Chunk(seq, 1, 3, num_unverified=3).num_unverified == 3
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=f"num_unverified must be in 0..3, got {bad}"):
+            Chunk(seq, 1, 3, num_unverified=bad)
+
+
+def test_draft_tokens_are_stored_but_only_verified_ones_are_committed():
+    scheduler = make(block_size=2)
+    seq = Sequence(0, [1, 2, 3], max_tokens=8)
+    scheduler.add(seq)
+    step(scheduler)  # 3 computed, a 4th token sampled
+    for draft in (5, 6, 7):
+        seq.append(draft)
+    out = scheduler.schedule()
+    assert spans(out) == [(0, 3, 4)]
+    out.chunks = [replace(out.chunks[0], num_unverified=3)]  # the engine's draft tokens
+    scheduler.complete(out)
+    assert seq.num_computed == 7 and len(seq.kv.hashes) == 2  # blocks [1, 2] and [3, 4]; not [5, 6]
+    assert len(scheduler.blocks.cached) == 2
+    scheduler.truncate(seq, 5)  # 5 accepted, 6 and 7 rejected
+    assert seq.token_ids == [1, 2, 3, 4, 5] and seq.num_computed == 5 and len(seq.kv.blocks) == 3
+    seq.append(9)  # the target model's token after 5
+    scheduler.commit(seq, 5)  # nothing new: block [5, 9] is not full yet
+    assert len(scheduler.blocks.cached) == 2
+    assert spans(step(scheduler)) == [(0, 5, 1)]  # block [5, 9] is full and verified now
+    assert len(seq.kv.hashes) == 3
+    other = Sequence(1, [1, 2, 3, 4, 5, 6, 7], max_tokens=1)
+    scheduler.add(other)
+    step(scheduler)
+    assert other.num_cached_tokens == 4  # the rejected drafts [5, 6] were never findable
+    scheduler.blocks.check([s.kv for s in scheduler.running])
+
+
+def test_commit_makes_verified_tokens_findable():
+    scheduler = make(block_size=2)
+    seq = Sequence(0, [1, 2, 3, 4, 5], max_tokens=4)
+    scheduler.add(seq)
+    out = scheduler.schedule()
+    out.chunks = [replace(out.chunks[0], num_unverified=5)]
+    scheduler.complete(out)
+    assert seq.kv.hashes == [] and scheduler.blocks.cached == {}
+    scheduler.commit(seq, 3)
+    assert len(seq.kv.hashes) == 1
+    scheduler.commit(seq, 99)  # no further than the computed tokens
+    assert len(seq.kv.hashes) == 2 and len(scheduler.blocks.cached) == 2
+
+
+def test_truncate_drops_tokens_and_kv():
+    scheduler = make(block_size=2)
+    seq = Sequence(0, [1, 2, 3], max_tokens=8)
+    scheduler.add(seq)
+    decode_to(scheduler, seq, 8)  # 7 computed, in 4 blocks
+    blocks = list(seq.kv.blocks)
+    scheduler.truncate(seq, 8)  # all it has: nothing changes
+    assert (seq.num_tokens, seq.num_computed, seq.kv.blocks) == (8, 7, blocks)
+    scheduler.truncate(seq, 6)
+    assert seq.token_ids == [1, 2, 3, *seq.output_ids] and seq.num_output_tokens == 3
+    assert (seq.num_tokens, seq.num_computed, seq.kv.blocks, seq.remaining) == (6, 6, blocks[:3], 0)
+    assert len(seq.kv.hashes) == 3 and scheduler.blocks.pending_copies == []
+    seq.append(4)  # the engine samples the next token before the next step
+    assert spans(step(scheduler)) == [(0, 6, 1)]
+    for bad in (2, 9):
+        with pytest.raises(ValueError, match=f"sequence 0 can keep 3 to 8 tokens .*, not {bad}"):
+            scheduler.truncate(seq, bad)
+    assert (seq.num_tokens, seq.num_computed) == (8, 7)
+    scheduler.blocks.check([seq.kv])
+
+
+def test_truncate_a_waiting_sequence_keeps_only_tokens():
+    scheduler = make()
+    seq = Sequence(0, [1, 2, 3, 4, 5], max_tokens=4, num_prompt_tokens=3)  # e.g. preempted after two outputs
+    scheduler.add(seq)
+    scheduler.truncate(seq, 4)
+    assert seq.token_ids == [1, 2, 3, 4] and seq.kv == SequenceKV() and scheduler.waiting == [seq]
+    scheduler.finish(seq)
+    with pytest.raises(ValueError, match="is not in this scheduler"):
+        scheduler.truncate(seq, 3)
+    with pytest.raises(ValueError, match="is not in this scheduler"):
+        scheduler.truncate(Sequence(1, [1], max_tokens=1), 1)
+
+
+def cow_setup() -> tuple[Scheduler, Sequence, int]:
+    """A sequence truncated into a full block of its own that is in the prefix cache: it gets a copy."""
+    scheduler = make(block_size=2)
+    seq = Sequence(0, [1, 2, 3], max_tokens=8)
+    scheduler.add(seq)
+    decode_to(scheduler, seq, 8)
+    cached = seq.kv.blocks[2]  # tokens 4 and 5, hashed
+    scheduler.truncate(seq, 5)
+    assert seq.num_computed == 5 and seq.kv.blocks[2] != cached and len(seq.kv.hashes) == 2
+    assert scheduler.blocks.pending_copies == [(cached, seq.kv.blocks[2])]
+    seq.append(4)
+    return scheduler, seq, cached
+
+
+def test_step_carries_the_copies_and_complete_releases_them():
+    scheduler, seq, cached = cow_setup()
+    out = scheduler.schedule()
+    assert spans(out) == [(0, 5, 1)] and out.copies == [(cached, seq.kv.blocks[2])]
+    assert scheduler.blocks.pending_copies == [] and scheduler.blocks.ref_count[cached] == 1  # the copy reads it
+    scheduler.blocks.check([seq.kv])
+    scheduler.complete(out)
+    assert scheduler.blocks.ref_count[cached] == 0 and cached in scheduler.blocks.evictable
+    assert not scheduler.schedule().copies
+    scheduler.blocks.check([seq.kv])
+
+
+def test_abort_releases_the_copies_and_keeps_the_computed_lengths():
+    scheduler, seq, cached = cow_setup()
+    out = scheduler.schedule()
+    scheduler.abort(out)
+    assert seq.num_computed == 5 and seq.status is RUNNING and cached in scheduler.blocks.evictable
+    with pytest.raises(ValueError, match="released already"):
+        scheduler.abort(out)
+    scheduler.blocks.check([seq.kv])
+    scheduler.finish(seq)  # the engine ends the step's requests with an error
+    assert scheduler.blocks.num_used == 0
+    scheduler.blocks.check([])
+
+
+def test_a_copy_into_a_freed_block_is_dropped():
+    scheduler, seq, _ = cow_setup()
+    scheduler.finish(seq)
+    assert scheduler.blocks.pending_copies == [] and scheduler.blocks.num_used == 0
+    assert not scheduler.schedule()
+    scheduler.blocks.check([])
+
+
 # ------------------------------------------------------------------------------------------------- properties
 
 class EngineMachine(RuleBasedStateMachine):
-    """A simulated engine: requests arrive (prompts often sharing prefixes), steps run (schedule, write the KV
-    model, complete, append a "greedy" token to each completing chunk's sequence, finish those at max_tokens), and
-    requests are cancelled, in any order. After every operation the blocks are consistent and every running sequence
-    reads its own KV; every step keeps the budgets and the policy's order; at the end everything finishes within a
-    bound on the steps and no block is leaked."""
+    """A simulated engine: requests arrive (prompts often sharing prefixes), steps run (schedule, run the step's
+    block copies and write the KV model, complete, append a "greedy" token to each completing chunk's sequence,
+    finish those at max_tokens), speculative steps run (draft tokens stored unverified, some rejected: truncated
+    away), sequences are rolled back (truncated into their outputs, into cached blocks too), steps fail (aborted,
+    their requests finished), and requests are cancelled, in any order. After every operation the blocks are
+    consistent and every running sequence reads its own KV; every step keeps the budgets and the policy's order; at
+    the end everything finishes within a bound on the steps and no block is leaked."""
 
     @initialize(num_blocks=st.integers(4, 24), block_size=st.integers(1, 4), max_batch_tokens=st.integers(1, 12),
                 max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans(), batching=st.sampled_from(Batching))
@@ -322,8 +479,9 @@ class EngineMachine(RuleBasedStateMachine):
         self.blocks = self.scheduler.blocks
         self.kv = KVContents(self.blocks)
         self.seqs: list[Sequence] = []  # every one added
-        self.cancelled: set[int] = set()
+        self.cancelled: set[int] = set()  # and failed
         self.steps = 0
+        self.extra_steps = 0  # allowed on top of the progress bound: computed tokens truncated away, failed steps
         self.next_id = 0
 
     @property
@@ -353,6 +511,72 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule()
     def run_step(self):
+        self.step_once()
+
+    @precondition(lambda self: any(EngineMachine.can_draft(s) for s in self.scheduler.running))
+    @rule(i=st.integers(0, 99), drafts=st.lists(st.integers(0, 4), min_size=1, max_size=4), accepted=st.integers(0, 4))
+    def speculate(self, i, drafts, accepted):
+        """A decoding sequence gets draft tokens after its last one; the step stores them unverified; the first
+        `accepted` are kept, the others truncated away, and the target's next token is appended."""
+        seq = [s for s in self.scheduler.running if self.can_draft(s)][i % sum(map(self.can_draft,
+                                                                                     self.scheduler.running))]
+        verified = seq.num_tokens
+        for token in drafts[: seq.max_tokens - seq.num_output_tokens - 1]:  # room for the target's token after them
+            seq.append(token)
+        self.step_once(spec=(seq, verified, accepted))
+
+    @staticmethod
+    def can_draft(seq: Sequence) -> bool:
+        return seq.remaining == 1 and seq.num_output_tokens + 1 < seq.max_tokens
+
+    @precondition(lambda self: any(s.num_output_tokens for s in self.unfinished))
+    @rule(i=st.integers(0, 99), where=st.integers(0, 99), into_cached=st.booleans(), token=st.integers(0, 4))
+    def roll_back(self, i, where, into_cached, token):
+        """Truncate a sequence into its outputs (often into a block in the prefix cache: it gets a copy), then, if
+        it runs, append another token (as after a rejected draft)."""
+        candidates = [s for s in self.unfinished if s.num_output_tokens]
+        seq = candidates[i % len(candidates)]
+        bs = self.blocks.block_size
+        cached = [n for n in range(seq.num_prompt_tokens, seq.num_tokens) if n % bs and n < len(seq.kv.hashes) * bs]
+        n = seq.num_prompt_tokens + where % seq.num_output_tokens
+        if cached and into_cached:
+            n = cached[where % len(cached)]
+        tokens, kv = list(seq.token_ids), (list(seq.kv.blocks), seq.num_computed)
+        try:
+            self.scheduler.truncate(seq, n)
+        except CacheFullError:  # the copy of a shared block needs a free block
+            assert seq.token_ids == tokens and (seq.kv.blocks, seq.num_computed) == kv
+            return
+        assert seq.token_ids == tokens[:n] and seq.num_computed == min(kv[1], n)
+        self.extra_steps += kv[1] - seq.num_computed
+        if seq.remaining == 0:
+            seq.append(token)
+
+    @precondition(lambda self: self.scheduler.has_work)
+    @rule(fails=st.integers(0, 3))
+    def failed_step(self, fails):
+        """The forward fails (after the copies and maybe some of its writes), one time in four: the step is aborted
+        and the engine finishes its requests."""
+        if fails:
+            self.step_once()
+            return
+        out = self.scheduler.schedule()
+        if not out:
+            return
+        self.steps += 1
+        self.extra_steps += 1
+        self.kv.copy(out.copies)
+        for c in out.chunks:
+            self.kv.write(c.seq.kv, c.seq.token_ids, c.seq.salt, c.start, c.num_tokens)
+        self.scheduler.abort(out)
+        for c in out.chunks:
+            assert c.seq.num_computed == c.start
+            self.scheduler.finish(c.seq)
+            self.cancelled.add(c.seq.seq_id)
+
+    def step_once(self, spec: tuple[Sequence, int, int] | None = None):
+        """One engine step; with `spec` (a sequence, its verified tokens, how many drafts after them to accept), that
+        sequence's tokens past the verified ones are drafts."""
         sched, config = self.scheduler, self.config
         running, waiting = list(sched.running), list(sched.waiting)
         preemptions = sched.stats.preemptions
@@ -390,13 +614,34 @@ class EngineMachine(RuleBasedStateMachine):
         assert new == waiting[: len(new)], "a waiting sequence was overtaken"
         if new:
             assert not out.preempted and (config.batching is Batching.CONTINUOUS or not running)
-        # the forward
+        assert not (out and self.blocks.pending_copies), "a step left copies behind"
+        spec_seq, verified, accepted = spec or (None, 0, 0)
+        out.chunks = [replace(c, num_unverified=max(0, min(c.num_tokens, c.start + c.num_tokens - verified)))
+                      if c.seq is spec_seq else c for c in out.chunks]
+        # the copies, then the forward
+        self.kv.copy(out.copies)
         for c in out.chunks:
             self.kv.write(c.seq.kv, c.seq.token_ids, c.seq.salt, c.start, c.num_tokens)
         sched.complete(out)
+        assert not self.blocks.taken_copies
+        if spec_seq is not None:
+            assert len(spec_seq.kv.hashes) <= verified // self.blocks.block_size, "a draft token was committed"
+            if spec_seq not in [c.seq for c in out.chunks]:  # no room for it this step: its drafts go unverified
+                sched.truncate(spec_seq, verified)
         for c in out.chunks:
             assert c.seq.num_computed == c.start + c.num_tokens
-            if c.completes:
+            if c.seq is spec_seq:  # verification: the accepted drafts stay, the target's next token follows
+                keep = verified + min(accepted, max(0, c.start + c.num_tokens - verified))
+                sched.truncate(c.seq, keep)
+                self.extra_steps += c.start + c.num_tokens - keep
+                assert c.seq.num_tokens == keep == c.seq.num_computed
+                c.seq.append(next_token(c.seq.token_ids))
+                sched.commit(c.seq, keep)
+                if self.blocks.prefix_caching:
+                    assert len(c.seq.kv.hashes) == keep // self.blocks.block_size
+                if c.seq.num_output_tokens == c.seq.max_tokens:
+                    sched.finish(c.seq)
+            elif c.completes:
                 c.seq.append(next_token(c.seq.token_ids))
                 if c.seq.num_output_tokens == c.seq.max_tokens:
                     sched.finish(c.seq)
@@ -407,7 +652,8 @@ class EngineMachine(RuleBasedStateMachine):
         sched = self.scheduler
         holders = [s.kv for s in sched.running]
         self.blocks.check(holders)
-        assert self.blocks.num_used == len({b for kv in holders for b in kv.blocks})
+        sources = {src for src, _ in self.blocks.pending_copies}  # a pending copy holds its source
+        assert self.blocks.num_used == len({b for kv in holders for b in kv.blocks} | sources)
         assert [s.seq_id for s in sched.waiting] == sorted(s.seq_id for s in sched.waiting)
         assert [s.seq_id for s in sched.running] == sorted(s.seq_id for s in sched.running)
         # preempted sequences are newer than all that still run, and admission is FIFO: the queues never interleave
@@ -428,11 +674,12 @@ class EngineMachine(RuleBasedStateMachine):
 
     def teardown(self):
         # progress: the oldest unfinished sequence is never preempted and gets a token every step, so it finishes
-        # within max_kv_tokens steps of becoming the oldest
-        bound = sum(s.max_kv_tokens for s in self.seqs)
+        # within max_kv_tokens steps of becoming the oldest, plus a step per computed token truncated away and per
+        # failed step
+        bound = sum(s.max_kv_tokens for s in self.seqs) + self.extra_steps
         while self.scheduler.has_work:
             assert self.steps <= bound, f"{self.steps} steps, more than {bound}"
-            self.run_step()
+            self.step_once()
             self.consistent()
         assert self.steps <= bound
         for seq in self.seqs:

@@ -1,5 +1,6 @@
-"""The Triton forward (realm.runtime.triton_model) against the torch reference, on a tiny quantized model of mixed
-formats (fast, under the interpreter on CPU) and on the default model (`slow` on CPU; float16 on CUDA).
+"""The Triton forward (the one model definition, realm.runtime.transformer, on Triton ops) against the torch
+reference, on a tiny quantized model of mixed formats (fast, under the interpreter on CPU) and on the default model
+(`slow` on CPU; float16 on CUDA).
 
 Both backends dequantize the same quantized weights; the torch reference multiplies dequantized float32 matrices,
 the Triton forward decodes them in registers, so in float32 the logits differ by accumulation order only
@@ -16,10 +17,13 @@ from tiny_gguf import StubTokenizer, write_tiny_llama
 from tolerances import MODEL_KL, assert_same_predictions, kl_per_position
 
 import realm
-from realm.runtime import Backend, ForwardBatch, Logits, Model, PagedKVCache, SequenceKV, load_weights
-from realm.runtime import triton_model as triton_model_module
+from realm.kernels import qdecode
+from realm.kernels.qmatmul import PreparedWeight
+from realm.runtime import Backend, ChunkPlan, ForwardBatch, Model, PagedKVCache, StepPlan, Transformer, load_weights
+from realm.runtime.linear import Linear
+from realm.runtime.ops import ops_for
 from realm.runtime.torch_model import TorchModel
-from realm.runtime.triton_model import Projection, TritonModel
+from realm.runtime.triton_model import TritonModel
 
 # SmolLM2-like attention (head_dim 64, 3 query heads per KV head) at toy width, every matrix in a block format;
 # Q/K and V differ in format, so the fused QKV projection is two launches.
@@ -45,10 +49,10 @@ def backends(tiny_weights):
 def test_fused_projections_group_by_format(tiny_weights, backends):
     tri = backends[1]
     layer = tri.layers[0]
-    assert [p.fmt.name for p in layer.qkv.parts] == ["Q8_0", "Q6_K"] and layer.qkv.sizes == (384, 128, 128)
+    assert [p.w.fmt.name for p in layer.qkv.parts] == ["Q8_0", "Q6_K"] and layer.qkv.sizes == (384, 128, 128)
     assert [p.shape for p in layer.qkv.parts] == [(512, 256), (128, 256)]
-    assert [p.fmt.name for p in layer.gate_up.parts] == ["Q4_K"] and layer.gate_up.parts[0].shape == (1024, 256)
-    assert all(p.layout.value == "planes" for p in layer.qkv.parts + layer.down.parts)
+    assert [p.w.fmt.name for p in layer.gate_up.parts] == ["Q4_K"] and layer.gate_up.parts[0].shape == (1024, 256)
+    assert all(p.w.layout.value == "planes" for p in layer.qkv.parts + layer.down.parts)
     x = torch.randn(3, 256, device=tri.device)
     w = tiny_weights.layers[0]
     expected = x.cpu() @ torch.cat([w.wq.dequantize(), w.wk.dequantize(), w.wv.dequantize()]).T
@@ -79,21 +83,19 @@ def test_chunked_prefill_and_decode_match_the_whole_prompt(backends):
 def test_ragged_batch_matches_the_torch_reference_on_the_same_batch(backends, prompts, cached, num_decode):
     """Fresh prompts, decode steps and chunks after cached tokens in one launch, each sequence's blocks scattered."""
     ref, tri = backends
+    free = list(range(16))[::-1]  # blocks handed out from the top: each sequence's blocks scattered
+    tables = [tuple(free.pop(0) for _ in range(-(-len(p) // 4))) for p in prompts]
+    early = StepPlan(4, tuple(ChunkPlan(b, 0, tuple(p[:n]), t, (n - 1,))
+                              for b, (p, n, t) in enumerate(zip(prompts, cached, tables, strict=True)) if n))
+    step = StepPlan(4, tuple(ChunkPlan(b, n, tuple(p[n:]), t, tuple(range(len(p) - n)))
+                             for b, (p, n, t) in enumerate(zip(prompts, cached, tables, strict=True))))
     logits = []
     for model in (ref, tri):
         cache = PagedKVCache.allocate(model.config, 16, 4, model.dtype, model.device)
-        seqs = [SequenceKV() for _ in prompts]
-        for s, p in zip(seqs, prompts, strict=True):
-            cache.reserve(s, len(p))
-        cache.blocks.free_blocks.reverse()  # later reservations take other blocks than the first ones
-        early = [(s, p[:n]) for s, p, n in zip(seqs, prompts, cached, strict=True) if n]
-        first = ForwardBatch.build(cache, early, model.device)
-        model.forward(first, cache)
-        first.advance()
-        step = ForwardBatch.build(cache, [(s, p[n:]) for s, p, n in zip(seqs, prompts, cached, strict=True)],
-                                  model.device, Logits.ALL)
-        assert not step.is_decode and not step.is_fresh_prefill and step.num_decode == num_decode
-        logits.append(model.forward(step, cache).cpu())
+        model.forward(ForwardBatch.build(early, 16, model.device), cache)
+        batch = ForwardBatch.build(step, 16, model.device)
+        assert not batch.is_fresh_prefill and batch.num_decode == num_decode
+        logits.append(model.forward(batch, cache).cpu())
     assert_same_predictions(logits[1], logits[0])
 
 
@@ -102,7 +104,7 @@ def test_greedy_generation_matches_the_torch_backend(tiny_weights):
     models = [Model(tiny_weights, StubTokenizer(DIMS["vocab"]), backend, device, torch.float32)
               for backend in (Backend.TORCH, Backend.TRITON)]
     outs = [m.generate(IDS[:9], max_tokens=10) for m in models]
-    assert isinstance(models[1].runner, TritonModel)
+    assert models[1].transformer.backend is Backend.TRITON and models[1].transformer.ops is ops_for("triton")
     assert outs[1].token_ids == outs[0].token_ids and len(outs[0].token_ids) == 10
 
 
@@ -111,32 +113,31 @@ def test_qwen2_biases(tmp_path):
     w = load_weights(tmp_path / "qwen.gguf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tri = TritonModel(w, device, torch.float32)
-    assert tri.layers[0].b_qkv is not None
+    assert tri.layers[0].qkv.bias is not None
     assert_same_predictions(tri.forward_tokens([IDS[:11]]).cpu(), TorchModel(w, device).forward_tokens([IDS[:11]]))
 
 
 def test_errors(tiny_weights, backends, monkeypatch):
     tri = backends[1]
-    with pytest.raises(ValueError, match=r"computes in float16, bfloat16 or float32, got torch\.float64"):
+    with pytest.raises(ValueError, match=r"dtype must be float32, float16 or bfloat16, got torch\.float64"):
         TritonModel(tiny_weights, tri.device, torch.float64)
     if tri.device.type == "cpu":
         with pytest.raises(ValueError, match="cannot run bfloat16 on CPU"):
             TritonModel(tiny_weights, "cpu", torch.bfloat16)
     wrong = PagedKVCache.allocate(tri.config, 4, 4, torch.float16, tri.device)
-    s = SequenceKV()
-    wrong.reserve(s, 3)
     message = r"the KV cache is torch\.float16 on .*; this model computes in torch\.float32"
     with pytest.raises(ValueError, match=message):
-        tri.forward(ForwardBatch.build(wrong, [(s, [1, 2, 3])], tri.device), wrong)
-    monkeypatch.setattr(triton_model_module, "INTERPRETED", False)
+        tri.forward(ForwardBatch.build(StepPlan(4, (ChunkPlan(0, 0, (1, 2, 3), (0,), (2,)),)), 4, tri.device), wrong)
+    monkeypatch.setattr(qdecode, "INTERPRETED", False)
     with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 before Triton is imported"):
         TritonModel(tiny_weights, "cpu", torch.float32)
 
 
-def test_projection_of_one_weight_is_a_plain_qmatmul(tiny_weights):
+def test_a_linear_of_one_weight_is_one_prepared_qmatmul(tiny_weights):
     w = tiny_weights.layers[1].w_down
-    p = Projection.fuse([w], torch.device("cpu"))
-    assert len(p.parts) == 1 and p.sizes == (DIMS["hidden"],) and p.parts[0].fmt == w.fmt
+    lin = Linear.build("down", [w], None, ops_for("triton"), torch.device("cpu"), torch.float32)
+    assert len(lin.parts) == 1 and lin.sizes == (DIMS["hidden"],) and lin.parts[0].w.fmt == w.fmt
+    assert isinstance(lin.parts[0], PreparedWeight)
 
 
 # ------------------------------------------------------------------------------------------- the default model
@@ -148,7 +149,7 @@ def test_smollm2_triton_backend_matches_the_torch_backend(smollm2):
     backend's greedy tokens on a short prompt, and logits under the model tolerance at every prompt position."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tri = realm.load("smollm2", device=device, backend="triton", dtype=torch.float32)
-    assert isinstance(tri.runner, TritonModel)
+    assert isinstance(tri.transformer, Transformer) and tri.transformer.backend is Backend.TRITON
     ids = smollm2.encode("The capital of France is", add_bos=False)
     assert_same_predictions(tri.forward(torch.tensor([ids])).cpu(), smollm2.forward(torch.tensor([ids])))
     assert tri.generate(ids, max_tokens=4).token_ids == smollm2.generate(ids, max_tokens=4).token_ids

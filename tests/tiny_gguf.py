@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from realm.quant import FORMATS, quantize
+from realm.runtime.tokenizer import IdTokenizer
 
 
 def gguf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -92,23 +93,4 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
     return hf
 
 
-class StubTokenizer:
-    """Just what generation needs from a tokenizer, for the tiny GGUF (which has no vocabulary)."""
-
-    stop_ids = frozenset()
-    add_bos_default = False
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def stream_decoder(self, skip_special=False, continuation=False):
-        class Decoder:
-            def push(self, token_id):
-                return f"<{token_id}>"
-
-            def flush(self):
-                return ""
-
-        return Decoder()
-
-
+StubTokenizer = IdTokenizer  # what generation needs of a tokenizer, for the tiny GGUF (no vocabulary)

@@ -1,4 +1,4 @@
-"""Input checks that several kernels' launchers share."""
+"""What several kernels' launchers share: input checks, and the host-side integer helpers for grids and tiles."""
 
 from __future__ import annotations
 
@@ -18,3 +18,17 @@ def check_heads(name: str, t: torch.Tensor, layout: str = "[tokens, heads, head_
         raise ValueError(f"{name} must be 3-D {layout}, got shape {list(t.shape)}")
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} must be contiguous along head_dim (stride 1), got strides {t.stride()}")
+
+
+# triton.cdiv and triton.next_power_of_2 are `constexpr_function`s: from host code each call goes through Triton's
+# constexpr unwrapping (~4 us each, measured in bench/host_overhead.py: a third of a decode step's host time when a
+# launcher called them a few times per launch). Launchers use these plain integer versions.
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

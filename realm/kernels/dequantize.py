@@ -13,6 +13,7 @@ import triton.language as tl
 
 from realm.quant import QTensor
 
+from .checks import cdiv
 from .qdecode import check_block_k, check_runnable, load_weight_tile, weight_args, weight_planes
 
 
@@ -44,7 +45,7 @@ def dequantize(w: QTensor, out: torch.Tensor | None = None, *, block_n: int = 16
     check_runnable([out, *planes.tensors()], "dequantize")
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    grid = (cdiv(n, block_n), cdiv(k, block_k))
     _dequantize_kernel[grid](out, N=n, K=k, BLOCK_N=block_n, BLOCK_K=block_k, **weight_args(planes, block_k),
                              enable_fp_fusion=False)
     return out

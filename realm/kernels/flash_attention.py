@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import paged, tuning
-from .checks import check_heads
+from .checks import cdiv, check_heads, next_power_of_2
 from .qdecode import check_runnable, dot_precision
 
 MAX_HEAD_DIM = 256  # one head's row of q and the float32 accumulator stay in registers
@@ -374,13 +374,13 @@ def _launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         num_blocks, page_size, n_kv_heads = k.shape[0], k.shape[1], k.shape[2]
         total_k, max_blocks, table = num_blocks * page_size, block_table.shape[1], block_table
         stride_kt, stride_kh, stride_vt, stride_vh = k.stride(1), k.stride(2), v.stride(1), v.stride(2)
-    grid = (triton.cdiv(max_seqlen_q, config.block_m), n_heads, batch)
+    grid = (cdiv(max_seqlen_q, config.block_m), n_heads, batch)
     _flash_attention_kernel[grid](
         out, q, k, v, cu_seqlens_q, k_index, table,
         total_q, total_k, num_blocks, max_blocks, n_heads // n_kv_heads, scale * LOG2E,
         out.stride(0), out.stride(1), q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=bool(causal), PAGED=block_table is not None,
+        BLOCK_D=max(16, next_power_of_2(head_dim)), CAUSAL=bool(causal), PAGED=block_table is not None,
         PAGE_SIZE=page_size, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages)
 

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .checks import check_heads
+from .checks import cdiv, check_heads, next_power_of_2
 from .paged import check_block_table, check_kv_cache, gather_kv
 from .qdecode import check_runnable, dot_precision
 
@@ -197,16 +197,15 @@ def plan_decode(batch: int, n_kv_heads: int, max_seq_len: int, device: torch.dev
     source = "given"
     if num_splits is None:
         source = "heuristic"
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else \
-            DEFAULT_SMS
+        sms = tuning.sm_count(device) if device.type == "cuda" else DEFAULT_SMS
         wanted = math.ceil(PROGRAMS_PER_SM * sms / (batch * n_kv_heads))
         num_splits = max(1, min(wanted, max_seq_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
     elif not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
-    tiles = triton.cdiv(max_seq_len, config.block_n)
-    tokens_per_split = triton.cdiv(tiles, num_splits) * config.block_n
+    tiles = cdiv(max_seq_len, config.block_n)
+    tokens_per_split = cdiv(tiles, num_splits) * config.block_n
     if source == "heuristic":  # rounding up to whole tiles may leave the last splits empty: drop them
-        num_splits = triton.cdiv(max_seq_len, tokens_per_split)
+        num_splits = cdiv(max_seq_len, tokens_per_split)
     return PagedDecodePlan(num_splits, tokens_per_split, config, source)
 
 
@@ -284,7 +283,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_l
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = n_heads // kv_heads
     cfg, splits = plan.config, plan.num_splits
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     part_o = part_lse = out  # placeholders: the one-split kernel never touches them
     if splits > 1:
         part_o = torch.empty(batch, n_heads, splits, head_dim, dtype=torch.float32, device=q.device)
@@ -293,11 +292,11 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_l
         out, part_o, part_lse, q, k_cache, v_cache, seq_lens, block_table, scale * LOG2E, num_blocks, block_size,
         block_table.shape[1], group, head_dim, plan.tokens_per_split, splits, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        BLOCK_M=max(MIN_DOT_ROWS, next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         SPLIT=splits > 1, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _combine_kernel[(batch, n_heads)](out, part_o, part_lse, splits, head_dim, out.stride(0), out.stride(1),
-                                          BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
+                                          BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,

@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from realm.quant import QTensor
+from realm.quant import Layout, QTensor
 
 from . import tuning
+from .checks import cdiv, next_power_of_2
 from .qdecode import check_block_k, check_runnable, dot_precision, load_weight_tile, weight_args, weight_planes
 
 log = logging.getLogger(__name__)
@@ -164,15 +165,15 @@ def default_config(regime: Regime, m: int, n: int, k: int, fmt_block: int, devic
     interpreter = device.type != "cuda"
     if regime is Regime.PREFILL:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        block_n = min(1024, max(16, triton.next_power_of_2(n))) if interpreter else 64
+        block_n = min(1024, max(16, next_power_of_2(n))) if interpreter else 64
         return PrefillConfig(block_m=block_m, block_n=block_n, block_k=64 if fmt_block <= 64 else 128)
-    block_k = min(256, max(32, triton.next_power_of_2(k)))
-    block_n = min(1024, triton.next_power_of_2(n)) if interpreter else 32
+    block_k = min(256, max(32, next_power_of_2(k)))
+    block_n = min(1024, next_power_of_2(n)) if interpreter else 32
     split_k = 1
     if not interpreter:
         # Two waves of programs over the SMs: split K until the column tiles alone would not fill them.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        tiles = triton.cdiv(n, block_n)
+        sms = tuning.sm_count(device)
+        tiles = cdiv(n, block_n)
         while tiles * split_k < 2 * sms and k // (2 * split_k) >= block_k:
             split_k *= 2
     return DecodeConfig(block_n=block_n, block_k=block_k, split_k=split_k)
@@ -287,14 +288,67 @@ def qmatmul(x: torch.Tensor, w: QTensor, out: torch.Tensor | None = None, *, reg
     return out
 
 
+class PreparedWeight:
+    """A weight made ready for many launches, as a model's linear layers use it: the planes layout on its device, and
+    per M bucket (the next power of two, as tuned configs are keyed) the plan and the kernel arguments, worked out
+    on first use and reused. `qmatmul` re-validates and re-plans on every call, which on a GPU costs more host time
+    than a small decode kernel takes to run.
+
+        wq = PreparedWeight(w, device)      # once, at load
+        y = wq(x)                            # x [M, K] (rows contiguous) -> [M, N] in x's dtype
+    """
+
+    def __init__(self, w: QTensor, device: torch.device | str | None = None):
+        if not isinstance(w, QTensor):
+            raise TypeError(f"w must be a realm.quant.QTensor, got {type(w).__name__}")
+        w = w if w.layout is Layout.PLANES else w.repack(Layout.PLANES)
+        self.w = w if device is None else w.to(device)
+        self.shape = self.w.shape
+        self.device = self.w.device
+        self.planes = weight_planes(self.w)
+        check_runnable(self.planes.tensors(), "qmatmul")
+        self._launches: dict[tuple[int, torch.dtype], tuple[Plan, dict]] = {}
+
+    def __repr__(self) -> str:
+        return f"PreparedWeight({self.w.fmt.name}, {list(self.shape)}, {self.device})"
+
+    def plan(self, m: int, dtype: torch.dtype) -> tuple[Plan, dict]:
+        """The plan and the launch arguments (all but M and the stride of x) for m rows of dtype."""
+        key = (tuning.bucket_m(m), dtype)
+        entry = self._launches.get(key)
+        if entry is None:
+            plan = plan_qmatmul(key[0], self.w, device=self.device)
+            check_block_k(self.planes, plan.config.block_k)
+            log.debug("qmatmul %s N=%d K=%d, M bucket %d %s: %s", self.w.fmt.name, *self.shape, key[0], dtype, plan)
+            entry = self._launches[key] = (plan, {"N": self.shape[0], "K": self.shape[1],
+                                                  "DOT_PRECISION": dot_precision(dtype),
+                                                  **weight_args(self.planes, plan.config.block_k)})
+        return entry
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [M, K], float16/bfloat16/float32, stride 1 along K, on the weight's device -> [M, N] in x's dtype."""
+        n, k = self.shape
+        if x.dim() != 2 or x.shape[1] != k or x.dtype not in DTYPES or x.device != self.device or x.stride(1) != 1:
+            raise ValueError(f"x must be [M, {k}] float16/bfloat16/float32 with contiguous rows on {self.device}, got "
+                             f"{x.dtype} {list(x.shape)} (strides {x.stride()}) on {x.device}")
+        m = x.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if m:
+            plan, args = self.plan(m, x.dtype)
+            args = {**args, "M": m, "stride_xm": x.stride(0)}
+            launch = _launch_decode if plan.regime is Regime.DECODE else _launch_prefill
+            launch(out, x, plan.config, args)
+        return out
+
+
 def _launch_decode(out2: torch.Tensor, x2: torch.Tensor, cfg: DecodeConfig, args: dict) -> None:
     m, n, k = args["M"], args["N"], args["K"]
-    block_m = triton.next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, k_per_split)
+    block_m = next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
+    k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = cdiv(k, k_per_split)
     # One slice writes the output directly; several write float32 partials that are summed afterwards.
     target = out2 if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=out2.device)
-    grid = (triton.cdiv(n, cfg.block_n), splits, triton.cdiv(m, block_m))
+    grid = (cdiv(n, cfg.block_n), splits, cdiv(m, block_m))
     _qmatmul_decode_kernel[grid](
         target, x2, **args, stride_om=n, stride_split=m * n, k_per_split=k_per_split,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=block_m >= 16,
@@ -305,7 +359,7 @@ def _launch_decode(out2: torch.Tensor, x2: torch.Tensor, cfg: DecodeConfig, args
 
 def _launch_prefill(out2: torch.Tensor, x2: torch.Tensor, cfg: PrefillConfig, args: dict) -> None:
     m, n = args["M"], args["N"]
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
     _qmatmul_prefill_kernel[grid](
         out2, x2, **args, stride_om=n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import next_power_of_2
 from .qdecode import check_runnable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -100,13 +101,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     elif residual_out is not None:
         raise ValueError("residual_out is given but residual is not")
     check_runnable([x, weight, out, h] + ([residual] if residual is not None else []), "rms_norm")
+    _launch(out, h, x, weight, eps, residual)
+    return out if residual is None else (out, h)
+
+
+def rms_norm_unchecked(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm without the input checks, for a caller that has checked these shapes already (the model checks
+    its first layer's call; every later layer's has the same shapes, dtypes and devices)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = out if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    _launch(out, h, x, weight, eps, residual)
+    return out if residual is None else (out, h)
+
+
+def _launch(out: torch.Tensor, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+            residual: torch.Tensor | None) -> None:
+    tokens, hidden = x.shape
     if tokens:
         r = x if residual is None else residual
-        block = triton.next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
         _rms_norm_kernel[(tokens,)](out, h, x, r, weight, hidden, float(eps), out.stride(0), h.stride(0),
                                     x.stride(0), r.stride(0), BLOCK=block, HAS_RESIDUAL=residual is not None,
                                     num_warps=_num_warps(block))
-    return out if residual is None else (out, h)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

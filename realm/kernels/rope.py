@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_heads
+from .checks import check_heads, next_power_of_2
 from .qdecode import check_runnable
 
 POSITION_DTYPES = (torch.int32, torch.int64)
@@ -115,6 +115,15 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
     return q, k
 
 
+def apply_rope_unchecked(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rope without the input checks (nor the CPU check of the positions), for a caller that has checked these
+    shapes and positions already (the model: its first layer's call)."""
+    if q.shape[0]:
+        _launch(q, k, positions, cos_sin)
+    return q, k
+
+
 def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
     """The kernel on validated inputs, positions unchecked (tests use it to see out-of-range positions give NaN)."""
     (tokens, n_heads, head_dim), n_kv_heads = q.shape, k.shape[1]
@@ -122,8 +131,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: 
     # Without fusion the float32 result rounds as torch's separate multiplies and add: bit-equal to the reference.
     _rope_kernel[(tokens,)](q, k, positions, cos_sin, n_heads, n_kv_heads, half, cos_sin.shape[0],
                             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                            BLOCK_QH=triton.next_power_of_2(n_heads), BLOCK_KH=triton.next_power_of_2(n_kv_heads),
-                            BLOCK_D=triton.next_power_of_2(half), enable_fp_fusion=False)
+                            BLOCK_QH=next_power_of_2(n_heads), BLOCK_KH=next_power_of_2(n_kv_heads),
+                            BLOCK_D=next_power_of_2(half), enable_fp_fusion=False)
 
 
 def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import cdiv, next_power_of_2
 from .qdecode import check_runnable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -52,11 +53,22 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     if out.stride(-1) != 1:
         raise ValueError(f"out must have contiguous rows (stride 1 along ffn), got strides {out.stride()}")
     check_runnable([gate_up, out], "silu_mul")
-    if out.numel():
-        block = min(MAX_BLOCK, triton.next_power_of_2(ffn))
-        _silu_mul_kernel[(tokens, triton.cdiv(ffn, block))](out, gate_up, ffn, out.stride(0), gate_up.stride(0),
-                                                             BLOCK=block)
+    _launch(out, gate_up)
     return out
+
+
+def silu_mul_unchecked(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu_mul without the input checks, for a caller that has checked these shapes already (the model)."""
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
+    _launch(out, gate_up)
+    return out
+
+
+def _launch(out: torch.Tensor, gate_up: torch.Tensor) -> None:
+    tokens, ffn = out.shape
+    if out.numel():
+        block = min(MAX_BLOCK, next_power_of_2(ffn))
+        _silu_mul_kernel[(tokens, cdiv(ffn, block))](out, gate_up, ffn, out.stride(0), gate_up.stride(0), BLOCK=block)
 
 
 def silu_mul_ref(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_heads
+from .checks import cdiv, check_heads, next_power_of_2
 from .paged import check_index, check_kv_cache
 from .qdecode import check_runnable
 
@@ -88,13 +88,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         _launch(k, v, k_cache, v_cache, slot_mapping)
 
 
+def store_kv_unchecked(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """store_kv without the input checks (nor the CPU check of the slots), for a caller that has checked these
+    shapes and slots already (the model: its first layer's call)."""
+    if k.shape[0]:
+        _launch(k, v, k_cache, v_cache, slot_mapping)
+
+
 def _launch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             slot_mapping: torch.Tensor) -> None:
     """The kernel on validated inputs, slots unchecked (tests use it to see out-of-range slots are not written)."""
     tokens, kv_heads, head_dim = k.shape
-    block_d = triton.next_power_of_2(head_dim)
-    block_h = min(triton.next_power_of_2(kv_heads), max(1, MAX_TILE // block_d))
-    grid = (tokens, triton.cdiv(kv_heads, block_h))
+    block_d = next_power_of_2(head_dim)
+    block_h = min(next_power_of_2(kv_heads), max(1, MAX_TILE // block_d))
+    grid = (tokens, cdiv(kv_heads, block_h))
     _store_kv_kernel[grid](k_cache, v_cache, k, v, slot_mapping, k_cache.shape[0] * k_cache.shape[1], kv_heads,
                            head_dim, k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1),
                            k_cache.stride(2), BLOCK_H=block_h, BLOCK_D=block_d)

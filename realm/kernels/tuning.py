@@ -8,6 +8,7 @@ table that the launchers consult, `tune()` measures candidates and records the f
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -48,7 +49,26 @@ def device_name(device: torch.device | str | None = None) -> str:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
+    if device.type != "cuda":
+        return "cpu-interpreter"
+    return _cuda_name(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (looked up once per device: plans ask on the hot path)."""
+    device = torch.device(device)
+    return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    """A device's name never changes; asking the driver costs tens of microseconds, on every launch's plan."""
+    return torch.cuda.get_device_name(index)
 
 
 def config_path(name: str) -> Path:

@@ -6,10 +6,12 @@ and the continuously batching engine.
     realm.runtime.LLM().generate(["Hello", "Bonjour"])   # also realm.LLM: many prompts, batched
 
 Modules, in the order data flows: config (hyperparameters from metadata), weights (QTensors from the file),
-tokenizer, kv_cache (the paged KV cache), batch (ForwardBatch: a ragged step), runner (what backends share),
-torch_model (the reference forward), triton_model (the Triton forward; imported only when asked for, since it
-imports Triton), sampling, generate (one sequence's loop), model (load()); then the engine: sequence, block_manager,
-scheduler (these three plain Python, no torch), engine (steps the batch), llm (the offline API).
+tokenizer; the model: ops (the op table: Triton kernels or their references), linear (a linear layer and its
+epilogue), transformer (the llama-family forward, written once over ops), kv_cache (the paged KV tensors), batch
+(ForwardBatch: a step on the device); the engine: sequence, block_manager, scheduler (these three plain Python, no
+torch), plan (the step plan: plain data), runner (plan -> forward -> sampled tokens), sampler (batched sampling),
+sampling (per-request parameters, the per-row reference sampler), generate (text, stop strings, completions),
+engine (the loop, its inbox and event queues), model (load(), Model), llm (the offline API).
 
 Names are imported on first use, so `import realm.runtime.scheduler` does not import torch.
 """
@@ -19,19 +21,25 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "batch": ("ForwardBatch", "Logits"),
+    "batch": ("ForwardBatch",),
     "block_manager": ("BlockManager", "CacheFullError", "SequenceKV"),
     "config": ("ARCHITECTURES", "Architecture", "ModelConfig", "ModelError"),
     "engine": ("Engine", "EngineConfig", "Request"),
-    "generate": ("Completion", "FinishReason", "GenerationStream", "StopStrings", "Timings", "TokenEvent"),
+    "generate": ("Completion", "FinishReason", "StopStrings", "Timings", "TokenEvent"),
     "kv_cache": ("KVCache", "PagedKVCache"),
+    "linear": ("Linear",),
     "llm": ("LLM",),
-    "model": ("Backend", "Model", "load", "resolve_device"),
+    "model": ("GenerationStream", "Model", "load", "resolve_device"),
+    "ops": ("Backend", "Ops", "ops_for"),
+    "plan": ("ChunkPlan", "StepOutput", "StepPlan"),
+    "runner": ("ModelRunner",),
+    "sampler": ("BatchSampler", "RowSampling"),
     "sampling": ("Sampler", "SamplingParams"),
     "scheduler": ("Batching", "Scheduler", "SchedulerConfig"),
     "sequence": ("Sequence", "SequenceStatus"),
-    "tokenizer": ("Tokenizer",),
+    "tokenizer": ("IdTokenizer", "Tokenizer"),
     "torch_model": ("TorchModel",),
+    "transformer": ("Transformer",),
     "weights": ("LayerWeights", "ModelWeights", "load_weights", "unpermute_rope_rows"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

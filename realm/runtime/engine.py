@@ -1,41 +1,65 @@
-"""The engine: requests in, tokens out, one batched forward per step for every running sequence.
+"""The engine: requests in, tokens out, one batched forward per step for every running sequence; safe to drive from
+other threads and from asyncio while its loop runs in a background thread.
 
     engine = Engine(model, EngineConfig(max_batch_tokens=512, kv_blocks=1024))
-    a = engine.add_request("The capital of France is", SamplingParams(max_tokens=16))
-    b = engine.add_request([1, 2, 3], SamplingParams(temperature=0.8, seed=0), on_event=print)
-    for event in engine.stream(a):       # steps the engine (b advances too) until a has news
+    a = engine.add_request("The capital of France is", SamplingParams(max_tokens=16))   # from any thread
+    for event in engine.stream(a):       # no loop running: stepping it here (every request advances)
         print(event.text, end="")
-    engine.run()                         # step until every request has finished
-    a.completion, b.completion           # Completion(text, token_ids, finish_reason, prompt_ids, timings)
 
-A step: the scheduler picks the chunks (realm.runtime.scheduler), the chunks are packed into one ForwardBatch
-(decodes first) and run through the model's runner (either backend) on the shared paged KV cache, then every
-sequence whose chunk reached its last token samples its next one with its own sampler. Per request: sampling
-parameters, stop strings, max_tokens, finish reasons, streaming (the `stream` iterator or an `on_event` callback),
-cancellation (`cancel`, which frees its blocks at once). A bad request fails in `add_request` with a ValueError
-and never enters the batch.
+    with engine:                         # start(): the loop steps in its thread, waits when idle
+        b = engine.add_request([1, 2, 3], SamplingParams(temperature=0.8, seed=0))
+        async for event in engine.astream(b): ...       # or `for event in engine.stream(b)`: waits, never steps
+        engine.cancel(b)                 # from any thread
+
+One step (`step`): the inbox's adds and cancels are applied, the scheduler picks the chunks
+(realm.runtime.scheduler), the engine turns them into a plain `StepPlan` (decodes first; each chunk that reaches its
+sequence's last token asks for that row's logits, sampled with the request's parameters) and the model runner
+executes it (realm.runtime.runner: the copies, one forward, one batched sampling). Then each sampled token is
+appended, detokenized and checked against stop strings and max_tokens, and its event queued for the request's
+consumers. Per request: sampling parameters, stop strings, max_tokens, finish reasons, events (`stream`,
+`astream`, an `on_event` callback run in the stepping thread), cancellation (its blocks are freed at the next step
+boundary, at once when nothing is stepping).
+
+Failures stay with their requests: a bad request fails in `add_request` with a ValueError and never enters the
+batch; a step whose forward or sampling raises ends the requests in that step with finish reason "error" and the
+message, and the engine goes on with the others; a callback that raises ends its own request.
+
+Threads: every change of the engine's state (scheduler, blocks, requests) happens under one lock, in the thread
+that steps: the loop thread once `start` has run, else whichever thread calls `step`, `run` or `stream`.
+`add_request` and `cancel` only put an entry in the inbox (applied at once when no step is in progress and no loop
+runs).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import logging
 import os
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from .batch import ForwardBatch, Logits
+from .block_manager import BlockManager
 from .generate import Completion, FinishReason, OutputText, Timings, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
-from .sampling import Sampler, SamplingParams
-from .scheduler import Batching, Scheduler, SchedulerConfig
+from .plan import ChunkPlan, StepPlan
+from .runner import BlockCopyError, ModelRunner
+from .sampler import RowSampling
+from .sampling import SamplingParams
+from .scheduler import Batching, Chunk, Scheduler, SchedulerConfig, Step
 from .sequence import Sequence as Seq
 
 if TYPE_CHECKING:
     from .model import Model
+
+log = logging.getLogger(__name__)
 
 CPU_KV_BYTES = 4 << 30  # default KV cache on the CPU (at most a quarter of the RAM)
 GPU_KV_FRACTION = 0.85  # default KV cache on a GPU: this share of the memory free after loading the weights
@@ -80,22 +104,81 @@ def default_kv_blocks(model: Model, config: EngineConfig) -> int:
     return blocks
 
 
+_END = object()  # the last item of a request's event queue: it has finished
+
+
+class EventQueue:
+    """A request's events, from the stepping thread to any number of waiting consumers: threads (`get`) and
+    asyncio tasks (`aget`, woken through their own event loop)."""
+
+    def __init__(self):
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self.ended = False  # the end has been put: nothing follows it
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item) -> None:
+        with self._cond:
+            self.ended = self.ended or item is _END
+            self._items.append(item)
+            self._cond.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, ready in waiters:
+            with contextlib.suppress(RuntimeError):  # that event loop has closed: its consumer is gone
+                loop.call_soon_threadsafe(ready.set)
+
+    def get_nowait(self, default=None):
+        with self._cond:
+            return self._items.popleft() if self._items else default
+
+    def get(self, timeout: float | None = None):
+        """The next item, waiting for it (None after `timeout` seconds)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                return None
+            return self._items.popleft()
+
+    async def aget(self):
+        loop = asyncio.get_running_loop()
+        waiter = (loop, asyncio.Event())
+        try:
+            while True:
+                with self._cond:
+                    if self._items:
+                        return self._items.popleft()
+                    self._async_waiters.add(waiter)
+                await waiter[1].wait()
+                waiter[1].clear()
+        finally:
+            with self._cond:
+                self._async_waiters.discard(waiter)
+
+    def snapshot(self) -> list:
+        """The queued items, left in the queue."""
+        with self._cond:
+            return [item for item in self._items if item is not _END]
+
+
 @dataclass(eq=False)
 class Request:
-    """One request's state in the engine. `completion` is set when it finishes."""
+    """One request's state in the engine. `completion` is set when it finishes; `events` holds its TokenEvents until a
+    consumer takes them."""
 
     request_id: int
     prompt_ids: list[int]
     params: SamplingParams
     seq: Seq
-    sampler: Sampler
     output: OutputText
     on_event: Callable[[Request, TokenEvent], None] | None = None
-    events: deque[TokenEvent] = field(default_factory=deque)  # not yet taken by `Engine.stream`
+    events: EventQueue = field(default_factory=EventQueue)
     arrival_s: float = field(default_factory=time.perf_counter)
     scheduled_s: float | None = None  # first step it ran in
     first_token_s: float | None = None
     completion: Completion | None = None
+    engine: Engine | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -103,35 +186,45 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: Model, config: EngineConfig | None = None):
+    def __init__(self, model: Model, config: EngineConfig | None = None, *, seed: int | None = None):
+        """seed: of the sampler's generator for requests without their own seed (None: random)."""
         self.model = model
         self.config = config = config or EngineConfig()
         num_blocks = config.kv_blocks or default_kv_blocks(model, config)
-        self.cache = PagedKVCache.allocate(model.config, num_blocks, config.block_size, model.dtype, model.device,
-                                           prefix_caching=config.prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config(), self.cache.blocks)
-        self.requests: dict[int, Request] = {}  # unfinished, by id
-        self._next_id = 0
+        self.runner = ModelRunner(model.transformer, num_blocks, config.block_size, model.tokenizer.vocab_size, seed)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
+        self.requests: dict[int, Request] = {}  # unfinished and in the scheduler, by id
+        self._ids = itertools.count()
+        self._next_id = 0  # ids handed out so far
+        self._id_lock = threading.Lock()
+        self._inbox: deque[tuple[str, Request]] = deque()
+        self._lock = threading.RLock()  # held while the engine's state changes
+        self._wake = threading.Condition()  # the loop's idle wait
+        self._in_step = False
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._delivering: deque[tuple[Request, TokenEvent | None]] | None = None  # a step's events, being emitted
-        self._vocab = model.tokenizer.vocab_size  # the embedding may have more rows (padding) than tokens
+        self._ended = threading.Condition()  # notified when a request's end is queued (`wait`)
 
     def __repr__(self) -> str:
-        blocks = self.cache.blocks
-        return (f"Engine({self.model!r}, {blocks.num_blocks} KV blocks of {blocks.block_size} "
-                f"({self.cache.nbytes / 2**20:.0f} MiB), {self.config})")
+        kv = self.runner.kv
+        return (f"Engine({self.model!r}, {kv.num_blocks} KV blocks of {kv.block_size} ({kv.nbytes / 2**20:.0f} MiB), "
+                f"{self.config})")
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return bool(self._inbox) or self.scheduler.has_work
 
     # ------------------------------------------------------------------------------------------------ requests
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     on_event: Callable[[Request, TokenEvent], None] | None = None,
                     salt: str | None = None) -> Request:
-        """Queue a prompt (text, or token ids) for generation. ValueError, and nothing queued, when the request
-        cannot run: an empty prompt, ids out of range, a prompt that fills the context, or one whose tokens could
-        not fit in the KV cache even alone. salt: requests with different salts never share prefix-cache blocks."""
+        """Queue a prompt (text, or token ids) for generation; any thread. ValueError, and nothing queued, when the
+        request cannot run: an empty prompt, ids out of range, a prompt that fills the context, or one whose tokens
+        could not fit in the KV cache even alone. salt: requests with different salts never share prefix-cache
+        blocks. on_event(request, event) runs in the thread that steps the engine."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -140,61 +233,106 @@ class Engine:
         ids = self.model.encode(prompt)
         self.model.check_prompt(ids)
         max_new = min(params.max_tokens, self.model.config.context_length - len(ids))
-        seq = Seq(self._next_id, ids, max_new, salt=salt)
-        self.scheduler.add(seq)  # checks that it fits in the cache
-        request = Request(seq.seq_id, ids, params, seq, Sampler(params), OutputText(self.model.tokenizer, params),
-                          on_event)
-        self.requests[request.request_id] = request
-        self._next_id += 1
+        with self._id_lock:
+            request_id = next(self._ids)
+            seq = Seq(request_id, ids, max_new, salt=salt)
+            self.scheduler.check_fits(seq)  # reads only the cache's size: safe outside the lock
+            self._next_id = request_id + 1
+        request = Request(request_id, ids, params, seq, OutputText(self.model.tokenizer, params), on_event,
+                          engine=self)
+        self._submit("add", request)
         return request
 
     def cancel(self, request: Request | int) -> None:
-        """Stop a request now (finish reason "abort") and free its KV blocks; a finished one is left as it is."""
+        """Stop a request (finish reason "abort") and free its KV blocks; any thread. A finished one is left as it
+        is. Applied at once when nothing is stepping, else at the next step boundary."""
         if isinstance(request, int):
             if not 0 <= request < self._next_id:
                 raise ValueError(f"no request {request} was ever added to this engine")
-            request = self.requests.get(request)
-            if request is None:  # finished already
+            found = self.requests.get(request) or next((r for _, r in list(self._inbox) if r.request_id == request),
+                                                        None)
+            if found is None:  # finished already
                 return
+            request = found
+        self._check_own(request)
         if not request.finished:
-            self._check_own(request)
-            self._deliver(request, self._finish(request, FinishReason.ABORT))
+            self._submit("cancel", request)
+
+    def _submit(self, kind: str, request: Request) -> None:
+        with self._wake:
+            self._inbox.append((kind, request))
+            self._wake.notify()
+        if self._thread is None and self._lock.acquire(blocking=False):
+            try:
+                if not self._in_step:  # a callback's cancel waits for the step's end
+                    self._drain_inbox()
+            finally:
+                self._lock.release()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, request = self._inbox.popleft()
+            if kind == "add":
+                self.scheduler.add(request.seq)
+                self.requests[request.request_id] = request
+            elif not request.finished:
+                self._deliver_end(request, self._finish(request, FinishReason.ABORT))
+
+    def _check_own(self, request: Request) -> None:
+        if request.engine is not self:
+            raise ValueError(f"request {request.request_id} is not one of this engine's requests")
 
     # ------------------------------------------------------------------------------------------------- running
 
     def step(self) -> list[Request]:
-        """One forward over every scheduled chunk; returns the requests that finished in it."""
+        """One forward over every scheduled chunk; returns the requests that finished in it. Not while the loop
+        thread runs (it steps)."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("the engine's loop runs in its own thread (start()): it steps; stop() it first")
+        with self._lock:
+            self._in_step = True
+            try:
+                return self._step()
+            finally:
+                self._in_step = False
+
+    def _step(self) -> list[Request]:
+        self._drain_inbox()
         step = self.scheduler.schedule()
         if not step:
             if self.scheduler.has_work:
                 raise RuntimeError("the scheduler formed an empty step with requests waiting")
             return []
         now = time.perf_counter()
-        for chunk in step.chunks:
-            request = self.requests[chunk.seq.seq_id]
+        chunks = sorted(step.chunks, key=lambda c: c.num_tokens > 1)  # decodes first (stable: arrival order)
+        requests = [self.requests[c.seq.seq_id] for c in chunks]
+        for request in requests:
             if request.scheduled_s is None:
                 request.scheduled_s = now
-        chunks = sorted(step.chunks, key=lambda c: c.num_tokens > 1)  # decodes first (stable: arrival order)
-        batch = ForwardBatch.build(self.cache, [(c.seq.kv, c.token_ids) for c in chunks], self.model.device,
-                                   Logits.LAST, self.model.config.context_length)
-        logits = self.model.runner.forward(batch, self.cache)  # [chunks, vocab]: each chunk's last token
+        try:
+            output = self.runner.execute(self._plan(step, chunks, requests))
+        except Exception as e:  # this step's requests fail; the engine, its blocks and the other requests go on
+            if isinstance(e, BlockCopyError):  # and so does any sequence whose copied block was not written
+                requests += [r for r in self.requests.values() if r not in requests
+                             and e.destinations.intersection(r.seq.kv.blocks)]
+            log.exception("engine step failed; its %d requests end with an error", len(requests))
+            return self._fail_step(step, requests, f"the step failed: {type(e).__name__}: {e}")
         self.scheduler.complete(step)
-        sampling = [(row, self.requests[c.seq.seq_id]) for row, c in enumerate(chunks) if c.completes]
-        tokens = self._sample(logits, sampling)
         now = time.perf_counter()
         # The engine's state first (every token appended, every finished request completed and its blocks freed),
         # user callbacks last: whatever a callback does (raise, cancel), no sequence is left half-updated.
-        finished, events = [], []
-        for (_, request), token in zip(sampling, tokens, strict=True):
+        finished = []
+        self._delivering = deque()
+        for chunk, request, tokens in zip(chunks, requests, output.tokens, strict=True):
+            if not chunk.completes:
+                continue
             if request.first_token_s is None:
                 request.first_token_s = now
-            reason, event = self._accept(request, token)
-            tail = None
+            reason, event = self._accept(request, tokens[0])
+            self._delivering.append((request, event))
             if reason is not None:
-                tail = self._finish(request, reason, now)
+                self._delivering.extend(((request, self._finish(request, reason, now)), (request, _END)))
                 finished.append(request)
-            events.append((request, event, tail))
-        self._delivering = deque((request, e) for request, *news in events for e in news)
         try:
             while self._delivering:
                 self._emit(*self._delivering.popleft())
@@ -202,39 +340,146 @@ class Engine:
             self._delivering = None
         return finished
 
+    def _plan(self, step: Step, chunks: list[Chunk], requests: list[Request]) -> StepPlan:
+        return StepPlan(self.runner.block_size, tuple(self._chunk_plan(c, r) for c, r in zip(chunks, requests,
+                                                                                             strict=True)),
+                        copies=tuple(step.copies))
+
+    @staticmethod
+    def _chunk_plan(chunk: Chunk, request: Request) -> ChunkPlan:
+        seq = chunk.seq
+        n = chunk.num_tokens
+        sampling = None
+        if chunk.completes:
+            params = request.params
+            history = seq.token_ids[: chunk.start] if params.repetition_penalty != 1.0 else ()
+            sampling = RowSampling.of(params, position=chunk.start + n, history=history)
+        return ChunkPlan(seq.seq_id, chunk.start, tuple(chunk.token_ids), tuple(seq.kv.blocks),
+                         (n - 1,) if chunk.completes else (), sampling)
+
+    def _fail_step(self, step: Step, requests: list[Request], message: str) -> list[Request]:
+        self.scheduler.abort(step)
+        for request in requests:
+            self._deliver_end(request, self._finish(request, FinishReason.ERROR, error=message))
+        return requests
+
     def run(self) -> None:
-        """Step until every request has finished."""
-        while self.scheduler.has_work:
+        """Step until every request has finished (in this thread; not while the loop runs)."""
+        while self.has_work:
             self.step()
+
+    # ---------------------------------------------------------------------------------------------------- loop
+
+    @property
+    def loop_running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> Engine:
+        """Run the engine's loop in a background thread: it steps while there is work and sleeps on a condition
+        when there is none (no polling). Consumers then only wait (`stream`, `astream`); add and cancel from any
+        thread. Returns the engine."""
+        with self._lock:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="realm-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop after its current step; unfinished requests stay (step them, or start again)."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"the engine loop did not stop within {timeout} s")
+        self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopping or self.has_work)
+                if self._stopping:
+                    return
+            try:
+                with self._lock:
+                    self._in_step = True
+                    try:
+                        self._step()
+                    finally:
+                        self._in_step = False
+            except Exception as e:  # a bug outside the forward: fail what is in flight rather than hang consumers
+                log.exception("engine loop: step failed outside the forward")
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            for request in list(self.requests.values()):
+                try:
+                    self._deliver_end(request, self._finish(request, FinishReason.ERROR, error=message))
+                except Exception:  # the scheduler's state is broken: still release the consumer
+                    log.exception("engine loop: could not finish request %d", request.request_id)
+                    self.requests.pop(request.request_id, None)
+                    if request.completion is None:
+                        request.completion = Completion(request.output.text, request.seq.output_ids,
+                                                        FinishReason.ERROR, request.prompt_ids, error=message)
+                    self._put_end(request)
+
+    # ------------------------------------------------------------------------------------------------ consuming
+
+    def wait(self, requests: Sequence[Request], timeout: float | None = None) -> bool:
+        """Until one of `requests` has finished (True), or `timeout` seconds (False): stepping the engine here when
+        no loop runs, else waiting for the loop."""
+        if self._thread is None:
+            while not any(r.finished for r in requests):
+                self.step()
+            return True
+        with self._ended:
+            return self._ended.wait_for(lambda: any(r.finished for r in requests), timeout)
+
 
     def stream(self, request: Request) -> Iterator[TokenEvent]:
-        """The request's TokenEvents as they come, stepping the engine (every request advances) when it has none
-        left; ends when the request has finished."""
+        """The request's TokenEvents as they come; ends when it has finished. With the loop running this waits for
+        them; without, it steps the engine itself (every request advances) when none are queued."""
+        self._check_own(request)
         while True:
-            while request.events:
-                yield request.events.popleft()
-            if request.finished:
+            item = request.events.get_nowait()
+            if item is _END:
                 return
-            self._check_own(request)
-            self.step()
+            if item is not None:
+                yield item
+            elif request.finished:  # its end was taken by an earlier iteration
+                return
+            elif self._thread is not None:
+                item = request.events.get(timeout=1.0)
+                if item is _END:
+                    return
+                if item is not None:
+                    yield item
+            else:
+                self.step()
+
+    async def astream(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """`async for event in engine.astream(request)`: the request's TokenEvents, without stepping (the loop is
+        started if it is not running)."""
+        self._check_own(request)
+        self.start()
+        while not (request.finished and not len(request.events)):
+            item = await request.events.aget()
+            if item is _END:
+                return
+            yield item
 
     # ---------------------------------------------------------------------------------------------- internals
-
-    def _sample(self, logits: torch.Tensor, sampling: list[tuple[int, Request]]) -> list[int]:
-        """The next token of each (row, request): plain greedy rows in one argmax, the others by their sampler."""
-        tokens: list[int | None] = [None] * len(sampling)
-        plain = [i for i, (_, r) in enumerate(sampling) if r.params.greedy and r.params.repetition_penalty == 1.0]
-        if plain:
-            rows = torch.tensor([sampling[i][0] for i in plain], device=logits.device)
-            for i, token in zip(plain, logits[rows, : self._vocab].argmax(-1).tolist(), strict=True):
-                tokens[i] = token
-        for i, (row, request) in enumerate(sampling):
-            if tokens[i] is None:
-                p = request.params
-                history = (torch.tensor(request.seq.token_ids, dtype=torch.int64) if p.repetition_penalty != 1.0
-                           else torch.empty(0, dtype=torch.int64))
-                tokens[i] = request.sampler.sample(logits[row, : self._vocab], history)
-        return tokens
 
     def _accept(self, request: Request, token: int) -> tuple[FinishReason | None, TokenEvent | None]:
         """Append a sampled token -> (the finish reason if it ends the request, the event to emit)."""
@@ -271,20 +516,24 @@ class Engine:
         del self.requests[request.request_id]
         return tail
 
-    def _deliver(self, request: Request, event: TokenEvent | None) -> None:
-        """Emit now, or after the events of the step being delivered (so a callback that cancels another request
-        cannot put that request's last text before its token's)."""
+    def _deliver_end(self, request: Request, tail: TokenEvent | None) -> None:
+        """Emit a finished request's held-back text and its end now, or after the events of the step being
+        delivered (so a callback that cancels another request cannot put that request's end before its token)."""
         if self._delivering is None:
-            self._emit(request, event)
+            self._emit(request, tail)
+            self._emit(request, _END)
         else:
-            self._delivering.append((request, event))
+            self._delivering.extend(((request, tail), (request, _END)))
 
-    def _emit(self, request: Request, event: TokenEvent | None) -> None:
-        """Queue the event for `stream` and call on_event. A callback that raises ends its request with finish
-        reason "error" and the exception in `error` (the other requests go on)."""
-        if event is None:
+    def _emit(self, request: Request, event) -> None:
+        """Queue the event (a TokenEvent, or _END) for the request's consumers and call on_event. A callback that
+        raises ends its request with finish reason "error" and the exception in `error` (the other requests go on)."""
+        if event is None or (event is _END and request.events.ended):
             return
-        request.events.append(event)
+        if event is _END:
+            self._put_end(request)
+            return
+        request.events.put(event)
         if request.on_event is None:
             return
         try:
@@ -296,8 +545,12 @@ class Engine:
                 return
             tail = self._finish(request, FinishReason.ERROR, error=message)
             if tail is not None:
-                request.events.append(tail)  # for `stream`; the failing callback is not called again
+                request.events.put(tail)  # for `stream`; the failing callback is not called again
+            self._put_end(request)
 
-    def _check_own(self, request: Request) -> None:
-        if self.requests.get(request.request_id) is not request:
-            raise ValueError(f"request {request.request_id} is not one of this engine's unfinished requests")
+    def _put_end(self, request: Request) -> None:
+        """The request's last item: its consumers stop, and `wait` wakes."""
+        if not request.events.ended:
+            request.events.put(_END)
+        with self._ended:
+            self._ended.notify_all()

@@ -1,28 +1,24 @@
-"""Generation of one sequence: prefill, then one token per step, with streaming, stop strings and timings.
+"""What a request's generated tokens become: text events, stop strings, finish reasons, timings, the completion.
 
-    stream = generate_stream(model, prompt_ids, SamplingParams(max_tokens=64))
-    for event in stream:              # TokenEvent(token_id, text): text is what may be shown now
-        print(event.text, end="")
-    stream.completion                 # Completion(text, token_ids, finish_reason, timings)
+    out = OutputText(tokenizer, SamplingParams(stop=["\n\n"]))
+    event = out.add(token)            # TokenEvent(token_id, text): text is what may be shown now; None: end of text
+    out.close()                       # the text held back, as a last event
+    Completion(text, token_ids, finish_reason, prompt_ids, timings)
 
 Stop strings are matched on the decoded text. Text that could be the start of a stop string is held back until the
-next tokens settle it, so a stream never shows a stop string, nor anything after it.
+next tokens settle it, so a stream never shows a stop string, nor anything after it. The engine
+(realm.runtime.engine) runs this for every request; `Model.generate` is one request on it.
 """
 
 from __future__ import annotations
 
 import enum
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
-from .sampling import Sampler, SamplingParams
-
 if TYPE_CHECKING:
-    from .model import Model
+    from .sampling import SamplingParams
 
 
 class FinishReason(str, enum.Enum):
@@ -142,60 +138,3 @@ class OutputText:
             return None
         self.pieces.append(tail)
         return TokenEvent(None, tail)
-
-
-class GenerationStream:
-    """Iterate for TokenEvents; `completion` is set once the iteration ends."""
-
-    def __init__(self, model: Model, prompt_ids: Sequence[int], params: SamplingParams):
-        self.model = model
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.completion: Completion | None = None
-        model.check_prompt(self.prompt_ids)
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        model, params = self.model, self.params
-        tokenizer = model.tokenizer
-        sampler = Sampler(params)
-        out = OutputText(tokenizer, params)
-        n_prompt = len(self.prompt_ids)
-        # prompt + output never exceed the context; the last token sampled is never fed back, so needs no slot
-        max_new = min(params.max_tokens, model.config.context_length - n_prompt)
-        cache = model.new_cache(batch=1, capacity=n_prompt + max_new - 1 if max_new > 1 else n_prompt)
-        history = torch.empty(n_prompt + max_new, dtype=torch.int64, device=model.device)  # repetition penalty
-        history[:n_prompt] = torch.tensor(self.prompt_ids)
-        vocab = tokenizer.vocab_size  # the embedding may have more rows (padding) than the tokenizer has tokens
-        timings = Timings(prompt_tokens=n_prompt)
-        generated: list[int] = []
-        finish = FinishReason.LENGTH
-
-        t0 = time.perf_counter()
-        logits = model.run([self.prompt_ids], cache, start=0, last_only=True)  # ids checked by check_prompt
-        while True:
-            token = sampler.sample(logits[0, -1, :vocab], history[: n_prompt + len(generated)])
-            history[n_prompt + len(generated)] = token
-            generated.append(token)
-            now = time.perf_counter()
-            if len(generated) == 1:
-                timings.prefill_s = now - t0
-            else:
-                timings.decode_s += now - t0
-            t0 = now
-            event = out.add(token)
-            if event is None:  # end of generation
-                finish = FinishReason.STOP
-                break
-            yield event
-            if out.stopped:
-                finish = FinishReason.STOP
-                break
-            if len(generated) == max_new:  # max_tokens, or the context is full
-                break
-            t0 = time.perf_counter()
-            logits = model.run([[token]], cache, start=cache.length, last_only=True)
-        tail = out.close()
-        if tail is not None:
-            yield tail
-        timings.generated_tokens = len(generated)
-        self.completion = Completion(out.text, generated, finish, self.prompt_ids, timings)

@@ -1,54 +1,51 @@
-"""The paged KV cache both backends use: fixed-size blocks of tokens, and the block manager that hands them out.
+"""The paged KV cache's tensors, and a fixed-batch cache for the rectangular `Model.forward(tokens, cache)` API.
 
-    cache = PagedKVCache.allocate(config, num_blocks=256, block_size=16, dtype=torch.float16, device="cuda")
-    seq = SequenceKV()
-    cache.reserve(seq, 40)            # blocks for 40 tokens (3 blocks of 16): cache.blocks.allocate
-    k, v = cache.layer(0)             # [num_blocks, block_size, kv_heads, head_dim] each: realm/kernels/paged.py
-    cache.release(seq)                # its blocks back: cache.blocks.free
+    kv = PagedKVCache.allocate(config, num_blocks=256, block_size=16, dtype=torch.float16, device="cuda")
+    k, v = kv.layer(0)                # [num_blocks, block_size, kv_heads, head_dim] each: realm/kernels/paged.py
+    kv.copy_blocks([(3, 7)])          # block 3's rows into block 7, every layer (copy-on-write)
 
-Token t of a sequence lives in block `seq.blocks[t // block_size]`, row `t % block_size`. Blocks are taken from the
-free list in any order, so a sequence's blocks are scattered: the kernels and the torch reference look every token up
-through the block table and never assume adjacency. `KVCache` wraps one PagedKVCache with a fixed batch of sequences
-of one capacity, for the rectangular `Model.forward(tokens [batch, T], cache, start)` API and single-stream
-generation. Which block holds what (reference counts, prefix caching) is the block manager's business
-(realm.runtime.block_manager, plain Python); the cache itself is the two tensors.
+Token t of a sequence lives in block `block_table[t // block_size]`, row `t % block_size`. Which block holds what
+(allocation, reference counts, prefix caching) is the block manager's business (realm.runtime.block_manager, plain
+Python, in the scheduler); the cache is only the two tensors, owned by the model runner.
+
+`KVCache` is a fixed batch of sequences of one capacity in one PagedKVCache, for `Model.forward(tokens [batch, T],
+cache, start)`: its blocks are dealt round-robin (sequence 0 gets blocks 0, batch, 2 * batch, ...), so no sequence's
+blocks are adjacent, the same scattered layout the scheduler produces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
-from .block_manager import BlockManager, CacheFullError, SequenceKV
 from .config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "CacheFullError", "KVCache", "PagedKVCache", "SequenceKV"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "KVCache", "PagedKVCache"]
 
 
 @dataclass
 class PagedKVCache:
     k: torch.Tensor  # [layers, num_blocks, block_size, kv_heads, head_dim]
     v: torch.Tensor
-    blocks: BlockManager = field(default=None)  # type: ignore[assignment]  # None: one without prefix caching
 
     def __post_init__(self):
-        if self.blocks is None:
-            self.blocks = BlockManager(self.k.shape[1], self.k.shape[2], prefix_caching=False)
-        elif (self.blocks.num_blocks, self.blocks.block_size) != tuple(self.k.shape[1:3]):
-            raise ValueError(f"the block manager's {self.blocks.num_blocks} blocks of {self.blocks.block_size} do "
-                             f"not match the cache's {self.k.shape[1]} of {self.k.shape[2]}")
+        if self.k.dim() != 5 or self.k.shape != self.v.shape or self.k.dtype != self.v.dtype:
+            raise ValueError(f"k and v must be one [layers, num_blocks, block_size, kv_heads, head_dim] shape and "
+                             f"dtype, got {self.k.dtype} {list(self.k.shape)} and {self.v.dtype} {list(self.v.shape)}")
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 prefix_caching: bool = False) -> PagedKVCache:
-        blocks = BlockManager(num_blocks, block_size, prefix_caching)  # checks the sizes
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> PagedKVCache:
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
         k = torch.empty(shape, dtype=dtype, device=device)
-        return cls(k, torch.empty_like(k), blocks)
+        return cls(k, torch.empty_like(k))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -70,20 +67,27 @@ class PagedKVCache:
         """Layer i's K and V caches, [num_blocks, block_size, kv_heads, head_dim] each (views)."""
         return self.k[i], self.v[i]
 
-    def reserve(self, seq: SequenceKV, tokens: int) -> None:
-        """Give seq enough blocks to hold `tokens` tokens in all (a no-op when it already has them)."""
-        self.blocks.allocate(seq, tokens)
+    def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Copy each (src, dst) block's rows, in every layer: one gather and scatter for all pairs."""
+        pairs = list(pairs)
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.k.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.k.device)
+        for t in (self.k, self.v):
+            t[:, dst] = t[:, src]
 
-    def release(self, seq: SequenceKV) -> None:
-        self.blocks.free(seq)
+
+@dataclass
+class _Rows:
+    """One sequence of a KVCache: its blocks and how many tokens it holds."""
+
+    blocks: list[int]
+    length: int = 0
 
 
 class KVCache:
-    """A fixed batch of sequences, each with room for `capacity` tokens, in one PagedKVCache.
-
-    Blocks are dealt round-robin (sequence 0 gets blocks 0, batch, 2 * batch, ...), so no sequence's blocks are
-    adjacent: the same scattered layout the scheduler produces.
-    """
+    """A fixed batch of sequences, each with room for `capacity` tokens, in one PagedKVCache."""
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str, block_size: int = DEFAULT_BLOCK_SIZE):
@@ -94,10 +98,7 @@ class KVCache:
             raise ValueError(f"batch, capacity and block_size must be >= 1, got {batch}, {capacity} and {block_size}")
         per_seq = -(-capacity // block_size)
         self.paged = PagedKVCache.allocate(config, batch * per_seq, block_size, dtype, device)
-        self.sequences = [SequenceKV() for _ in range(batch)]
-        for _ in range(per_seq):  # one block each in turn
-            for seq in self.sequences:
-                self.paged.reserve(seq, (len(seq.blocks) + 1) * block_size)
+        self.sequences = [_Rows([i + batch * j for j in range(per_seq)]) for i in range(batch)]
         self.capacity = capacity
 
     @property
@@ -118,3 +119,7 @@ class KVCache:
             raise ValueError(f"forward at position {start}, but the cache holds {self.length} positions")
         if start + tokens > self.capacity:
             raise ValueError(f"{start} cached + {tokens} new tokens exceed the KV cache capacity {self.capacity}")
+
+    def advance(self, tokens: int) -> None:
+        for seq in self.sequences:
+            seq.length += tokens

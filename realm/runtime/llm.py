@@ -3,6 +3,7 @@
     llm = realm.LLM(model="smollm2", backend="torch", device="cpu", max_batch_tokens=512, kv_blocks=1024)
     outs = llm.generate(["Once upon a time", "The capital of France is"], SamplingParams(max_tokens=32))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].timings
+    for i, completion in llm.completions(prompts): ...        # as each finishes (realm batch writes them so)
 
 A request that cannot run (empty prompt, prompt over the context, more tokens than the KV cache holds, bad ids)
 gets a Completion with finish reason "error" and the reason in `error`; the other prompts run as if it were not
@@ -14,7 +15,7 @@ from __future__ import annotations
 import operator
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -67,28 +68,40 @@ class LLM:
         sampling: one SamplingParams for all, one per prompt, or None for the defaults; progress: a bar on stderr
         (None: for batches of PROGRESS_FROM prompts or more); on_event(prompt index, TokenEvent): streaming."""
         prompts = _prompt_list(prompts)
-        params = self._params(sampling, len(prompts))
         outputs: list[Completion | None] = [None] * len(prompts)
+        for i, completion in self.completions(prompts, sampling, progress=progress, on_event=on_event):
+            outputs[i] = completion
+        return outputs  # type: ignore[return-value]
+
+    def completions(self, prompts: Prompt | Sequence[Prompt],
+                    sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                    progress: bool | None = None,
+                    on_event: Callable[[int, TokenEvent], None] | None = None) -> Iterator[tuple[int, Completion]]:
+        """(prompt index, Completion) as each request finishes, requests that cannot run first; arguments as
+        `generate`. Leaving the iteration early cancels what is still running."""
+        prompts = _prompt_list(prompts)
+        params = self._params(sampling, len(prompts))
         running: dict[int, Request] = {}  # prompt index -> its request
         show = len(prompts) >= PROGRESS_FROM if progress is None else progress
         try:
+            failed = []
             for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
                 callback = None if on_event is None else (lambda _request, event, i=i: on_event(i, event))
                 try:
                     running[i] = self.engine.add_request(prompt, p, on_event=callback)
                 except ValueError as e:  # this request alone fails
-                    outputs[i] = _failed(prompt, e)
+                    failed.append((i, _failed(prompt, e)))
             with tqdm(total=len(prompts), disable=not show, unit="req", file=sys.stderr) as bar:
-                bar.update(len(prompts) - len(running))
+                bar.update(len(failed))
+                yield from failed
                 while running:
-                    self.engine.step()
+                    self.engine.wait(list(running.values()), timeout=1.0)  # steps here, unless the loop runs
                     for i in [i for i, r in running.items() if r.finished]:
-                        outputs[i] = running.pop(i).completion
                         bar.update()
+                        yield i, running.pop(i).completion
         finally:  # an interrupted batch leaves nothing behind in the engine
             for request in running.values():
                 self.engine.cancel(request)
-        return outputs  # type: ignore[return-value]
 
     @staticmethod
     def _params(sampling, n: int) -> list[SamplingParams]:

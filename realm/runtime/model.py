@@ -9,26 +9,27 @@
 
 from __future__ import annotations
 
-import enum
 import operator
 import os
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ModelConfig, ModelError
-from .generate import Completion, GenerationStream
+from .generate import Completion, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache
-from .runner import indexed_device
+from .ops import Backend, backend_of
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
-from .torch_model import TorchModel
+from .transformer import Transformer, indexed_device
 from .weights import ModelWeights, load_weights
 
+if TYPE_CHECKING:
+    from .engine import Engine, Request
 
-class Backend(str, enum.Enum):
-    TORCH = "torch"  # the torch reference forward (float32 by default)
-    TRITON = "triton"  # realm's Triton kernels: quantized matmuls, flash / paged attention, fused layer ops
+SOLO_MIN_BLOCKS = 64  # the smallest KV cache of a Model's own engine (grown for longer requests)
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -48,24 +49,12 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return indexed_device(device)
 
 
-def _backend(backend: Backend | str) -> Backend:
-    try:
-        backend = Backend(backend)
-    except ValueError:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(b.value for b in Backend)}") from None
-    return backend
-
-
-def _runner(weights: ModelWeights, backend: Backend, device: torch.device, dtype: torch.dtype):
-    if backend is Backend.TORCH:
-        return TorchModel(weights, device=device, dtype=dtype)
-    from .triton_model import TritonModel  # imports Triton: only when asked for
-
-    return TritonModel(weights, device=device, dtype=dtype)
-
-
 class Model:
-    """A loaded model: `config`, `tokenizer`, `weights` (QTensors) and the backend that runs the forward."""
+    """A loaded model: `config`, `tokenizer`, `weights` (QTensors) and `transformer`, the forward on its backend.
+
+    `generate`, `stream` and `chat` run one request at a time on the model's own engine (realm.runtime.engine, the
+    same loop `realm.LLM` batches with), without prefix caching and with each prompt in one step, so that a
+    request's tokens do not depend on what ran before it."""
 
     def __init__(self, weights: ModelWeights, tokenizer: Tokenizer, backend: Backend, device: torch.device,
                  dtype: torch.dtype):
@@ -75,10 +64,12 @@ class Model:
         self.weights = weights
         self.config: ModelConfig = weights.config
         self.tokenizer = tokenizer
-        self.backend = backend
+        self.backend = backend_of(backend)
         self.device = device
         self.dtype = dtype
-        self.runner = _runner(weights, backend, device, dtype)
+        self.transformer = Transformer(weights, self.backend, device, dtype)
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"Model({self.config.name or self.weights.path.name!r}, {self.config.arch.name}, "
@@ -89,7 +80,7 @@ class Model:
 
     def new_cache(self, batch: int, capacity: int, block_size: int = DEFAULT_BLOCK_SIZE) -> KVCache:
         """A paged cache for `batch` sequences of up to `capacity` tokens each, in the runner's dtype."""
-        return self.runner.new_cache(batch, capacity, block_size)
+        return self.transformer.new_cache(batch, capacity, block_size)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
@@ -105,12 +96,7 @@ class Model:
             raise ValueError(f"tokens must be int32/int64 ids, got {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return self.runner.forward_tokens(tokens.tolist(), cache, start, last_only)
-
-    def run(self, tokens: Sequence[Sequence[int]], cache: KVCache | None = None, start: int = 0,
-            last_only: bool = False) -> torch.Tensor:
-        """`forward` on host ids [batch][T] that are known to be in range (generation's own tokens)."""
-        return self.runner.forward_tokens(tokens, cache, start, last_only)
+        return self.transformer.forward_tokens(tokens.tolist(), cache, start, last_only)
 
     # ---------------------------------------------------------------------------------------------- generation
 
@@ -136,7 +122,31 @@ class Model:
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                **sampling) -> GenerationStream:
         """Iterate over TokenEvents; the stream's `.completion` holds the result at the end."""
-        return GenerationStream(self, self.encode(prompt), _params(params, sampling))
+        params = _params(params, sampling)
+        ids = self.encode(prompt)
+        self.check_prompt(ids)
+        engine = self.engine_for(len(ids) + min(params.max_tokens, self.config.context_length - len(ids)))
+        return GenerationStream(engine, engine.add_request(ids, params))
+
+    def engine_for(self, tokens: int) -> Engine:
+        """The model's own engine, with KV room for a sequence of `tokens` tokens: grown (a new engine, KV blocks
+        doubled past the need) when it has none, unless it is busy, then a separate one for this request."""
+        from .engine import Engine, EngineConfig
+
+        with self._engine_lock:
+            engine = self._engine
+            block = DEFAULT_BLOCK_SIZE
+            if engine is not None and engine.runner.kv.num_blocks * block >= tokens:
+                return engine
+            blocks = SOLO_MIN_BLOCKS
+            while blocks * block < tokens:
+                blocks *= 2
+            # max_batch_tokens: a whole prompt in one step, as a single sequence would run it
+            fresh = Engine(self, EngineConfig(max_batch_tokens=self.config.context_length, max_num_seqs=1,
+                                              kv_blocks=blocks, block_size=block, prefix_caching=False), seed=None)
+            if engine is None or not engine.has_work:
+                self._engine = fresh
+            return fresh
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling) -> Completion:
         """Generate from a text prompt or a list of ids; sampling: SamplingParams' fields (max_tokens=...)."""
@@ -179,7 +189,7 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
 
 def default_dtype(backend: Backend | str, device: torch.device) -> torch.dtype:
     """float32 for the torch reference and for Triton's CPU interpreter; float16 for the Triton kernels on a GPU."""
-    if _backend(backend) is Backend.TRITON and device.type == "cuda":
+    if backend_of(backend) is Backend.TRITON and device.type == "cuda":
         return torch.float16
     return torch.float32
 
@@ -193,11 +203,37 @@ def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None
     imported); dtype: the compute dtype, None for the backend's default (`default_dtype`; float32 is the exact
     reference).
     """
-    backend = _backend(backend)
+    backend = backend_of(backend)
     device = resolve_device(device)
     dtype = default_dtype(backend, device) if dtype is None else dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if backend is Backend.TRITON:
+        from .transformer import _check_triton_device
+
+        _check_triton_device(device, dtype)  # before the weights load: a wrong setup fails at once
     weights = load_weights(model)
     tokenizer = Tokenizer.from_metadata(weights.metadata)
     return Model(weights, tokenizer, backend, device, dtype)
+
+
+class GenerationStream:
+    """One request's TokenEvents as they come (iterating steps the model's engine when no loop runs it);
+    `completion` is set once the iteration ends. Leaving the iteration early cancels the request."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self.engine = engine
+        self.request = request
+        self.prompt_ids = request.prompt_ids
+        self.params = request.params
+
+    @property
+    def completion(self) -> Completion | None:
+        return self.request.completion
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            yield from self.engine.stream(self.request)
+        finally:
+            if not self.request.finished:
+                self.engine.cancel(self.request)

@@ -1,79 +1,91 @@
-"""Runner: what both backends (TorchModel, TritonModel) share: the ragged-batch forward they implement, and the
-rectangular [batch, T] entry point built on it.
+"""The model runner: the model on its device, the KV tensors, the sampler; a step plan in, tokens out.
 
-    logits = runner.forward(batch, cache)                          # ForwardBatch, PagedKVCache -> [rows, vocab]
-    logits = runner.forward_tokens([[1, 2, 3]])                    # [batch, T] ids -> [batch, T, vocab]
-    logits = runner.forward_tokens([[4]], cache, start=3, last_only=True)
+    runner = ModelRunner(transformer, num_blocks=1024, block_size=16)
+    out = runner.execute(plan)        # StepPlan (plain data) -> StepOutput (tokens per chunk; logits, probs if asked)
+
+`execute` is the only place where a step touches the device: it copies the plan's blocks (copy-on-write), packs the
+plan into device tensors (`ForwardBatch.build`, one host-to-device copy), runs the forward for the logits rows the
+plan asks for, and samples every row that has a `RowSampling`, all rows of the step in one batched call
+(realm.runtime.sampler). One runner per engine (its KV cache is the engine's); several runners may share one
+Transformer (the weights). Under tensor parallelism every rank runs the same plan on its own shard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
 
 import torch
 
-from .batch import ForwardBatch, Logits
-from .config import ModelConfig
-from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, PagedKVCache
+from .batch import ForwardBatch
+from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
+from .plan import ChunkPlan, StepOutput, StepPlan
+from .sampler import BatchSampler, RowSampling
+from .transformer import Transformer
 
 
-def indexed_device(device: torch.device | str) -> torch.device:
-    """cuda -> cuda:<current>: tensors report an indexed device, and torch.device("cuda") != torch.device("cuda:0")."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+class BlockCopyError(RuntimeError):
+    """The plan's block copies failed: the destination blocks hold no valid KV (their sequences must not go on)."""
+
+    def __init__(self, copies, cause: BaseException):
+        super().__init__(f"copying KV blocks failed: {type(cause).__name__}: {cause}")
+        self.destinations = {dst for _, dst in copies}
 
 
-class Runner:
-    config: ModelConfig
-    device: torch.device  # indexed (cuda:0, not cuda): compared with tensors' devices
-    dtype: torch.dtype
+class ModelRunner:
+    def __init__(self, transformer: Transformer, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                 vocab_size: int | None = None, seed: int | None = None):
+        """vocab_size: the tokenizer's (the embedding may have padding rows, never sampled); seed: of the sampler's
+        own generator, used by unseeded requests (None: random)."""
+        self.transformer = transformer
+        self.config = transformer.config
+        self.device = transformer.device
+        self.kv = PagedKVCache.allocate(self.config, num_blocks, block_size, transformer.dtype, transformer.device)
+        self.sampler = BatchSampler(self.device, vocab_size or self.config.vocab_size, seed)
 
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
-        """Runs batch's packed chunks, storing their K and V in cache -> logits [len(batch.logits_rows), vocab] in
-        `dtype`. The caller advances the sequences (batch.advance()) once the step is done."""
-        if batch.max_seq_len > self.config.context_length:
-            raise ValueError(f"a sequence reaches position {batch.max_seq_len}, past the context length "
-                             f"{self.config.context_length}")
-        if cache.k.dtype != self.dtype or cache.k.device != self.device:
-            raise ValueError(f"the KV cache is {cache.k.dtype} on {cache.k.device}; this model computes in "
-                             f"{self.dtype} on {self.device}")
-        if cache.k.shape[0] != self.config.n_layers or cache.k.shape[3:] != (self.config.n_kv_heads,
-                                                                                 self.config.head_dim):
-            raise ValueError(f"the KV cache's shape {tuple(cache.k.shape)} does not fit this model's "
-                             f"{self.config.n_layers} layers of {self.config.n_kv_heads} KV heads x "
-                             f"{self.config.head_dim}")
-        return self._forward(batch, cache)
+    def __repr__(self) -> str:
+        return f"ModelRunner({self.transformer!r}, {self.kv.num_blocks} KV blocks of {self.kv.block_size})"
 
-    def _forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
-        raise NotImplementedError
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
 
-    def new_cache(self, batch: int, capacity: int, block_size: int = DEFAULT_BLOCK_SIZE) -> KVCache:
-        """A paged cache for `batch` sequences of up to `capacity` tokens each."""
-        return KVCache(self.config, batch, capacity, self.dtype, self.device, block_size)
+    def execute(self, plan: StepPlan) -> StepOutput:
+        if plan.block_size != self.kv.block_size:
+            raise ValueError(f"the plan's blocks hold {plan.block_size} tokens, this runner's {self.kv.block_size}")
+        try:
+            self.kv.copy_blocks(plan.copies)
+        except Exception as e:
+            raise BlockCopyError(plan.copies, e) from e
+        batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length)
+        logits = self.transformer.forward(batch, self.kv)  # [plan.num_logits, vocab]
+        out = StepOutput(logits=logits if plan.return_logits else None)
+        rows, index = [], []  # the sampled logits rows and their sampling
+        row = 0
+        for chunk in plan.chunks:
+            if chunk.sampling is not None:
+                rows.extend(_row_samplings(chunk))
+                index.extend(range(row, row + len(chunk.logits)))
+            row += len(chunk.logits)
+        if not rows:
+            out.tokens = [[] for _ in plan.chunks]
+            return out
+        sampled_logits = logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=self.device)]
+        sample = self.sampler(sampled_logits, rows, return_probs=plan.return_probs)
+        tokens = iter(sample.tokens.tolist())  # the step's one device-to-host sync
+        out.tokens = [[next(tokens) for _ in c.logits] if c.sampling is not None else [] for c in plan.chunks]
+        out.probs = sample.probs
+        return out
 
-    def forward_tokens(self, tokens: Sequence[Sequence[int]] | torch.Tensor, cache: KVCache | None = None,
-                       start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """tokens: ids [batch, T] at positions [start, start + T) -> logits [batch, T, vocab] ([batch, 1, vocab] with
-        last_only). With a cache, the tokens follow the `start` tokens it holds and are stored in it; without one,
-        start must be 0 and the T tokens attend only to each other. Ids are not range-checked here (Model.forward
-        does)."""
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.tolist()
-        batch, n = len(tokens), len(tokens[0]) if tokens else 0
-        if batch == 0 or n == 0 or any(len(row) != n for row in tokens):
-            raise ValueError(f"tokens must be a non-empty [batch, T] rectangle, got {batch} rows of lengths "
-                             f"{sorted({len(row) for row in tokens})}")
-        if cache is None:
-            if start:
-                raise ValueError("forward without a cache starts at position 0")
-            cache = self.new_cache(batch, n)
-        cache.check_room(start, n)
-        if cache.batch != batch:
-            raise ValueError(f"tokens have batch {batch}, the cache {cache.batch}")
-        step = ForwardBatch.build(cache.paged, list(zip(cache.sequences, tokens, strict=True)), self.device,
-                                  Logits.LAST if last_only else Logits.ALL, self.config.context_length)
-        logits = self.forward(step, cache.paged)
-        step.advance()
-        return logits.view(batch, 1 if last_only else n, -1)
+
+def _row_samplings(chunk: ChunkPlan) -> list[RowSampling]:
+    """The sampling of each logits row of chunk: the row at offset i draws the token at position start + i + 1, with
+    the chunk's tokens up to it added to the penalty's history."""
+    s = chunk.sampling
+    last = len(chunk.token_ids) - 1
+    if chunk.logits == (last,) and s.position == chunk.end and s.repetition_penalty == 1.0:
+        return [s]  # the common case, a decode or a prompt's last token: as the engine made it
+    rows = []
+    for i in chunk.logits:
+        history = s.history + tuple(chunk.token_ids[: i + 1]) if s.repetition_penalty != 1.0 else ()
+        rows.append(dataclasses.replace(s, position=s.position - last + i, history=history))
+    return rows

@@ -3,17 +3,25 @@ KV blocks. Iteration-level (a sequence joins or leaves the batch at any step), w
 
     scheduler = Scheduler(SchedulerConfig(max_batch_tokens=512), BlockManager(num_blocks, block_size))
     scheduler.add(seq)
-    step = scheduler.schedule()        # Step: chunks (sequence, start, num_tokens), and who was preempted
-    ...                                # the forward runs the chunks; the engine samples where chunk.completes
-    scheduler.complete(step)           # the chunks are in the cache now
+    step = scheduler.schedule()        # Step: chunks (sequence, start, num_tokens), block copies, who was preempted
+    ...                                # step.copies run, then the forward runs the chunks; the engine samples
+    scheduler.complete(step)           # the chunks are in the cache now (scheduler.abort(step) if the forward failed)
     scheduler.finish(seq)              # done or cancelled: its blocks are freed
+
+Speculative decoding: a chunk's last `num_unverified` tokens are drafts; complete() stores their KV but keeps them out
+of the prefix cache. After verification the engine drops the rejected drafts and commits the accepted ones:
+
+    scheduler.truncate(seq, n)         # tokens and KV past the first n dropped (a shared block kept in part: copied)
+    seq.append(token)                  # the token sampled after the last accepted one
+    scheduler.commit(seq, n)           # the first n tokens are verified: their full blocks enter the prefix cache
 
 A step is formed in two passes, older sequences first:
 1. Running sequences, in arrival order, each get min(its remaining tokens, the budget left): one token for a
    decode, a chunk of the prompt for a prefill in progress (shrunk to the free blocks, if they are short). When
    even that does not fit, the newest running sequence is preempted (its blocks freed; it will recompute its prompt
-   and output when resumed), until it fits, or until the sequence itself was the newest. Older sequences come
-   first in everything: a resumed prefill takes the budget before newer sequences' decodes.
+   and output when resumed), until it fits (a prefill chunk then grows into the room that made), or until the
+   sequence itself was the newest. Older sequences come first in everything: a resumed prefill takes the budget
+   before newer sequences' decodes.
 2. Waiting sequences, in arrival order (a preempted sequence keeps its place, ahead of later arrivals), are
    admitted while the budget, `max_num_seqs` and the blocks last, after taking what they can from the prefix cache.
    The first that does not fit stops admission (no overtaking: a long prompt is never starved by short ones), and
@@ -66,6 +74,11 @@ class Chunk:
     seq: Sequence
     start: int
     num_tokens: int
+    num_unverified: int = 0  # the last tokens are drafts: their KV is stored but kept out of the prefix cache
+
+    def __post_init__(self):
+        if not 0 <= self.num_unverified <= self.num_tokens:
+            raise ValueError(f"num_unverified must be in 0..{self.num_tokens}, got {self.num_unverified}")
 
     @property
     def token_ids(self) -> list[int]:
@@ -81,6 +94,7 @@ class Chunk:
 class Step:
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # KV blocks (src, dst) to copy before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -144,6 +158,7 @@ class Scheduler:
             n = self._fit(seq, min(seq.remaining, budget))
             while not self.blocks.can_allocate(seq.kv, seq.num_computed + n) and self.running[-1] is not seq:
                 step.preempted.append(self._preempt(self.running[-1]))
+                n = self._fit(seq, min(seq.remaining, budget))  # a prefill chunk takes the room the preemption made
             if not self.blocks.can_allocate(seq.kv, seq.num_computed + n):
                 step.preempted.append(self._preempt(seq))  # the newest running one: it waits for the others
                 break
@@ -155,6 +170,8 @@ class Scheduler:
             self._admit(step, budget)
         elif static_refill:  # a whole batch at once: what the budget leaves out of this step is prefilled later
             self._admit(step, budget, whole_batch=True)
+        if step:  # the engine skips an empty step: its copies wait for the next forward, which they must precede
+            step.copies = self.blocks.take_copies()
         self.stats.steps += bool(step)
         return step
 
@@ -199,14 +216,36 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------- after the step
 
     def complete(self, step: Step) -> None:
-        """The forward has stored every chunk: the sequences' cached lengths move past them, and their newly full
-        blocks enter the prefix cache."""
+        """The copies and the forward have run: the copies' source blocks are released, the sequences' cached
+        lengths move past their chunks, and their newly full blocks of verified tokens enter the prefix cache."""
+        self.blocks.release_copies(step.copies)  # ValueError the second time: a step is completed or aborted once
         for chunk in step.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING or seq.num_computed != chunk.start:
                 raise RuntimeError(f"chunk {chunk.start}..{chunk.start + chunk.num_tokens} of {seq!r} is stale")
             seq.kv.length = chunk.start + chunk.num_tokens
-            self.blocks.commit(seq.kv, seq.token_ids, seq.salt)
+            self.blocks.commit(seq.kv, seq.token_ids, seq.salt, upto=seq.kv.length - chunk.num_unverified)
+
+    def abort(self, step: Step) -> None:
+        """The step's forward failed (its copies ran first): the copies' source blocks are released and every
+        sequence's computed length is left as it was; the engine finishes the step's requests with an error."""
+        self.blocks.release_copies(step.copies)
+
+    def commit(self, seq: Sequence, upto: int) -> None:
+        """seq's first `upto` tokens are verified (speculative decoding): its full blocks among them, computed,
+        enter the prefix cache."""
+        self.blocks.commit(seq.kv, seq.token_ids, seq.salt, upto=upto)
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep seq's first num_tokens tokens (never fewer than its prompt) and, if it runs, only the KV of those:
+        rejected draft tokens go. Call it between steps; the engine appends the next token before the next
+        schedule(). CacheFullError (nothing changed) when a shared or cached block kept in part needs a copy and no
+        block is free."""
+        if seq not in (self.running if seq.status is SequenceStatus.RUNNING else self.waiting):
+            raise ValueError(f"{seq!r} is not in this scheduler")
+        if seq.status is SequenceStatus.RUNNING and seq.num_prompt_tokens <= num_tokens <= seq.num_tokens:
+            self.blocks.truncate(seq.kv, min(seq.num_computed, num_tokens))  # else seq.truncate raises: KV untouched
+        seq.truncate(num_tokens)
 
     def finish(self, seq: Sequence) -> None:
         """seq is done, or cancelled, whether running or waiting: its blocks are freed."""

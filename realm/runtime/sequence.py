@@ -4,6 +4,7 @@ Plain Python: the scheduler and block manager never touch tensors.
     seq = Sequence(seq_id=7, token_ids=[1, 2, 3], max_tokens=16)
     seq.remaining          # 3: tokens not yet in the KV cache (computed by the next forward steps)
     seq.append(42)         # a sampled token; it enters the cache in the next step
+    seq.truncate(4)        # drop the tokens past the 4th (rejected draft tokens); Scheduler.truncate drops their KV
 
 `seq_id` is the arrival order: the scheduler serves older sequences first, preempts the newest, and resumes the
 preempted in arrival order.
@@ -81,3 +82,11 @@ class Sequence:
         if self.num_output_tokens >= self.max_tokens:
             raise ValueError(f"sequence {self.seq_id} already has its {self.max_tokens} tokens")
         self.token_ids.append(token)
+
+    def truncate(self, num_tokens: int) -> None:
+        """Keep only the first num_tokens tokens (never fewer than the prompt). The KV cache is not touched:
+        Scheduler.truncate also drops their KV."""
+        if not self.num_prompt_tokens <= num_tokens <= self.num_tokens:
+            raise ValueError(f"sequence {self.seq_id} can keep {self.num_prompt_tokens} to {self.num_tokens} tokens "
+                             f"(its prompt, up to all it has), not {num_tokens}")
+        del self.token_ids[num_tokens:]

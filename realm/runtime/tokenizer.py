@@ -660,4 +660,26 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
-__all__ = ["PRE_TOKENIZERS", "SUPPORTED_MODELS", "StreamDecoder", "TokenAttr", "Tokenizer"]
+class IdTokenizer:
+    """What generation needs of a tokenizer, for a model file without a vocabulary (random test and benchmark models):
+    prompts are token ids, and each generated id is shown as `<id>`."""
+
+    stop_ids = frozenset()
+    add_bos_default = False
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def stream_decoder(self, skip_special: bool = False, continuation: bool = False) -> _IdDecoder:
+        return _IdDecoder()
+
+
+class _IdDecoder:
+    def push(self, token_id: int) -> str:
+        return f"<{token_id}>"
+
+    def flush(self) -> str:
+        return ""
+
+
+__all__ = ["PRE_TOKENIZERS", "SUPPORTED_MODELS", "IdTokenizer", "StreamDecoder", "TokenAttr", "Tokenizer"]

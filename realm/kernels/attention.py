@@ -1,0 +1,141 @@
+"""A step's attention over the paged KV cache: which kernels run for which sequences, and the exact reference.
+
+    meta = AttentionMetadata.build(query_lens, context_lens, cu_seqlens_q, seq_lens, block_tables)   # once a step
+    o = paged_attention(q, k, v, k_cache, v_cache, meta, scale)          # the Triton kernels
+    o = paged_attention_ref(q, k, v, k_cache, v_cache, meta, scale)      # torch SDPA, HF transformers' computation
+
+The queries of a step are the packed chunks of its sequences: chunk b holds the LAST query_lens[b] of the
+context_lens[b] tokens its sequence has in the cache after this step (their K and V already stored). The Triton
+path picks its kernels once per step (`AttentionMetadata`), not per layer:
+
+- no sequence has cached tokens (fresh prompts only): `flash_attention` on the step's own K and V;
+- otherwise the leading `num_decode` sequences, one query each (the engine puts decodes first), through
+  `paged_decode_attention`, which reads each K/V byte once per group of query heads, and the chunks after them
+  (prefill chunks after cached tokens, several queries to verify) through `flash_attention_paged`.
+
+The reference runs torch's scaled_dot_product_attention per sequence on its keys gathered from the pages, causal
+within the chunk: op for op what HF transformers' llama does in float32 (`attn_implementation="sdpa"`), so the torch
+backend's logits stay bit-identical to HF's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .flash_attention import _launch as _flash_launch
+from .flash_attention import default_config as flash_config
+from .paged_attention import PagedDecodePlan, plan_decode
+from .paged_attention import _launch as _decode_launch
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's attention layout: host copies of the lengths (to plan without a device sync) and the device index
+    tensors the kernels read."""
+
+    query_lens: tuple[int, ...]  # new tokens of each sequence in this step
+    context_lens: tuple[int, ...]  # tokens of each sequence in the cache after this step
+    cu_seqlens_q: torch.Tensor  # int32 [batch + 1]: chunk offsets in the packed queries
+    seq_lens: torch.Tensor  # int32 [batch]: context_lens on the device
+    block_tables: torch.Tensor  # int32 [batch, max_blocks]
+    fresh: bool = False  # no sequence has cached tokens
+    num_decode: int = 0  # leading sequences with one query each
+    chunk_cu_seqlens: torch.Tensor | None = None  # offsets of the chunks after the decodes; None: no such chunk
+    _decode_plans: dict = field(default_factory=dict, repr=False)
+    _key_slots: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, query_lens, context_lens, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+              block_tables: torch.Tensor) -> AttentionMetadata:
+        query_lens, context_lens = tuple(query_lens), tuple(context_lens)
+        d = next((b for b, q in enumerate(query_lens) if q != 1), len(query_lens))
+        fresh = all(q == c for q, c in zip(query_lens, context_lens, strict=True))
+        chunk_cu = None
+        if d < len(query_lens) and not fresh:
+            chunk_cu = cu_seqlens_q[d:] - d if d else cu_seqlens_q
+        return cls(query_lens, context_lens, cu_seqlens_q, seq_lens, block_tables, fresh, d, chunk_cu)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def decode_max_seq_len(self) -> int:
+        return max(self.context_lens[: self.num_decode], default=0)
+
+    @property
+    def chunk_max_seqlen_q(self) -> int:
+        return max(self.query_lens[self.num_decode :], default=0)
+
+    def decode_plan(self, n_kv_heads: int, device: torch.device) -> PagedDecodePlan:
+        """plan_decode for this step's decode rows, computed once and reused by every layer."""
+        plan = self._decode_plans.get(n_kv_heads)
+        if plan is None:
+            plan = self._decode_plans[n_kv_heads] = plan_decode(self.num_decode, n_kv_heads,
+                                                                self.decode_max_seq_len, device)
+        return plan
+
+    def key_slots(self, block_size: int) -> list[torch.Tensor]:
+        """Each sequence's flat cache slots for its tokens 0 .. context_len - 1, in token order (the reference)."""
+        if self._key_slots is None:
+            self._key_slots = []
+            for row, n in zip(self.block_tables, self.context_lens, strict=True):
+                t = torch.arange(n, device=row.device)
+                self._key_slots.append(row[t // block_size].long() * block_size + t % block_size)
+        return self._key_slots
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [tokens, n_heads, head_dim], this step's k, v [tokens, n_kv_heads, head_dim] (already in the cache too);
+    k_cache, v_cache: one layer's pages [num_blocks, block_size, n_kv_heads, head_dim] -> [tokens, n_heads,
+    head_dim]. Shapes are the caller's contract (the model builds them); index contents were checked on the host
+    when the step was built, so the kernels are launched without re-checking them layer after layer."""
+    if meta.fresh:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        _flash_launch(out, q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, None, causal=True, scale=scale,
+                      max_seqlen_q=meta.max_seqlen_q, config=flash_config(q.shape[2], q.dtype))
+        return out
+    d = meta.num_decode
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if d:
+        plan = meta.decode_plan(k_cache.shape[2], q.device)
+        _decode_launch(q[:d], k_cache, v_cache, meta.seq_lens[:d], meta.block_tables[:d], scale, plan, out[:d])
+    if meta.chunk_cu_seqlens is not None:
+        _flash_launch(out[d:], q[d:], k_cache, v_cache, meta.chunk_cu_seqlens, meta.seq_lens[d:],
+                      meta.block_tables[d:], causal=True, scale=scale, max_seqlen_q=meta.chunk_max_seqlen_q,
+                      config=flash_config(q.shape[2], q.dtype))
+    return out
+
+
+def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The reference: per sequence, its keys and values gathered from the pages, SDPA with GQA (each KV head serves
+    n_heads / n_kv_heads query heads without copies), causal within the chunk. k, v are unused: the pages hold
+    them."""
+    n, n_heads, head_dim = q.shape
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [slots, n_kv_heads, head_dim]
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    out = torch.empty(n, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    first = 0
+    for q_len, seq_len, keys in zip(meta.query_lens, meta.context_lens, meta.key_slots(k_cache.shape[1]),
+                                    strict=True):
+        q_seq = q[first : first + q_len].transpose(0, 1)[None]  # [1, heads, q_len, head_dim]
+        k_seq = k_flat[keys].transpose(0, 1)[None]  # [1, kv_heads, seq_len, head_dim]
+        v_seq = v_flat[keys].transpose(0, 1)[None]
+        start = seq_len - q_len
+        mask = _causal_mask(start, q_len, q.device) if start and q_len > 1 else None
+        o = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask, is_causal=mask is None and q_len > 1,
+                                           scale=scale, enable_gqa=True)
+        out[first : first + q_len] = o[0].transpose(0, 1)
+        first += q_len
+    return out
+
+
+def _causal_mask(start: int, tokens: int, device) -> torch.Tensor:
+    """bool [tokens, start + tokens]: query i (at position start + i) sees keys 0 .. start + i."""
+    keys = torch.arange(start + tokens, device=device)
+    return keys[None, :] <= (start + torch.arange(tokens, device=device))[:, None]

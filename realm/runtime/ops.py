@@ -1,0 +1,134 @@
+"""The op layer: every op the model definition calls, with a Triton implementation and a torch reference.
+
+    ops = ops_for(Backend.TRITON)            # or Backend.TORCH: the `<op>_ref` functions of realm.kernels
+    x, h = ops.rms_norm(out, weight, eps, residual=h)
+    q, k = ops.rope(q, k, positions, cos_sin)
+    y = ops.matmul(x, part, bias)             # a linear layer's weight part, as ops.prepare_linear made it
+
+Each field is the kernel file's launcher (TRITON) or its reference beside it (TORCH), so the model in
+`transformer.py` is written once and the torch backend is that same model on reference ops. The two differ only
+where the reference must reproduce HF transformers bit for bit in float32: its linear layers multiply dequantized
+matrices with `F.linear` (cuBLAS/MKL, as HF does), and its attention is SDPA per sequence.
+
+| op        | Triton (realm.kernels)                          | reference                                  |
+|-----------|-------------------------------------------------|--------------------------------------------|
+| linear    | qmatmul on quantized planes (`PreparedWeight`)  | F.linear on the dequantized matrix         |
+| rms_norm  | rms_norm (residual add fused)                   | rms_norm_ref                               |
+| rope      | apply_rope (in place)                           | apply_rope_ref                             |
+| silu_mul  | silu_mul                                        | silu_mul_ref                               |
+| store_kv  | store_kv                                        | store_kv_ref                               |
+| attention | paged_attention (flash / paged decode / paged flash) | paged_attention_ref (SDPA per sequence) |
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from realm.quant import QTensor
+
+
+class Backend(str, enum.Enum):
+    TORCH = "torch"  # the torch reference forward (float32 by default)
+    TRITON = "triton"  # realm's Triton kernels: quantized matmuls, flash / paged attention, fused layer ops
+
+
+def backend_of(backend: Backend | str) -> Backend:
+    try:
+        return Backend(backend)
+    except ValueError:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(b.value for b in Backend)}") from None
+
+
+@dataclass(frozen=True)
+class Ops:
+    backend: Backend
+    # A linear layer's weights as parts: `group_by_format` says whether consecutive weights of one block format
+    # become one part (quantized kernels: one launch per format) or all weights one part (dense matrices).
+    group_by_format: bool
+    prepare_linear: Callable[[Sequence[QTensor], torch.device, torch.dtype], Any]  # weights -> one part
+    matmul: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]  # x [T, K], part, bias -> [T, N]
+    rms_norm: Callable  # (x, weight, eps, residual=None) -> y, or (y, x + residual)
+    rope: Callable  # (q, k, positions, cos_sin) -> (q, k) rotated
+    silu_mul: Callable  # gate_up [T, 2F] -> [T, F]
+    store_kv: Callable  # (k, v, k_cache, v_cache, slot_mapping) -> None
+    attention: Callable  # (q, k, v, k_cache, v_cache, meta, scale) -> [T, heads, head_dim]
+    # The same ops without their input checks, for the layers after the first of a step: they see the same shapes,
+    # dtypes and devices, so the first layer's checks hold for them (the host time of a decode step is mostly such
+    # checks otherwise). None: these ops are cheap to check (the reference's).
+    unchecked: Ops | None = None
+
+    @property
+    def fast(self) -> Ops:
+        return self if self.unchecked is None else self.unchecked
+
+
+def _dense_part(weights: Sequence[QTensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The reference's part: the weights dequantized (realm's bit-exact decoder, what HF gets from gguf-py) and
+    stacked row-wise into one matrix [sum(N), K]: one matmul, each output element the same dot product."""
+    w = torch.cat([q.dequantize() for q in weights]) if len(weights) > 1 else weights[0].dequantize()
+    return w.to(device=device, dtype=dtype).contiguous()
+
+
+def _dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, bias)
+
+
+@functools.cache
+def reference_ops() -> Ops:
+    from realm.kernels.attention import paged_attention_ref
+    from realm.kernels.rms_norm import rms_norm_ref
+    from realm.kernels.rope import apply_rope_ref
+    from realm.kernels.silu_mul import silu_mul_ref
+    from realm.kernels.store_kv import store_kv_ref
+
+    return Ops(Backend.TORCH, group_by_format=False, prepare_linear=_dense_part, matmul=_dense_matmul,
+               rms_norm=rms_norm_ref, rope=apply_rope_ref, silu_mul=silu_mul_ref, store_kv=store_kv_ref,
+               attention=paged_attention_ref)
+
+
+def _quantized_part(weights: Sequence[QTensor], device: torch.device, dtype: torch.dtype):
+    """Triton's part: weights of one format concatenated row-wise on their GGUF bytes (quantized rows are
+    independent, so this is exact), in the planes layout on the device, ready for repeated launches."""
+    from realm.kernels.qmatmul import PreparedWeight
+
+    first = weights[0]
+    if len(weights) == 1:
+        return PreparedWeight(first, device)
+    rows = sum(w.shape[0] for w in weights)
+    data = torch.cat([w.gguf_bytes() for w in weights])
+    return PreparedWeight(QTensor(data, first.fmt, (rows, first.shape[1])), device)
+
+
+def _quantized_matmul(x: torch.Tensor, part, bias: torch.Tensor | None) -> torch.Tensor:
+    y = part(x)
+    if bias is not None:
+        y += bias
+    return y
+
+
+@functools.cache
+def triton_ops() -> Ops:
+    """Imports Triton's kernels: only when the Triton backend is asked for."""
+    from realm.kernels.attention import paged_attention
+    from realm.kernels.rms_norm import rms_norm, rms_norm_unchecked
+    from realm.kernels.rope import apply_rope, apply_rope_unchecked
+    from realm.kernels.silu_mul import silu_mul, silu_mul_unchecked
+    from realm.kernels.store_kv import store_kv, store_kv_unchecked
+
+    unchecked = Ops(Backend.TRITON, group_by_format=True, prepare_linear=_quantized_part, matmul=_quantized_matmul,
+                    rms_norm=rms_norm_unchecked, rope=apply_rope_unchecked, silu_mul=silu_mul_unchecked,
+                    store_kv=store_kv_unchecked, attention=paged_attention)
+    return Ops(Backend.TRITON, group_by_format=True, prepare_linear=_quantized_part, matmul=_quantized_matmul,
+               rms_norm=rms_norm, rope=apply_rope, silu_mul=silu_mul, store_kv=store_kv, attention=paged_attention,
+               unchecked=unchecked)
+
+
+def ops_for(backend: Backend | str) -> Ops:
+    return reference_ops() if backend_of(backend) is Backend.TORCH else triton_ops()
