@@ -21,6 +21,7 @@ from realm.kernels import (
     qmatmul_ref,
     tuning,
 )
+from realm.kernels.qmatmul import PreparedWeight
 from realm.quant import FORMATS, Layout, QTensor, QuantError
 from realm.quant.planes import PLANE_SPECS, planes_dequantize, to_planes
 
@@ -175,6 +176,24 @@ def test_gguf_layout_is_repacked_on_the_fly(device):
     assert w.layout is Layout.GGUF
     x = torch.randn(2, 256, device=device)
     assert_equal(qmatmul(x, w), qmatmul(x, w.repack("planes")))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "IQ4_XS"])
+def test_prepared_weight_equals_qmatmul(name, device):
+    """PreparedWeight (what the model's layers call) runs qmatmul's plans: the same result bit for bit, for decode
+    Ms (the launch reused on the second call), a prefill M, strided rows, and a weight given in the GGUF layout."""
+    w = random_qtensor(FORMATS[name], 48, 512).to(device)
+    prepared = PreparedWeight(w, device)
+    assert prepared.w.layout is Layout.PLANES and prepared.shape == (48, 512) and "48, 512" in repr(prepared)
+    planes = w.repack("planes")
+    for m in (1, 3, 1, 16, 3, 33):
+        x = torch.randn(m, 512, device=device)
+        assert_equal(prepared(x), qmatmul(x, planes))
+    wide = torch.randn(3, 640, device=device)
+    assert_equal(prepared(wide[:, :512]), qmatmul(wide[:, :512].contiguous(), planes))  # rows 640 apart
+    assert prepared(torch.randn(0, 512, device=device)).shape == (0, 48)
+    with pytest.raises(ValueError, match=r"x must be \[M, 512\] float16/bfloat16/float32 with contiguous rows"):
+        prepared(torch.randn(2, 256, device=device))
 
 
 def test_empty_inputs(device):

@@ -308,6 +308,7 @@ class PreparedWeight:
         self.planes = weight_planes(self.w)
         check_runnable(self.planes.tensors(), "qmatmul")
         self._launches: dict[tuple[int, torch.dtype], tuple[Plan, dict]] = {}
+        self._decodes: dict[tuple[int, torch.dtype], _DecodeLaunch] = {}  # exact M: a decode step's M repeats
 
     def __repr__(self) -> str:
         return f"PreparedWeight({self.w.fmt.name}, {list(self.shape)}, {self.device})"
@@ -333,28 +334,53 @@ class PreparedWeight:
                              f"{x.dtype} {list(x.shape)} (strides {x.stride()}) on {x.device}")
         m = x.shape[0]
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        if m:
-            plan, args = self.plan(m, x.dtype)
-            args = {**args, "M": m, "stride_xm": x.stride(0)}
-            launch = _launch_decode if plan.regime is Regime.DECODE else _launch_prefill
-            launch(out, x, plan.config, args)
+        if not m:
+            return out
+        decode = self._decodes.get((m, x.dtype))
+        if decode is not None:  # the same decode launch as last time: only x and the output differ
+            decode.run(out, x)
+            return out
+        plan, args = self.plan(m, x.dtype)
+        args = {**args, "M": m, "stride_xm": x.stride(0)}
+        if plan.regime is Regime.DECODE:
+            decode = _DecodeLaunch(plan.config, args)
+            if len(self._decodes) < MAX_DECODE_LAUNCHES:
+                self._decodes[(m, x.dtype)] = decode
+            decode.run(out, x)
+        else:
+            _launch_prefill(out, x, plan.config, args)
         return out
 
 
+MAX_DECODE_LAUNCHES = 64  # per weight: one per decode batch size seen (M <= DECODE_MAX_M unless a plan says more)
+
+
+class _DecodeLaunch:
+    """The decode kernel's grid and arguments for one M, worked out once."""
+
+    def __init__(self, cfg: DecodeConfig, args: dict):
+        m, n, k = args["M"], args["N"], args["K"]
+        block_m = next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
+        k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+        self.m, self.n, self.splits = m, n, cdiv(k, k_per_split)
+        self.grid = (cdiv(n, cfg.block_n), self.splits, cdiv(m, block_m))
+        self.kwargs = {**args, "stride_om": n, "stride_split": m * n, "k_per_split": k_per_split, "BLOCK_M": block_m,
+                       "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "USE_DOT": block_m >= 16,
+                       "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
+
+    def run(self, out2: torch.Tensor, x2: torch.Tensor) -> None:
+        kwargs = self.kwargs if x2.stride(0) == self.kwargs["stride_xm"] else {**self.kwargs,
+                                                                                "stride_xm": x2.stride(0)}
+        # One slice writes the output directly; several write float32 partials that are summed afterwards.
+        target = out2 if self.splits == 1 else torch.empty(self.splits, self.m, self.n, dtype=torch.float32,
+                                                           device=out2.device)
+        _qmatmul_decode_kernel[self.grid](target, x2, **kwargs)
+        if self.splits > 1:
+            torch.sum(target, dim=0, out=out2) if out2.dtype == torch.float32 else out2.copy_(target.sum(0))
+
+
 def _launch_decode(out2: torch.Tensor, x2: torch.Tensor, cfg: DecodeConfig, args: dict) -> None:
-    m, n, k = args["M"], args["N"], args["K"]
-    block_m = next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
-    k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    splits = cdiv(k, k_per_split)
-    # One slice writes the output directly; several write float32 partials that are summed afterwards.
-    target = out2 if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=out2.device)
-    grid = (cdiv(n, cfg.block_n), splits, cdiv(m, block_m))
-    _qmatmul_decode_kernel[grid](
-        target, x2, **args, stride_om=n, stride_split=m * n, k_per_split=k_per_split,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=block_m >= 16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
-    if splits > 1:
-        torch.sum(target, dim=0, out=out2) if out2.dtype == torch.float32 else out2.copy_(target.sum(0))
+    _DecodeLaunch(cfg, args).run(out2, x2)
 
 
 def _launch_prefill(out2: torch.Tensor, x2: torch.Tensor, cfg: PrefillConfig, args: dict) -> None:
