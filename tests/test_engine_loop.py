@@ -127,10 +127,8 @@ def test_async_consumers_do_not_step_the_engine(tiny, alone):
     stepped_here = []
     original = engine._step
     engine._step = lambda: (stepped_here.append(threading.current_thread() is stepper), original())[1]
-    try:
+    with engine:
         results = asyncio.run(main())
-    finally:
-        engine.stop()
     assert results == [a[:10] for a in alone]
     assert stepped_here and not any(stepped_here)  # the loop thread stepped, never the consumers' thread
 
@@ -240,3 +238,87 @@ def test_llm_generate_waits_for_a_running_loop(tiny, alone):
     with llm.engine:
         outs = llm.generate(PROMPTS[:4], greedy(6))
     assert [o.token_ids for o in outs] == [a[:6] for a in alone[:4]]
+
+
+def test_every_event_reaches_a_consumer_before_its_end(tiny, alone):
+    """A request finishes (its completion set) before its last events are queued: the loop delivers a step's events
+    after settling its state, and another request's slow callback holds them up. A consumer must still get them
+    all, and a late or second consumer the end."""
+    engine = small_engine(tiny, kv_blocks=40)
+
+    def slow(request, event):
+        time.sleep(0.05)
+
+    with engine:
+        slowpoke = engine.add_request(PROMPTS[0], greedy(3), on_event=slow)
+        quick = engine.add_request(PROMPTS[3], greedy(1))  # one token: finished in its first step
+        tokens = [e.token_id for e in engine.stream(quick)]
+        assert tokens == quick.completion.token_ids == alone[3][:1]
+        assert list(engine.stream(quick)) == []  # a second consumer: the end, not a hang
+        list(engine.stream(slowpoke))
+
+    async def late():
+        return [e async for e in engine.astream(quick)]
+
+    assert asyncio.run(late()) == []  # the loop has stopped, but this request has ended: its (empty) rest
+
+
+def test_astream_needs_the_loop_and_says_when_it_stops(tiny):
+    engine = small_engine(tiny)
+    r = engine.add_request(PROMPTS[0], greedy(12))
+
+    async def consume():
+        return [e async for e in engine.astream(r)]
+
+    with pytest.raises(RuntimeError, match="waits for the engine's loop, which is not running: start"):
+        asyncio.run(consume())
+
+    async def stopped_under_it():
+        seen = []
+        async for event in engine.astream(r):
+            seen.append(event)
+            if len(seen) == 2:
+                await asyncio.to_thread(engine.stop)
+        return seen
+
+    engine.start()
+    with pytest.raises(RuntimeError, match="waits for the engine's loop, which is not running"):
+        asyncio.run(stopped_under_it())
+    rest = list(engine.stream(r))  # stepping here now: the request goes on to its end
+    assert r.completion.finish_reason is FinishReason.LENGTH and len(r.completion.token_ids) == 12
+    assert len(rest) <= 10
+
+
+def test_stop_from_a_callback_ends_the_loop_after_its_step(tiny, alone):
+    engine = small_engine(tiny, kv_blocks=40).start()
+    loop_thread = engine._thread
+    r = engine.add_request(PROMPTS[2], greedy(6), on_event=lambda request, event: engine.stop())
+    loop_thread.join(10)
+    assert not loop_thread.is_alive() and not engine.loop_running and not r.finished
+    assert [e.token_id for e in engine.stream(r)][-1] == alone[2][5]  # the caller steps it to the end
+    engine.start()  # and a new loop can start
+    other = engine.add_request(PROMPTS[1], greedy(3))
+    assert [e.token_id for e in engine.stream(other)] == alone[1][:3]
+    engine.stop()
+
+
+def test_a_request_the_scheduler_refuses_ends_alone(tiny, alone):
+    """Whatever the scheduler raises when a request arrives from the inbox ends that request, not the engine."""
+    engine = small_engine(tiny, kv_blocks=40)
+    original = engine.scheduler.add
+
+    def picky(seq):
+        if seq.seq_id == 1:
+            raise RuntimeError("no room at the inn")
+        original(seq)
+
+    engine.scheduler.add = picky
+    with engine:
+        good, bad, later = (engine.add_request(PROMPTS[i], greedy(4)) for i in (0, 1, 2))
+        assert list(engine.stream(bad)) == []
+        assert [e.token_id for e in engine.stream(later)] == alone[2][:4]
+        assert [e.token_id for e in engine.stream(good)] == alone[0][:4]
+    assert bad.completion.finish_reason is FinishReason.ERROR
+    assert bad.completion.error == "the request could not be scheduled: RuntimeError: no room at the inn"
+    engine.cancel(1)  # by id: ended already, nothing to do
+    assert engine._live == {} and engine.requests == {}

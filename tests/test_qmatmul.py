@@ -186,8 +186,9 @@ def test_prepared_weight_equals_qmatmul(name, device):
     prepared = PreparedWeight(w, device)
     assert prepared.w.layout is Layout.PLANES and prepared.shape == (48, 512) and "48, 512" in repr(prepared)
     planes = w.repack("planes")
-    for m in (1, 3, 1, 16, 3, 33):
-        x = torch.randn(m, 512, device=device)
+    for m, dtype in ((1, torch.float32), (3, torch.float32), (1, torch.float16), (1, torch.float32),
+                     (16, torch.float32), (3, torch.float16), (33, torch.float32)):
+        x = torch.randn(m, 512, device=device, dtype=dtype)  # float16 after float32: a launch per dtype
         assert_equal(prepared(x), qmatmul(x, planes))
     wide = torch.randn(3, 640, device=device)
     assert_equal(prepared(wide[:, :512]), qmatmul(wide[:, :512].contiguous(), planes))  # rows 640 apart

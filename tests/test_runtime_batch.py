@@ -122,6 +122,8 @@ def test_forward_batch_errors():
         ((chunk(0, [1, 2], blocks, logits=(2,)),), None, r"logits offsets \(2,\) must increase"),
         # a block-manager bug: two sequences writing one block
         ((chunk(0, [1], blocks), chunk(0, [2], blocks, seq_id=1)), None, "two new tokens map to one cache slot"),
+        ((chunk(0, [1, 2], blocks, logits=(), sampling=RowSampling()),), None,
+         "sequence 0 asks for sampling but for no logits rows"),
     ]
     for chunks, max_positions, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -202,6 +204,11 @@ def test_runner_executes_a_plan(tiny_torch):
     assert again.tokens == [out.tokens[1]] and again.logits is None and again.probs is None
     with pytest.raises(ValueError, match="the plan's blocks hold 8 tokens, this runner's 4"):
         runner.execute(StepPlan(8, plan.chunks))
+    for copies, message in ((((1, 12),), r"block copy \(1, 12\) names a block outside \[0, 12\)"),
+                            (((1, 4), (2, 4)), "write a block twice, or read a block they write"),
+                            (((1, 4), (4, 6)), "write a block twice, or read a block they write")):
+        with pytest.raises(ValueError, match=message):
+            runner.execute(StepPlan(4, plan.chunks[:1], copies=copies))
 
 
 def test_runner_runs_copies_before_the_forward(tiny_torch):

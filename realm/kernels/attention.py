@@ -25,10 +25,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .checks import check_heads
+from .flash_attention import MAX_HEAD_DIM
 from .flash_attention import _launch as _flash_launch
 from .flash_attention import default_config as flash_config
+from .paged import check_kv_cache
 from .paged_attention import PagedDecodePlan, plan_decode
 from .paged_attention import _launch as _decode_launch
+from .qdecode import check_runnable
 
 
 @dataclass
@@ -92,8 +96,35 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [tokens, n_heads, head_dim], this step's k, v [tokens, n_kv_heads, head_dim] (already in the cache too);
     k_cache, v_cache: one layer's pages [num_blocks, block_size, n_kv_heads, head_dim] -> [tokens, n_heads,
-    head_dim]. Shapes are the caller's contract (the model builds them); index contents were checked on the host
-    when the step was built, so the kernels are launched without re-checking them layer after layer."""
+    head_dim]. Checks the tensors' shapes, dtypes and devices; the index tensors' contents were checked on the host
+    when the step was built (ForwardBatch.build)."""
+    check_attention(q, k, v, k_cache, v_cache, meta)
+    return paged_attention_unchecked(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_heads(name, t)
+    tokens, n_heads, head_dim = q.shape
+    _, _, n_kv_heads, cache_head_dim = check_kv_cache(k_cache, v_cache)
+    if k.shape != (tokens, n_kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k {list(k.shape)} and v {list(v.shape)} must be [{tokens}, {n_kv_heads}, {head_dim}]")
+    if cache_head_dim != head_dim or n_heads % n_kv_heads or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q's {n_heads} heads of {head_dim} do not fit the KV cache's {n_kv_heads} heads of "
+                         f"{cache_head_dim} (a multiple of them, head_dim <= {MAX_HEAD_DIM})")
+    if len({q.dtype, k.dtype, v.dtype, k_cache.dtype}) != 1:
+        raise ValueError(f"q, k, v and the KV cache must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}, "
+                         f"{k_cache.dtype}")
+    if sum(meta.query_lens) != tokens:
+        raise ValueError(f"q has {tokens} tokens but the step's chunks {sum(meta.query_lens)}")
+    check_runnable([q, k, v, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables],
+                   "paged_attention")
+
+
+def paged_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """paged_attention without the checks, for the layers after the first of a step (same shapes)."""
     if meta.fresh:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         _flash_launch(out, q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, None, causal=True, scale=scale,

@@ -90,6 +90,8 @@ class ForwardBatch:
                 raise ValueError(f"sequence {b} has block id {bad[0]}, not in [0, {num_blocks})")
             if any(not 0 <= i < n for i in c.logits) or list(c.logits) != sorted(set(c.logits)):
                 raise ValueError(f"sequence {b}: logits offsets {c.logits} must increase within [0, {n})")
+            if c.sampling is not None and not c.logits:
+                raise ValueError(f"sequence {b} asks for sampling but for no logits rows to sample from")
             first = len(tokens)
             tokens.extend(c.token_ids)
             positions.extend(range(start, end))

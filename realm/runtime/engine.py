@@ -104,62 +104,81 @@ def default_kv_blocks(model: Model, config: EngineConfig) -> int:
     return blocks
 
 
-_END = object()  # the last item of a request's event queue: it has finished
+_END = object()  # what a request's event queue gives once it has finished and every event was taken
 
 
 class EventQueue:
-    """A request's events, from the stepping thread to any number of waiting consumers: threads (`get`) and
-    asyncio tasks (`aget`, woken through their own event loop)."""
+    """A request's events, from the stepping thread to waiting consumers: threads (`get`) and asyncio tasks (`aget`,
+    woken through their own event loop). After `close`, and once its events are taken, it gives _END to everyone who
+    asks, as often as they ask: a consumer that arrives late, or a second one, sees the end too."""
 
     def __init__(self):
-        self._items: deque = deque()
+        self._items: deque[TokenEvent] = deque()
         self._cond = threading.Condition()
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-        self.ended = False  # the end has been put: nothing follows it
+        self.ended = False  # closed: no event follows
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item) -> None:
+    def put(self, event: TokenEvent) -> None:
         with self._cond:
-            self.ended = self.ended or item is _END
-            self._items.append(item)
+            if self.ended:
+                raise RuntimeError("an event after the request's end")
+            self._items.append(event)
+        self.wake()
+
+    def close(self) -> None:
+        with self._cond:
+            self.ended = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every waiting consumer to look again (an event, the end, or the engine's loop stopping)."""
+        with self._cond:
             self._cond.notify_all()
             waiters = list(self._async_waiters)
         for loop, ready in waiters:
             with contextlib.suppress(RuntimeError):  # that event loop has closed: its consumer is gone
                 loop.call_soon_threadsafe(ready.set)
 
-    def get_nowait(self, default=None):
+    def _next(self):
+        """Under the lock: the next event, _END, or None (nothing yet)."""
+        if self._items:
+            return self._items.popleft()
+        return _END if self.ended else None
+
+    def get_nowait(self):
         with self._cond:
-            return self._items.popleft() if self._items else default
+            return self._next()
 
     def get(self, timeout: float | None = None):
-        """The next item, waiting for it (None after `timeout` seconds)."""
+        """The next event or _END, waiting for it; None after `timeout` seconds."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._items, timeout):
-                return None
-            return self._items.popleft()
+            self._cond.wait_for(lambda: self._items or self.ended, timeout)
+            return self._next()
 
     async def aget(self):
+        """The next event or _END; None when woken with neither (the caller looks at why)."""
         loop = asyncio.get_running_loop()
         waiter = (loop, asyncio.Event())
+        with self._cond:
+            item = self._next()
+            if item is not None:
+                return item
+            self._async_waiters.add(waiter)
         try:
-            while True:
-                with self._cond:
-                    if self._items:
-                        return self._items.popleft()
-                    self._async_waiters.add(waiter)
-                await waiter[1].wait()
-                waiter[1].clear()
+            await waiter[1].wait()
+            with self._cond:
+                return self._next()
         finally:
             with self._cond:
                 self._async_waiters.discard(waiter)
 
-    def snapshot(self) -> list:
-        """The queued items, left in the queue."""
+    def snapshot(self) -> list[TokenEvent]:
+        """The queued events, left in the queue."""
         with self._cond:
-            return [item for item in self._items if item is not _END]
+            return list(self._items)
 
 
 @dataclass(eq=False)
@@ -179,10 +198,17 @@ class Request:
     first_token_s: float | None = None
     completion: Completion | None = None
     engine: Engine | None = field(default=None, repr=False)
+    on_event_failed: bool = False  # its callback raised: it is not called again
 
     @property
     def finished(self) -> bool:
+        """Its completion is set (its last events may still be on their way to the queue: see `ended`)."""
         return self.completion is not None
+
+    @property
+    def ended(self) -> bool:
+        """Finished, and every event of it queued: what a consumer waits for."""
+        return self.events.ended
 
 
 class Engine:
@@ -195,6 +221,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
         self.requests: dict[int, Request] = {}  # unfinished and in the scheduler, by id
+        self._live: dict[int, Request] = {}  # unfinished, wherever they are (the inbox too): for cancel by id
         self._ids = itertools.count()
         self._next_id = 0  # ids handed out so far
         self._id_lock = threading.Lock()
@@ -238,8 +265,9 @@ class Engine:
             seq = Seq(request_id, ids, max_new, salt=salt)
             self.scheduler.check_fits(seq)  # reads only the cache's size: safe outside the lock
             self._next_id = request_id + 1
-        request = Request(request_id, ids, params, seq, OutputText(self.model.tokenizer, params), on_event,
-                          engine=self)
+            request = Request(request_id, ids, params, seq, OutputText(self.model.tokenizer, params), on_event,
+                              engine=self)
+            self._live[request_id] = request
         self._submit("add", request)
         return request
 
@@ -249,8 +277,8 @@ class Engine:
         if isinstance(request, int):
             if not 0 <= request < self._next_id:
                 raise ValueError(f"no request {request} was ever added to this engine")
-            found = self.requests.get(request) or next((r for _, r in list(self._inbox) if r.request_id == request),
-                                                        None)
+            with self._id_lock:
+                found = self._live.get(request)
             if found is None:  # finished already
                 return
             request = found
@@ -273,7 +301,11 @@ class Engine:
         while self._inbox:
             kind, request = self._inbox.popleft()
             if kind == "add":
-                self.scheduler.add(request.seq)
+                try:
+                    self.scheduler.add(request.seq)
+                except Exception as e:  # it cannot be scheduled: it alone ends, with the reason
+                    self._end_unscheduled(request, f"the request could not be scheduled: {type(e).__name__}: {e}")
+                    continue
                 self.requests[request.request_id] = request
             elif not request.finished:
                 self._deliver_end(request, self._finish(request, FinishReason.ABORT))
@@ -323,17 +355,17 @@ class Engine:
         # user callbacks last: whatever a callback does (raise, cancel), no sequence is left half-updated.
         finished = []
         self._delivering = deque()
-        for chunk, request, tokens in zip(chunks, requests, output.tokens, strict=True):
-            if not chunk.completes:
-                continue
-            if request.first_token_s is None:
-                request.first_token_s = now
-            reason, event = self._accept(request, tokens[0])
-            self._delivering.append((request, event))
-            if reason is not None:
-                self._delivering.extend(((request, self._finish(request, reason, now)), (request, _END)))
-                finished.append(request)
         try:
+            for chunk, request, tokens in zip(chunks, requests, output.tokens, strict=True):
+                if not chunk.completes:
+                    continue
+                if request.first_token_s is None:
+                    request.first_token_s = now
+                reason, event = self._accept(request, tokens[0])
+                self._delivering.append((request, event))
+                if reason is not None:
+                    self._delivering.extend(((request, self._finish(request, reason, now)), (request, _END)))
+                    finished.append(request)
             while self._delivering:
                 self._emit(*self._delivering.popleft())
         finally:
@@ -379,6 +411,9 @@ class Engine:
         when there is none (no polling). Consumers then only wait (`stream`, `astream`); add and cancel from any
         thread. Returns the engine."""
         with self._lock:
+            old = self._thread
+            if old is not None and self._stopping and old is not threading.current_thread():
+                old.join()  # a loop told to stop (from a callback) that has not ended yet
             if self._thread is None:
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name="realm-engine", daemon=True)
@@ -386,17 +421,19 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """End the loop after its current step; unfinished requests stay (step them, or start again)."""
+        """End the loop after its current step; unfinished requests stay (step them, or start again). From the
+        loop's own thread (a callback), the loop ends once the step is over."""
         thread = self._thread
         if thread is None:
             return
         with self._wake:
             self._stopping = True
             self._wake.notify()
+        if thread is threading.current_thread():
+            return
         thread.join(timeout)
         if thread.is_alive():
             raise TimeoutError(f"the engine loop did not stop within {timeout} s")
-        self._thread = None
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -405,6 +442,15 @@ class Engine:
         self.stop()
 
     def _loop(self) -> None:
+        try:
+            self._loop_steps()
+        finally:
+            if self._thread is threading.current_thread():
+                self._thread = None
+            for request in list(self._live.values()):  # async consumers of unfinished requests: the loop is gone
+                request.events.wake()
+
+    def _loop_steps(self) -> None:
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._stopping or self.has_work)
@@ -423,61 +469,68 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
+            self._delivering = None  # what the failed step had not delivered goes out now, directly
             for request in list(self.requests.values()):
                 try:
                     self._deliver_end(request, self._finish(request, FinishReason.ERROR, error=message))
                 except Exception:  # the scheduler's state is broken: still release the consumer
                     log.exception("engine loop: could not finish request %d", request.request_id)
                     self.requests.pop(request.request_id, None)
-                    if request.completion is None:
-                        request.completion = Completion(request.output.text, request.seq.output_ids,
-                                                        FinishReason.ERROR, request.prompt_ids, error=message)
-                    self._put_end(request)
+                    self._end_unscheduled(request, message)
+
+    def _end_unscheduled(self, request: Request, message: str) -> None:
+        """End a request with an error without the scheduler (it never entered it, or its state is broken)."""
+        with self._id_lock:
+            self._live.pop(request.request_id, None)
+        if request.completion is None:
+            request.completion = Completion(request.output.text, request.seq.output_ids, FinishReason.ERROR,
+                                            request.prompt_ids, Timings(prompt_tokens=len(request.prompt_ids)),
+                                            error=message)
+        self._put_end(request)
 
     # ------------------------------------------------------------------------------------------------ consuming
 
     def wait(self, requests: Sequence[Request], timeout: float | None = None) -> bool:
-        """Until one of `requests` has finished (True), or `timeout` seconds (False): stepping the engine here when
-        no loop runs, else waiting for the loop."""
+        """Until one of `requests` has ended (True: finished, every event queued), or `timeout` seconds with the
+        loop running (False). Without the loop this steps the engine until then."""
+        for request in requests:
+            self._check_own(request)
         if self._thread is None:
-            while not any(r.finished for r in requests):
+            while not any(r.ended for r in requests):
                 self.step()
             return True
         with self._ended:
-            return self._ended.wait_for(lambda: any(r.finished for r in requests), timeout)
-
+            return self._ended.wait_for(lambda: any(r.ended for r in requests) or self._thread is None, timeout) \
+                and any(r.ended for r in requests)
 
     def stream(self, request: Request) -> Iterator[TokenEvent]:
-        """The request's TokenEvents as they come; ends when it has finished. With the loop running this waits for
+        """The request's TokenEvents as they come; ends after its last one. With the loop running this waits for
         them; without, it steps the engine itself (every request advances) when none are queued."""
         self._check_own(request)
         while True:
             item = request.events.get_nowait()
+            if item is None and self._thread is not None:
+                item = request.events.get(timeout=1.0)  # None again: look whether the loop still runs
             if item is _END:
                 return
             if item is not None:
                 yield item
-            elif request.finished:  # its end was taken by an earlier iteration
-                return
-            elif self._thread is not None:
-                item = request.events.get(timeout=1.0)
-                if item is _END:
-                    return
-                if item is not None:
-                    yield item
-            else:
+            elif self._thread is None:
                 self.step()
 
     async def astream(self, request: Request) -> AsyncIterator[TokenEvent]:
-        """`async for event in engine.astream(request)`: the request's TokenEvents, without stepping (the loop is
-        started if it is not running)."""
+        """`async for event in engine.astream(request)`: the request's TokenEvents, waiting for the engine's loop
+        (`start()` it first); RuntimeError if the loop stops before the request has ended."""
         self._check_own(request)
-        self.start()
-        while not (request.finished and not len(request.events)):
+        while True:
+            if self._thread is None and not request.ended:
+                raise RuntimeError(f"request {request.request_id} waits for the engine's loop, which is not running: "
+                                   "start() it (or iterate stream(), which steps the engine)")
             item = await request.events.aget()
             if item is _END:
                 return
-            yield item
+            if item is not None:
+                yield item
 
     # ---------------------------------------------------------------------------------------------- internals
 
@@ -514,6 +567,8 @@ class Engine:
         request.completion = Completion(request.output.text, seq.output_ids, reason, request.prompt_ids, timings,
                                         error)
         del self.requests[request.request_id]
+        with self._id_lock:
+            self._live.pop(request.request_id, None)
         return tail
 
     def _deliver_end(self, request: Request, tail: TokenEvent | None) -> None:
@@ -534,13 +589,14 @@ class Engine:
             self._put_end(request)
             return
         request.events.put(event)
-        if request.on_event is None:
+        if request.on_event is None or request.on_event_failed:
             return
         try:
             request.on_event(request, event)
         except Exception as e:
+            request.on_event_failed = True
             message = f"on_event raised {type(e).__name__}: {e}"
-            if request.finished:
+            if request.finished:  # its end is not queued yet: its consumers will see this
                 request.completion.finish_reason, request.completion.error = FinishReason.ERROR, message
                 return
             tail = self._finish(request, FinishReason.ERROR, error=message)
@@ -549,8 +605,7 @@ class Engine:
             self._put_end(request)
 
     def _put_end(self, request: Request) -> None:
-        """The request's last item: its consumers stop, and `wait` wakes."""
-        if not request.events.ended:
-            request.events.put(_END)
+        """The request's end: its consumers stop after its events, and `wait` wakes."""
+        request.events.close()
         with self._ended:
             self._ended.notify_all()

@@ -96,7 +96,7 @@ class LLM:
                 yield from failed
                 while running:
                     self.engine.wait(list(running.values()), timeout=1.0)  # steps here, unless the loop runs
-                    for i in [i for i, r in running.items() if r.finished]:
+                    for i in [i for i, r in running.items() if r.ended]:
                         bar.update()
                         yield i, running.pop(i).completion
         finally:  # an interrupted batch leaves nothing behind in the engine

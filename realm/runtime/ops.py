@@ -116,7 +116,7 @@ def _quantized_matmul(x: torch.Tensor, part, bias: torch.Tensor | None) -> torch
 @functools.cache
 def triton_ops() -> Ops:
     """Imports Triton's kernels: only when the Triton backend is asked for."""
-    from realm.kernels.attention import paged_attention
+    from realm.kernels.attention import paged_attention, paged_attention_unchecked
     from realm.kernels.rms_norm import rms_norm, rms_norm_unchecked
     from realm.kernels.rope import apply_rope, apply_rope_unchecked
     from realm.kernels.silu_mul import silu_mul, silu_mul_unchecked
@@ -124,7 +124,7 @@ def triton_ops() -> Ops:
 
     unchecked = Ops(Backend.TRITON, group_by_format=True, prepare_linear=_quantized_part, matmul=_quantized_matmul,
                     rms_norm=rms_norm_unchecked, rope=apply_rope_unchecked, silu_mul=silu_mul_unchecked,
-                    store_kv=store_kv_unchecked, attention=paged_attention)
+                    store_kv=store_kv_unchecked, attention=paged_attention_unchecked)
     return Ops(Backend.TRITON, group_by_format=True, prepare_linear=_quantized_part, matmul=_quantized_matmul,
                rms_norm=rms_norm, rope=apply_rope, silu_mul=silu_mul, store_kv=store_kv, attention=paged_attention,
                unchecked=unchecked)

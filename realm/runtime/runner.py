@@ -52,11 +52,12 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepOutput:
         if plan.block_size != self.kv.block_size:
             raise ValueError(f"the plan's blocks hold {plan.block_size} tokens, this runner's {self.kv.block_size}")
+        batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length)
+        self._check_copies(plan.copies)
         try:
             self.kv.copy_blocks(plan.copies)
         except Exception as e:
             raise BlockCopyError(plan.copies, e) from e
-        batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length)
         logits = self.transformer.forward(batch, self.kv)  # [plan.num_logits, vocab]
         out = StepOutput(logits=logits if plan.return_logits else None)
         rows, index = [], []  # the sampled logits rows and their sampling
@@ -75,6 +76,18 @@ class ModelRunner:
         out.tokens = [[next(tokens) for _ in c.logits] if c.sampling is not None else [] for c in plan.chunks]
         out.probs = sample.probs
         return out
+
+
+    def _check_copies(self, copies) -> None:
+        """Block ids in range (a bad one on CUDA would be a device assert), each destination written once and not
+        also read (the copies run as one gather and one scatter)."""
+        n = self.kv.num_blocks
+        bad = [pair for pair in copies if not all(isinstance(b, int) and 0 <= b < n for b in pair)]
+        if bad:
+            raise ValueError(f"block copy {bad[0]} names a block outside [0, {n})")
+        dsts = [d for _, d in copies]
+        if len(set(dsts)) != len(dsts) or set(dsts) & {s for s, _ in copies}:
+            raise ValueError(f"block copies {list(copies)} write a block twice, or read a block they write")
 
 
 def _row_samplings(chunk: ChunkPlan) -> list[RowSampling]:
