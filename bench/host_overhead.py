@@ -9,8 +9,8 @@ on older realm trees (the "before" rows: point PYTHONPATH at an older checkout):
   negligible and the step time is the host's: the engine, the scheduler, the forward's Python, the launchers;
 - `--backends triton` runs the Triton forward with every kernel launch replaced by a no-op (`stub_triton_launches`):
   it times the Python side of the launchers (validation, planning, argument packing, allocation), without the
-  kernels and without Triton's own launch path (binding arguments, cache lookup: ~20-40 us per launch on CUDA,
-  not realm's code and not measured here);
+  kernels and without Triton's own launch path (binding arguments, cache lookup:
+  not realm's code, and not measured here);
 - `calls_per_step`: Python function calls per decode step (cProfile), a count that does not depend on the CPU.
 
     python bench/host_overhead.py                         # rows into bench/results/host_overhead.jsonl

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .models import MODELS, resolve_model
 from .quant import FORMATS
+from .runtime.generate import GenerationError
 
 if TYPE_CHECKING:
     from .runtime import Completion, SamplingParams
@@ -180,7 +181,7 @@ def _chat_run(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": question})
         try:
             answer = _stream_to_terminal(model, model.chat_prompt(messages), params, args.quiet)
-        except ValueError as e:  # e.g. the conversation outgrew the context: this turn fails, the chat goes on
+        except (ValueError, GenerationError) as e:  # e.g. the conversation outgrew the context: this turn fails
             print(f"realm: error: {e}", file=sys.stderr)
             messages.pop()
             continue
@@ -482,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except (ValueError, OSError) as e:  # QuantError, GGUFError, ModelError: ValueErrors; FileNotFoundError: OSError
+    # QuantError, GGUFError, ModelError: ValueErrors; FileNotFoundError: OSError; a failed forward: GenerationError
+    except (ValueError, OSError, GenerationError) as e:
         print(f"realm: error: {_message(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -473,7 +473,7 @@ def test_batch_option_errors_exit_2_before_the_model_loads(tmp_path, capsys, loa
     assert loads == []
 
 
-def test_batch_refuses_to_overwrite_its_input_or_an_unwritable_output(tmp_path, capsys, loads):
+def test_batch_refuses_to_overwrite_its_input_or_an_unwritable_output(tmp_path, capsys, loads, monkeypatch):
     src = tmp_path / "requests.jsonl"
     src.write_text(_jsonl({"prompt": "x"}))
     rc, out, err = run(["batch", src, "-o", tmp_path / "." / "requests.jsonl"], capsys)
@@ -481,13 +481,23 @@ def test_batch_refuses_to_overwrite_its_input_or_an_unwritable_output(tmp_path, 
     assert src.read_text() == _jsonl({"prompt": "x"}) and loads == []
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if not os.access(locked, os.W_OK):  # root may write anywhere: then there is nothing to refuse
-            rc, out, err = run(["batch", src, "-o", locked / "out.jsonl"], capsys)
-            assert rc == 2 and err.endswith("out.jsonl: not writable\n") and loads == []
-    finally:
-        locked.chmod(0o700)
+    real_access = os.access  # root may write anywhere (as CI runs): the permission is what os.access says
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    rc, out, err = run(["batch", src, "-o", locked / "out.jsonl"], capsys)
+    assert rc == 2 and err.endswith("out.jsonl: not writable\n") and loads == []
+
+
+def test_a_failed_forward_is_an_error_not_an_answer(capsys, monkeypatch, loads):
+    """realm generate on one request: when its step's forward raises, the command says so and exits 2 (the engine
+    contains the failure; a single request has nothing else to protect, so it is not passed off as text)."""
+    from realm.runtime.runner import ModelRunner
+
+    def broken(self, plan):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(ModelRunner, "execute", broken)
+    rc, _out, err = run(["generate", "Hello", "--max-tokens", "3"], capsys)
+    assert rc == 2 and "realm: error: generation failed: the step failed: RuntimeError: device lost" in err
 
 
 def test_batch_writes_each_result_as_soon_as_those_before_it_are_done(tmp_path, capsys, monkeypatch, tiny_model):

@@ -322,3 +322,17 @@ def test_a_request_the_scheduler_refuses_ends_alone(tiny, alone):
     assert bad.completion.error == "the request could not be scheduled: RuntimeError: no room at the inn"
     engine.cancel(1)  # by id: ended already, nothing to do
     assert engine._live == {} and engine.requests == {}
+
+
+def test_model_generate_raises_when_its_request_fails(tiny, alone, monkeypatch):
+    """Model.generate is one request: a failed step is a GenerationError with the engine's message, not a short
+    answer; the model's engine then serves the next request."""
+    from realm.runtime import GenerationError
+    from realm.runtime.runner import ModelRunner
+
+    original = ModelRunner.execute
+    monkeypatch.setattr(ModelRunner, "execute", lambda self, plan: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(GenerationError, match="generation failed: the step failed: RuntimeError: boom"):
+        tiny.generate(PROMPTS[0], greedy(3))
+    monkeypatch.setattr(ModelRunner, "execute", original)
+    assert tiny.generate(PROMPTS[0], greedy(3)).token_ids == alone[0][:3]

@@ -52,7 +52,9 @@ def test_epilogue_order_bias_then_deltas_then_reduce(tiny_weights, backend):
     assert_close(seen[0][1], plain, magnitude=dot_magnitude(x, dense) + w.qkv_bias().abs())  # bias before the delta
     expected = plain.clone()
     expected[[1, 3]] += (x[[1, 3]] @ a.T) @ b.T
-    assert_close(seen[1][1], expected, atol=1e-4, rtol=1e-4)  # the delta before the reduce
+    # the delta before the reduce; the loose bound covers the quantized matmul's other summation order (seen[0] is
+    # checked against the dot-product bound above) and the delta's two float32 products: an order error is O(1)
+    assert_close(seen[1][1], expected, atol=1e-4, rtol=1e-4)
     assert_close(out, 2 * expected, atol=2e-4, rtol=1e-4)
 
 

@@ -21,8 +21,8 @@ def check_heads(name: str, t: torch.Tensor, layout: str = "[tokens, heads, head_
 
 
 # triton.cdiv and triton.next_power_of_2 are `constexpr_function`s: from host code each call goes through Triton's
-# constexpr unwrapping (~4 us each, measured in bench/host_overhead.py: a third of a decode step's host time when a
-# launcher called them a few times per launch). Launchers use these plain integer versions.
+# constexpr unwrapping, and launchers called them several times per launch (a profile of bench/host_overhead.py's
+# decode step put them among its largest host costs). Launchers use these plain integer versions.
 
 
 def cdiv(a: int, b: int) -> int:

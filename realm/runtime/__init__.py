@@ -25,7 +25,7 @@ _EXPORTS = {
     "block_manager": ("BlockManager", "CacheFullError", "SequenceKV"),
     "config": ("ARCHITECTURES", "Architecture", "ModelConfig", "ModelError"),
     "engine": ("Engine", "EngineConfig", "Request"),
-    "generate": ("Completion", "FinishReason", "StopStrings", "Timings", "TokenEvent"),
+    "generate": ("Completion", "FinishReason", "GenerationError", "StopStrings", "Timings", "TokenEvent"),
     "kv_cache": ("KVCache", "PagedKVCache"),
     "linear": ("Linear",),
     "llm": ("LLM",),

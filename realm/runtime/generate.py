@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .sampling import SamplingParams
 
 
+class GenerationError(RuntimeError):
+    """A single request's generation failed inside the engine (its step's forward raised); the message says how."""
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an end-of-generation token or a stop string
     LENGTH = "length"  # max_tokens reached, or the context is full

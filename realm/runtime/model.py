@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import ModelConfig, ModelError
-from .generate import Completion, TokenEvent
+from .generate import Completion, FinishReason, GenerationError, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from .ops import Backend, backend_of
 from .sampling import SamplingParams
@@ -219,7 +219,9 @@ def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None
 
 class GenerationStream:
     """One request's TokenEvents as they come (iterating steps the model's engine when no loop runs it);
-    `completion` is set once the iteration ends. Leaving the iteration early cancels the request."""
+    `completion` is set once the iteration ends. Leaving the iteration early cancels the request. A request the
+    engine ended with an error (its step failed) raises GenerationError at the end, with the engine's message: one
+    request has no batch to protect, and its caller should not mistake the text so far for an answer."""
 
     def __init__(self, engine: Engine, request: Request):
         self.engine = engine
@@ -237,3 +239,6 @@ class GenerationStream:
         finally:
             if not self.request.finished:
                 self.engine.cancel(self.request)
+        c = self.request.completion
+        if c is not None and c.finish_reason is FinishReason.ERROR:
+            raise GenerationError(f"generation failed: {c.error}")
