@@ -91,6 +91,16 @@ def stub_triton_launches() -> None:
     InterpretedFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
 
 
+def keep_logits_finite(model) -> None:
+    """With the launches stubbed the logits are uninitialized memory, NaN at times, and realm ends a request whose
+    logits are not finite: they are zeroed (one op a step, a few microseconds) so the requests keep decoding.
+    Older trees measured through PYTHONPATH have no `transformer` here and no such check."""
+    transformer = getattr(model, "transformer", None)
+    if transformer is not None:
+        forward = transformer.forward
+        transformer.forward = lambda batch, kv: forward(batch, kv).nan_to_num(0.0, 0.0, 0.0)
+
+
 def realm_commit() -> str:
     """The commit of the realm tree being measured (may differ from this script's tree: PYTHONPATH)."""
     tree = Path(realm.__file__).resolve().parent.parent
@@ -158,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             if backend == "triton":
                 stub_triton_launches()
             model = Model(weights, IdTokenizer(DIMS["vocab"]), Backend(backend), torch.device("cpu"), torch.float32)
+            if backend == "triton":
+                keep_logits_finite(model)
             for batch in batches:
                 row = {"bench": "host_overhead", "label": args.label, "realm_commit": realm_commit(),
                        "backend": backend, "batch": batch, "layers": DIMS["layers"], "hidden": DIMS["hidden"],

@@ -7,32 +7,37 @@
     realm batch requests.jsonl -o results.jsonl          # many JSONL requests, continuously batched, one result each
 
 A subcommand is a `Command` (its arguments and what it runs) in `COMMANDS`; adding one there is all a new subcommand
-needs. Expected failures (bad input, a missing or broken file) print `realm: error: ...` and exit with status 2.
+needs. Expected failures (bad input, a missing or broken file) print `realm: error: ...` and exit with status 2;
+Ctrl-C exits with 130 and SIGTERM with 143 (128 + the signal), after the same cleanup (no half-written files).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import io
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, batch_file
 from .models import MODELS, resolve_model
 from .quant import FORMATS
 from .runtime.generate import GenerationError
 
 if TYPE_CHECKING:
-    from .runtime import Completion, SamplingParams
+    pass
 
 EXIT_ERROR = 2  # argparse's status for a usage error; realm uses it for every expected failure
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM ended
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,34 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
 def _sampling(args: argparse.Namespace):
     from .runtime import SamplingParams
 
+    for text in args.stop:
+        _check_text("--stop text", text)
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           seed=args.seed, stop=tuple(args.stop))
+
+
+def _check_text(what: str, text: str) -> None:
+    """Text from the command line or a terminal is UTF-8 bytes that Python decoded with surrogateescape: a byte that
+    is not UTF-8 became a lone surrogate, which no tokenizer can take. Refuse it here, naming the byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+            byte = code - 0xDC00
+            raise ValueError(f"the {what} is not UTF-8 text: byte 0x{byte:02x} at character {e.start}") from None
+        raise ValueError(f"the {what} is not text: a lone surrogate U+{code:04X} at character {e.start}") from None
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """--device and --backend, checked before anything is read or loaded."""
+    from .runtime.model import resolve_device
+    from .runtime.ops import backend_of
+
+    backend_of(args.backend)
+    if args.device is not None:
+        resolve_device(args.device)
 
 
 def _load(args: argparse.Namespace):
@@ -149,7 +179,9 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate_run(args: argparse.Namespace) -> int:
-    params = _sampling(args)  # invalid values fail before the model loads
+    _check_text("prompt", args.prompt)  # invalid values fail before the model loads
+    params = _sampling(args)
+    _check_model_args(args)
     model = _load(args)
     _stream_to_terminal(model, model.encode(args.prompt), params, args.quiet)
     return 0
@@ -163,7 +195,12 @@ def _chat_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _chat_run(args: argparse.Namespace) -> int:
+    if args.question is not None:
+        _check_text("question", args.question)
+    if args.system is not None:
+        _check_text("system message (--system)", args.system)
     params = _sampling(args)
+    _check_model_args(args)
     model = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.question is not None:
@@ -173,19 +210,45 @@ def _chat_run(args: argparse.Namespace) -> int:
     print(f"{model!r}; an empty line or end of input ends the chat", file=sys.stderr)
     while True:
         try:
-            question = input("> ")
+            question = _ask("> ")
+            _check_text("message", question)
         except EOFError:
             return 0
+        except UnicodeDecodeError as e:  # a terminal read strictly
+            print(f"realm: error: the message is not UTF-8 text: {e.reason} at byte {e.start}", file=sys.stderr)
+            continue
+        except ValueError as e:  # a line that is not UTF-8 fails this turn; the conversation stays as it was
+            print(f"realm: error: {e}", file=sys.stderr)
+            continue
         if not question.strip():
             return 0
-        messages.append({"role": "user", "content": question})
-        try:
-            answer = _stream_to_terminal(model, model.chat_prompt(messages), params, args.quiet)
-        except (ValueError, GenerationError) as e:  # e.g. the conversation outgrew the context: this turn fails
-            print(f"realm: error: {e}", file=sys.stderr)
-            messages.pop()
-            continue
-        messages.append({"role": "assistant", "content": answer.text})
+        _chat_turn(model, messages, question, params, args.quiet)
+
+
+def _chat_turn(model, messages: list[dict], question: str, params, quiet: bool) -> None:
+    """One question and its answer added to messages; a turn that fails says why and leaves messages as they were."""
+    messages.append({"role": "user", "content": question})
+    try:
+        answer = _stream_to_terminal(model, model.chat_prompt(messages), params, quiet)
+    except (ValueError, GenerationError) as e:  # e.g. the conversation outgrew the context: this turn fails
+        print(f"realm: error: {e}", file=sys.stderr)
+        messages.pop()
+        return
+    messages.append({"role": "assistant", "content": answer.text})
+
+
+def _ask(prompt: str) -> str:
+    """input(prompt), except from a pipe or file read strictly: there a byte that is not UTF-8 would raise and drop the
+    rest of what the stream had buffered (the next lines), so the line is read as bytes and decoded with
+    surrogateescape, and _check_text refuses it alone. EOFError at the end of the input."""
+    stdin = sys.stdin
+    if not isinstance(stdin, io.TextIOWrapper) or stdin.errors != "strict" or stdin.isatty():
+        return input(prompt)  # a terminal gives one line per read: a decoding error loses that line only
+    print(prompt, end="", flush=True)
+    line = stdin.buffer.readline()  # chat reads stdin only here: the text layer holds nothing buffered
+    if not line:
+        raise EOFError
+    return line.decode(stdin.encoding, "surrogateescape").removesuffix("\n").removesuffix("\r")
 
 
 def _quantize_run(args: argparse.Namespace) -> int:
@@ -251,105 +314,6 @@ Exit status: 0 when the batch ran, even if some of its requests failed (each say
 line); 2 when the command cannot run (bad options, an unreadable FILE, a model that won't load)."""
 
 
-@dataclass
-class _BatchItem:
-    """One request of a batch: where it came from, and what to run (prompt) or why it cannot (error)."""
-
-    index: int  # among the requests, from 0
-    line: int  # in the file, from 1
-    prompt: str | list[int] | None = None
-    messages: list[dict] | None = None  # turned into the prompt once the model (its chat template) is loaded
-    params: SamplingParams | None = None
-    error: str | None = None
-
-
-def _read_batch(file: str, defaults: SamplingParams) -> list[_BatchItem]:
-    """FILE's requests, parsed and checked; a request that is wrong gets its error, the others are not affected."""
-    if file == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        with open(file, "rb") as f:
-            data = f.read()
-    items = []
-    for number, raw in enumerate(data.splitlines(), start=1):  # bytes: splits at \n, \r\n and \r only
-        if not raw.strip():
-            continue
-        item = _BatchItem(index=len(items), line=number)
-        try:
-            item.prompt, item.messages, item.params = _parse_request(raw, defaults)
-        except ValueError as e:
-            item.error = str(e)
-        items.append(item)
-    return items
-
-
-def _parse_request(raw: bytes, defaults: SamplingParams):
-    """One JSONL line -> (prompt, messages, SamplingParams); ValueError naming what is wrong. defaults: the
-    SamplingParams whose fields a request may set."""
-    fields = [f.name for f in dataclasses.fields(defaults)]
-    try:
-        request = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"the line is not UTF-8 text: {e.reason} at byte {e.start}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"the line is not JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(request, dict):
-        raise ValueError(f"a request must be a JSON object, got {_brief(request)}")
-    unknown = [k for k in request if k not in ("prompt", "messages", *fields)]
-    if unknown:
-        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; a request "
-                         f"takes prompt or messages, and {', '.join(fields)}")
-    if ("prompt" in request) == ("messages" in request):
-        raise ValueError("a request needs either 'prompt' or 'messages'" if "prompt" not in request
-                         else "a request takes 'prompt' or 'messages', not both")
-    prompt, messages = request.get("prompt"), request.get("messages")
-    if "prompt" in request and not (isinstance(prompt, str) or _is_ids(prompt)):
-        raise ValueError(f"prompt must be text or a list of token ids (integers), got {_brief(prompt)}")
-    if "messages" in request:
-        _check_messages(messages)
-    sampling = {k: v for k, v in request.items() if k in fields}
-    stop = sampling.get("stop", "")
-    if not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
-        raise ValueError(f"stop must be a string or a list of strings, got {_brief(stop)}")
-    if not isinstance(sampling.get("ignore_eos", False), bool):
-        raise ValueError(f"ignore_eos must be true or false, got {_brief(sampling['ignore_eos'])}")
-    return prompt, messages, dataclasses.replace(defaults, **sampling)  # SamplingParams checks the values
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:  # json.loads would keep the last one silently
-        raise ValueError(f"duplicate key{'s' if len(twice) > 1 else ''} {', '.join(map(repr, twice))}")
-    return dict(pairs)
-
-
-def _is_ids(value) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
-def _check_messages(messages) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"messages must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects, got "
-                         f"{_brief(messages)}")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content', got {_brief(m)}")
-
-
-def _brief(value, width: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _batch_result(item: _BatchItem, completion: Completion | None) -> dict:
-    error = item.error if completion is None else completion.error
-    if error is not None:
-        return {"index": item.index, "line": item.line, "finish_reason": "error", "error": error}
-    return {"index": item.index, "line": item.line, "text": completion.text, "token_ids": completion.token_ids,
-            "finish_reason": completion.finish_reason.value, "timings": dataclasses.asdict(completion.timings)}
-
-
 def _batch_run(args: argparse.Namespace) -> int:
     from .runtime.engine import EngineConfig
     from .runtime.llm import LLM
@@ -359,14 +323,15 @@ def _batch_run(args: argparse.Namespace) -> int:
                           kv_blocks=args.kv_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching,
                           batching=args.batching)
     defaults = dataclasses.replace(_sampling(args), ignore_eos=args.ignore_eos)
+    _check_model_args(args)
     if args.output is not None:
-        _check_output(Path(args.output), args.file)
-    items = _read_batch(args.file, defaults)
+        batch_file.check_output(Path(args.output), args.file)
+    items = batch_file.read_requests(args.file, defaults)
     wall_s = 0.0
-    with _BatchWriter(args.output, len(items)) as writer:
+    with batch_file.ResultWriter(args.output, len(items)) as writer:
         for item in items:
             if item.error is not None:
-                writer.put(item.index, _batch_result(item, None))
+                writer.put(item.index, batch_file.result_row(item, None))
         if writer.written < len(items):  # else nothing to run (an empty FILE, or only bad lines): no model
             model = _load(args)
             for item in items:
@@ -375,79 +340,18 @@ def _batch_run(args: argparse.Namespace) -> int:
                         item.prompt = model.chat_prompt(item.messages)
                     except ValueError as e:  # a template that refuses these messages, or a vocabulary without one
                         item.error = str(e)
-                        writer.put(item.index, _batch_result(item, None))
+                        writer.put(item.index, batch_file.result_row(item, None))
             llm = LLM(model, backend=model.backend, **{f.name: getattr(config, f.name)
                                                         for f in dataclasses.fields(config)})
             runnable = [item for item in items if item.error is None]
             start = time.perf_counter()
             for i, completion in llm.completions([item.prompt for item in runnable],
                                                  [item.params for item in runnable], progress=not args.no_progress):
-                writer.put(runnable[i].index, _batch_result(runnable[i], completion))
+                writer.put(runnable[i].index, batch_file.result_row(runnable[i], completion))
             wall_s = time.perf_counter() - start
     if not args.quiet:
-        print(_batch_summary(writer.rows, wall_s), file=sys.stderr)
+        print(batch_file.summary(writer.rows, wall_s), file=sys.stderr)
     return 0
-
-
-class _BatchWriter:
-    """Writes result rows in request order, each as soon as it and every row before it are done, one flushed line at
-    a time: a batch that stops (an interrupt, a crash) leaves every result finished before that in the file."""
-
-    def __init__(self, output: str | None, total: int):
-        self.output, self.total = output, total
-        self.pending: dict[int, dict] = {}
-        self.rows: list[dict] = []
-        self.file = None
-
-    @property
-    def written(self) -> int:
-        return len(self.rows) + len(self.pending)
-
-    def __enter__(self) -> _BatchWriter:
-        self.file = sys.stdout if self.output is None else open(self.output, "w", encoding="utf-8")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.file is not sys.stdout:
-            self.file.close()
-
-    def put(self, index: int, row: dict) -> None:
-        self.pending[index] = row
-        while len(self.rows) in self.pending:
-            row = self.pending.pop(len(self.rows))
-            self.file.write(_json_line(row))
-            self.file.flush()
-            self.rows.append(row)
-
-
-def _json_line(row: dict) -> str:
-    """One JSONL line; text that UTF-8 cannot hold (a lone surrogate) is written \\u-escaped, never lost."""
-    line = json.dumps(row, ensure_ascii=False) + "\n"
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(row) + "\n"
-    return line
-
-
-def _check_output(out: Path, source: str) -> None:
-    """Before the batch runs, rather than after, when its results would be lost."""
-    if out.is_dir():
-        raise ValueError(f"{out}: is a directory")
-    if not out.absolute().parent.is_dir():
-        raise ValueError(f"{out}: output directory {out.absolute().parent} does not exist")
-    if source != "-" and out.exists() and Path(source).exists() and out.samefile(source):
-        raise ValueError(f"{out}: is the input file; the results would overwrite the requests")
-    if not os.access(out if out.exists() else out.absolute().parent, os.W_OK):
-        raise ValueError(f"{out}: not writable")
-
-
-def _batch_summary(results: list[dict], wall_s: float) -> str:
-    failed = sum(r["finish_reason"] == "error" for r in results)
-    tokens = sum(len(r.get("token_ids", ())) for r in results)
-    speed = tokens / wall_s if wall_s > 0 else float("nan")
-    return (f"[{len(results)} request{'' if len(results) == 1 else 's'}, {failed} failed; {tokens} output tokens in "
-            f"{wall_s:.2f} s: {speed:.1f} tok/s]")
 
 
 COMMANDS: dict[str, Command] = {
@@ -479,14 +383,42 @@ def _message(e: BaseException) -> str:
     return str(e)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the same cleanup runs (no
+    OUT.partial left by `realm quantize`, a batch's finished results flushed)."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """For the command's duration, SIGTERM raises Terminated; a second one while cleaning up is ignored. Signal
+    handlers belong to the main thread: elsewhere (main() called from a thread) SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command].run(args)
+        with _sigterm_raises():
+            return COMMANDS[args.command].run(args)
     # QuantError, GGUFError, ModelError: ValueErrors; FileNotFoundError: OSError; a failed forward: GenerationError
     except (ValueError, OSError, GenerationError) as e:
         print(f"realm: error: {_message(e)}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated:
+        print("realm: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("realm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

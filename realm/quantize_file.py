@@ -252,6 +252,21 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
 
 
+def _check_output(src: Path, dst: Path) -> None:
+    """Before any work, rather than after it all, when the file could not be written."""
+    if _same_file(src, dst):
+        raise GGUFError(f"{dst}: output is the input file; write to another path")
+    if dst.is_dir():
+        raise GGUFError(f"{dst}: is a directory; the output must be a file path")
+    if not dst.absolute().parent.is_dir():
+        raise GGUFError(f"{dst}: output directory {dst.parent} does not exist")
+    partial = dst.with_name(dst.name + ".partial")  # what write_gguf writes, then renames to dst
+    if partial.is_dir():
+        raise GGUFError(f"{partial}: is a directory, in the way of the file written before it becomes {dst.name}")
+    if not os.access(dst.absolute().parent, os.W_OK | os.X_OK):
+        raise GGUFError(f"{dst}: output directory {dst.parent} is not writable")
+
+
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, fmt: str | BlockFormat,
                   progress: bool = True) -> Summary:
     """Write `dst`, a copy of the GGUF model `src` with every weight re-encoded to `fmt`; see the module docstring.
@@ -264,10 +279,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, fmt: str | Blo
     src, dst = Path(src), Path(dst)
     target = storage_format(fmt)
     reader = open_gguf(src)
-    if _same_file(src, dst):
-        raise GGUFError(f"{dst}: output is the input file; write to another path")
-    if not dst.parent.is_dir():
-        raise GGUFError(f"{dst}: output directory {dst.parent} does not exist")
+    _check_output(src, dst)
     specs, fallbacks = _plan(reader, target)
     summary = Summary(src, dst, target, src_bytes=src.stat().st_size, fallbacks=fallbacks)
     for fb in fallbacks:

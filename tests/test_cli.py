@@ -534,10 +534,10 @@ def test_batch_writes_each_result_as_soon_as_those_before_it_are_done(tmp_path, 
 
 
 def test_batch_rows_that_utf8_cannot_hold_are_escaped_not_lost():
-    from realm.cli import _json_line
+    from realm.batch_file import json_line
 
-    assert _json_line({"text": "é"}) == '{"text": "é"}\n'
-    assert _json_line({"error": "bad \ud800 here"}) == '{"error": "bad \\ud800 here"}\n'
+    assert json_line({"text": "é"}) == '{"text": "é"}\n'
+    assert json_line({"error": "bad \ud800 here"}) == '{"error": "bad \\ud800 here"}\n'
 
 
 def test_batch_missing_file_and_usage_errors(tmp_path, capsys, loads):

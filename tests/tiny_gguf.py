@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from realm.gguf_io import MetadataValue, _Writer
 from realm.quant import FORMATS, quantize
 from realm.runtime.tokenizer import IdTokenizer
 
@@ -24,11 +25,13 @@ TINY = dict(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=50, l
 
 def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: str | None = None,
                      seed: int = 0, dims: dict | None = None, formats: dict[str, str] | None = None,
-                     context_length: int = 32) -> dict[str, torch.Tensor]:
+                     context_length: int = 32,
+                     metadata: dict[str, MetadataValue | None] | None = None) -> dict[str, torch.Tensor]:
     """A random llama-family model (TINY's sizes, updated by `dims`) stored as GGUF, with Q/K rows permuted as the
     converter does. Matrices are float32 unless `formats` names a block format for their GGUF kind ("attn_q",
-    "ffn_down", "token_embd", "output", ...). Returns the HF-layout weights (HF state-dict names), before
-    quantization."""
+    "ffn_down", "token_embd", "output", ...). `metadata` adds or replaces keys with values of any GGUF type (empty
+    arrays too), or removes them (None); `tiny_vocab_metadata` gives a vocabulary. Returns the HF-layout weights
+    (HF state-dict names), before quantization."""
     t = {**TINY, **(dims or {})}
     formats = formats or {}
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +57,7 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    w = gguf.GGUFWriter(path, arch)
+    w = _Writer(path, arch)
     w.add_block_count(t["layers"])
     w.add_context_length(context_length)
     w.add_embedding_length(t["hidden"])
@@ -66,6 +69,10 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
         w.add_value_length(t["head_dim"])
     w.add_rope_freq_base(t["theta"])
     w.add_layer_norm_rms_eps(t["eps"])
+    for key, value in (metadata or {}).items():
+        w.kv_data[0].pop(key, None)
+        if value is not None:
+            w.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
     tensors = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
     if not tied:
         tensors["output.weight"] = hf["lm_head.weight"]
@@ -91,6 +98,29 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
     w.write_tensors_to_file()
     w.close()
     return hf
+
+
+def tiny_vocab_metadata(vocab: int = TINY["vocab"]) -> dict[str, MetadataValue]:
+    """A byte-level BPE (gpt2) vocabulary of `vocab` tokens for the tiny model: three control tokens (<|endoftext|>,
+    <|im_start|>, <|im_end|>), "Ġ", the letters a-z and merged pairs "ab", "cd", ..., with a ChatML template."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pairs = [a + b for a in letters for b in letters]
+    tokens = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "Ġ", *letters, *pairs])[:vocab]
+    merges = [f"{t[0]} {t[1]}" for t in tokens[30:]]
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    V = gguf.GGUFValueType
+    return {
+        "tokenizer.ggml.model": MetadataValue("gpt2", V.STRING),
+        "tokenizer.ggml.pre": MetadataValue("gpt-2", V.STRING),
+        "tokenizer.ggml.tokens": MetadataValue(tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": MetadataValue([3, 3, 3] + [1] * (len(tokens) - 3), V.ARRAY, V.INT32),
+        "tokenizer.ggml.merges": MetadataValue(merges, V.ARRAY, V.STRING),
+        "tokenizer.ggml.bos_token_id": MetadataValue(0, V.UINT32),
+        "tokenizer.ggml.eos_token_id": MetadataValue(2, V.UINT32),
+        "tokenizer.ggml.add_bos_token": MetadataValue(False, V.BOOL),
+        "tokenizer.chat_template": MetadataValue(template, V.STRING),
+    }
 
 
 StubTokenizer = IdTokenizer  # what generation needs of a tokenizer, for the tiny GGUF (no vocabulary)

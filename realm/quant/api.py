@@ -7,6 +7,7 @@ search quantizers' temporaries stay bounded.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -25,16 +26,29 @@ def _as_tensor(x, what: str) -> torch.Tensor:
     return x
 
 
-def _check_shape(shape, fmt: BlockFormat) -> tuple[int, ...]:
-    if isinstance(shape, (str, bytes)):
+def check_shape(shape, fmt: BlockFormat) -> tuple[int, ...]:
+    """shape as sizes (`sizes`) whose rows split into whole blocks of fmt."""
+    shape = sizes(shape)
+    fmt.row_bytes(shape[-1])  # raises if the row does not split into whole blocks
+    return shape
+
+
+def sizes(shape) -> tuple[int, ...]:
+    """shape as a non-empty tuple of ints >= 0; a float (4.7), a bool or a negative size is refused, never truncated
+    or cast."""
+    if isinstance(shape, (str, bytes, set, frozenset, dict)) or not hasattr(shape, "__iter__"):
         raise QuantError(f"shape must be a sequence of ints, got {shape!r}")
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError as e:
-        raise QuantError(f"shape must be a sequence of ints, got {shape!r}") from e
+    items, dims = list(shape), []
+    for i, s in enumerate(items):
+        if isinstance(s, (bool, np.bool_)) or (isinstance(s, torch.Tensor) and s.dtype == torch.bool):
+            raise QuantError(f"shape[{i}] must be an int, got {s!r} in shape {tuple(items)}")
+        try:
+            dims.append(operator.index(s))  # int, numpy and torch integers; not 4.7, nor 4.0
+        except TypeError:
+            raise QuantError(f"shape[{i}] must be an int, got {s!r} in shape {tuple(items)}") from None
+    shape = tuple(dims)
     if not shape or any(s < 0 for s in shape):
         raise QuantError(f"shape must be non-empty and non-negative, got {shape}")
-    fmt.row_bytes(shape[-1])  # raises if the row does not split into whole blocks
     return shape
 
 
@@ -51,7 +65,7 @@ def dequantize(data, fmt: str | BlockFormat, shape) -> torch.Tensor:
     data: uint8 tensor (or numpy array) holding exactly prod(shape) / block_size blocks, in row-major order.
     """
     fmt = get_format(fmt)
-    shape = _check_shape(shape, fmt)
+    shape = check_shape(shape, fmt)
     data = _as_tensor(data, "data")
     if data.dtype != torch.uint8:
         raise QuantError(f"{fmt.name} data must be uint8 GGUF blocks, got {data.dtype}")
@@ -102,7 +116,7 @@ def quantize(x, fmt: str | BlockFormat) -> torch.Tensor:
         raise QuantError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
         raise QuantError("x must have at least one dimension")
-    shape = _check_shape(x.shape, fmt)
+    shape = check_shape(x.shape, fmt)
     _check_finite(x, fmt)
     blocks = x.to(torch.float32).reshape(-1, fmt.block_size)
     n_blocks = blocks.shape[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import dequantize, quantize
+from .api import dequantize, quantize, sizes
 from .formats import get_format
 from .planes import Planes, plane_spec, planes_dequantize, to_planes
 from .spec import BlockFormat, QuantError, join_fields, split_fields
@@ -38,7 +38,7 @@ class QTensor:
 
     def __init__(self, data, fmt: str | BlockFormat, shape):
         fmt = get_format(fmt)
-        shape = tuple(int(s) for s in shape)
+        shape = sizes(shape)  # ints only: a float size is refused, never truncated
         if len(shape) != 2:
             raise QuantError(f"QTensor shape must be [N, K], got {shape}")
         n, k = shape

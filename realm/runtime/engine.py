@@ -21,8 +21,13 @@ consumers. Per request: sampling parameters, stop strings, max_tokens, finish re
 boundary, at once when nothing is stepping).
 
 Failures stay with their requests: a bad request fails in `add_request` with a ValueError and never enters the
-batch; a step whose forward or sampling raises ends the requests in that step with finish reason "error" and the
-message, and the engine goes on with the others; a callback that raises ends its own request.
+batch. When a step's forward or sampling raises, the runner runs each of its chunks alone, and only the chunks that
+fail alone end their requests (finish reason "error", with the message); so do requests whose logits are not finite
+(NaN or inf: the model never samples from them), and a request whose token cannot be detokenized. A failed chunk's
+KV never enters the prefix cache. A callback that raises ends its own request; one that tries to step the engine
+(step, run, stream, wait) is refused, since it would interleave two steps' deliveries; an interrupt (Ctrl-C) in a
+callback or the forward reaches the caller with every other event of the step still delivered, and the engine can
+go on stepping.
 
 Threads: every change of the engine's state (scheduler, blocks, requests) happens under one lock, in the thread
 that steps: the loop thread once `start` has run, else whichever thread calls `step`, `run` or `stream`.
@@ -102,6 +107,19 @@ def default_kv_blocks(model: Model, config: EngineConfig) -> int:
     if blocks < 1:
         raise ValueError(f"no room for a KV cache block ({per_block} bytes) on {model.device}")
     return blocks
+
+
+def check_kv_memory(model: Model, config: EngineConfig, num_blocks: int) -> None:
+    """A KV cache larger than the device's memory (all of the RAM; the free memory of a GPU) is refused with the
+    numbers, before anything is allocated (a CPU allocation can succeed lazily and fail pages later, or not at all)."""
+    need = PagedKVCache.bytes_per_block(model.config, config.block_size, model.dtype) * num_blocks
+    if model.device.type == "cuda":
+        have, what = torch.cuda.mem_get_info(model.device)[0], "free"
+    else:
+        have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in all"
+    if need > have:
+        raise ValueError(f"kv_blocks={num_blocks} of block_size={config.block_size} tokens need {need / 2**30:.3g} "
+                         f"GiB of KV cache; {model.device} has {have / 2**30:.3g} GiB {what}")
 
 
 _END = object()  # what a request's event queue gives once it has finished and every event was taken
@@ -211,12 +229,19 @@ class Request:
         return self.events.ended
 
 
+class _PlanError(Exception):
+    def __init__(self, failures: list[tuple[Request, str]]):
+        super().__init__(f"{len(failures)} requests could not be planned")
+        self.failures = failures
+
+
 class Engine:
     def __init__(self, model: Model, config: EngineConfig | None = None, *, seed: int | None = None):
         """seed: of the sampler's generator for requests without their own seed (None: random)."""
         self.model = model
         self.config = config = config or EngineConfig()
         num_blocks = config.kv_blocks or default_kv_blocks(model, config)
+        check_kv_memory(model, config, num_blocks)
         self.runner = ModelRunner(model.transformer, num_blocks, config.block_size, model.tokenizer.vocab_size, seed)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
@@ -274,6 +299,9 @@ class Engine:
     def cancel(self, request: Request | int) -> None:
         """Stop a request (finish reason "abort") and free its KV blocks; any thread. A finished one is left as it
         is. Applied at once when nothing is stepping, else at the next step boundary."""
+        if isinstance(request, bool) or not isinstance(request, (Request, int)):
+            raise ValueError(f"cancel takes a Request or a request id (int), got {type(request).__name__} "
+                             f"{request!r:.60}")
         if isinstance(request, int):
             if not 0 <= request < self._next_id:
                 raise ValueError(f"no request {request} was ever added to this engine")
@@ -318,10 +346,14 @@ class Engine:
 
     def step(self) -> list[Request]:
         """One forward over every scheduled chunk; returns the requests that finished in it. Not while the loop
-        thread runs (it steps)."""
+        thread runs (it steps), and not from inside a step (an on_event callback): that would interleave two steps'
+        deliveries."""
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise RuntimeError("the engine's loop runs in its own thread (start()): it steps; stop() it first")
         with self._lock:
+            if self._in_step:  # only this thread can hold the lock inside a step: a callback stepping
+                raise RuntimeError("the engine is stepped from inside its own step (an on_event callback calling "
+                                   "step, run, stream or wait?); a callback may add or cancel requests, not step")
             self._in_step = True
             try:
                 return self._step()
@@ -342,14 +374,24 @@ class Engine:
             if request.scheduled_s is None:
                 request.scheduled_s = now
         try:
-            output = self.runner.execute(self._plan(step, chunks, requests))
-        except Exception as e:  # this step's requests fail; the engine, its blocks and the other requests go on
+            plan = self._plan(step, chunks, requests)
+        except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
+            self.scheduler.abort(step)
+            return self._fail_requests(e.failures)
+        try:
+            output = self.runner.execute(plan)
+        except Exception as e:  # a step of one chunk, or the copies: these requests fail, the engine goes on
             if isinstance(e, BlockCopyError):  # and so does any sequence whose copied block was not written
                 requests += [r for r in self.requests.values() if r not in requests
                              and e.destinations.intersection(r.seq.kv.blocks)]
             log.exception("engine step failed; its %d requests end with an error", len(requests))
             return self._fail_step(step, requests, f"the step failed: {type(e).__name__}: {e}")
-        self.scheduler.complete(step)
+        except BaseException:  # an interrupt: the step did not happen, and the engine stays usable
+            self.scheduler.abort(step)
+            raise
+        failed = {r.seq.seq_id: (r, error) for r, error in zip(requests, output.errors or (), strict=False)
+                  if error is not None}
+        self.scheduler.complete(step, failed)
         now = time.perf_counter()
         # The engine's state first (every token appended, every finished request completed and its blocks freed),
         # user callbacks last: whatever a callback does (raise, cancel), no sequence is left half-updated.
@@ -357,25 +399,46 @@ class Engine:
         self._delivering = deque()
         try:
             for chunk, request, tokens in zip(chunks, requests, output.tokens, strict=True):
+                if chunk.seq.seq_id in failed:
+                    self._delivering.extend(((request, self._finish(request, FinishReason.ERROR, now, error=(
+                        f"the step failed for this request: {failed[chunk.seq.seq_id][1]}"))), (request, _END)))
+                    finished.append(request)
+                    continue
                 if not chunk.completes:
                     continue
                 if request.first_token_s is None:
                     request.first_token_s = now
-                reason, event = self._accept(request, tokens[0])
+                try:
+                    reason, event = self._accept(request, tokens[0])
+                except Exception as e:  # e.g. detokenizing: this request alone ends
+                    log.exception("request %d: accepting its token failed", request.request_id)
+                    reason, event = FinishReason.ERROR, None
+                    error = f"the step failed for this request: {type(e).__name__}: {e}"
+                else:
+                    error = None
                 self._delivering.append((request, event))
                 if reason is not None:
-                    self._delivering.extend(((request, self._finish(request, reason, now)), (request, _END)))
+                    self._delivering.extend(((request, self._finish(request, reason, now, error)), (request, _END)))
                     finished.append(request)
             while self._delivering:
                 self._emit(*self._delivering.popleft())
         finally:
-            self._delivering = None
+            undelivered, self._delivering = self._delivering, None
+            for request, event in undelivered or ():  # an interrupt in a callback: the others' events still go out
+                self._emit(request, event, callback=False)
         return finished
 
     def _plan(self, step: Step, chunks: list[Chunk], requests: list[Request]) -> StepPlan:
-        return StepPlan(self.runner.block_size, tuple(self._chunk_plan(c, r) for c, r in zip(chunks, requests,
-                                                                                             strict=True)),
-                        copies=tuple(step.copies))
+        plans, failures = [], []
+        for chunk, request in zip(chunks, requests, strict=True):
+            try:
+                plans.append(self._chunk_plan(chunk, request))
+            except Exception as e:
+                log.exception("request %d: its step plan could not be made", request.request_id)
+                failures.append((request, f"the step could not be planned for this request: {type(e).__name__}: {e}"))
+        if failures:
+            raise _PlanError(failures)
+        return StepPlan(self.runner.block_size, tuple(plans), copies=tuple(step.copies))
 
     @staticmethod
     def _chunk_plan(chunk: Chunk, request: Request) -> ChunkPlan:
@@ -391,9 +454,12 @@ class Engine:
 
     def _fail_step(self, step: Step, requests: list[Request], message: str) -> list[Request]:
         self.scheduler.abort(step)
-        for request in requests:
+        return self._fail_requests([(request, message) for request in requests])
+
+    def _fail_requests(self, failures: list[tuple[Request, str]]) -> list[Request]:
+        for request, message in failures:
             self._deliver_end(request, self._finish(request, FinishReason.ERROR, error=message))
-        return requests
+        return [request for request, _ in failures]
 
     def run(self) -> None:
         """Step until every request has finished (in this thread; not while the loop runs)."""
@@ -580,16 +646,17 @@ class Engine:
         else:
             self._delivering.extend(((request, tail), (request, _END)))
 
-    def _emit(self, request: Request, event) -> None:
-        """Queue the event (a TokenEvent, or _END) for the request's consumers and call on_event. A callback that
-        raises ends its request with finish reason "error" and the exception in `error` (the other requests go on)."""
-        if event is None or (event is _END and request.events.ended):
+    def _emit(self, request: Request, event, callback: bool = True) -> None:
+        """Queue the event (a TokenEvent, or _END) for the request's consumers and call on_event (unless `callback`
+        is False). A callback that raises ends its request with finish reason "error" and the exception in `error`
+        (the other requests go on)."""
+        if event is None or request.events.ended:  # nothing, or the request's end is out already (its callback failed)
             return
         if event is _END:
             self._put_end(request)
             return
         request.events.put(event)
-        if request.on_event is None or request.on_event_failed:
+        if request.on_event is None or request.on_event_failed or not callback:
             return
         try:
             request.on_event(request, event)

@@ -12,6 +12,7 @@ there.
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import sys
@@ -26,6 +27,8 @@ from .kv_cache import DEFAULT_BLOCK_SIZE
 from .model import Backend, Model, load
 from .sampling import SamplingParams
 from .scheduler import Batching
+
+log = logging.getLogger(__name__)
 
 PROGRESS_FROM = 16  # prompts in a batch from which a progress bar is shown by default
 
@@ -91,6 +94,9 @@ class LLM:
                     running[i] = self.engine.add_request(prompt, p, on_event=callback)
                 except ValueError as e:  # this request alone fails
                     failed.append((i, _failed(prompt, e)))
+                except Exception as e:  # not a refusal but a fault (a tokenizer bug?): still this request's alone
+                    log.exception("request %d could not be added", i)
+                    failed.append((i, _failed(prompt, f"the request could not be added: {type(e).__name__}: {e}")))
             with tqdm(total=len(prompts), disable=not show, unit="req", file=sys.stderr) as bar:
                 bar.update(len(failed))
                 yield from failed
@@ -142,7 +148,7 @@ def _is_id(t) -> bool:
     return not isinstance(t, bool)
 
 
-def _failed(prompt: Prompt, error: Exception) -> Completion:
+def _failed(prompt: Prompt, error: Exception | str) -> Completion:
     """The output of a request that could not run: its ids if it had any valid ones, else none."""
     ids = list(prompt) if isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(
         _is_id(t) for t in prompt) else []

@@ -46,6 +46,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         raise ValueError(f"device {str(device)!r} requested, but torch sees {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(device)!r} is not supported; use cpu or cuda")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch takes cpu:5, and runs it on the one CPU
+        raise ValueError(f"device {str(device)!r} does not exist: torch has one CPU device, cpu (or cpu:0)")
     return indexed_device(device)
 
 

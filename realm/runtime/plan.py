@@ -67,3 +67,6 @@ class StepOutput:
     tokens: list[list[int]] = field(default_factory=list)  # per chunk: one sampled token per logits row (or none)
     logits: object | None = None  # torch.Tensor [num_logits, vocab] when return_logits
     probs: object | None = None  # torch.Tensor float32 [sampled rows, vocab] when return_probs
+    # Per chunk: None, or why it failed (its logits are not finite; the forward or sampling raised with it alone).
+    # A failed chunk has no tokens and NaN logits and probability rows; its sequence must not go on.
+    errors: list[str | None] = field(default_factory=list)

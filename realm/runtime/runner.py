@@ -13,6 +13,7 @@ Transformer (the weights). Under tensor parallelism every rank runs the same pla
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -21,6 +22,11 @@ from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from .plan import ChunkPlan, StepOutput, StepPlan
 from .sampler import BatchSampler, RowSampling
 from .transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+NON_FINITE = ("the model's logits are not finite (NaN or inf): its weights, or the activations this input leads to, "
+              "hold NaN or inf")
 
 
 class BlockCopyError(RuntimeError):
@@ -40,7 +46,8 @@ class ModelRunner:
         self.config = transformer.config
         self.device = transformer.device
         self.kv = PagedKVCache.allocate(self.config, num_blocks, block_size, transformer.dtype, transformer.device)
-        self.sampler = BatchSampler(self.device, vocab_size or self.config.vocab_size, seed)
+        self.vocab_size = vocab_size or self.config.vocab_size
+        self.sampler = BatchSampler(self.device, self.vocab_size, seed)
 
     def __repr__(self) -> str:
         return f"ModelRunner({self.transformer!r}, {self.kv.num_blocks} KV blocks of {self.kv.block_size})"
@@ -50,16 +57,55 @@ class ModelRunner:
         return self.kv.block_size
 
     def execute(self, plan: StepPlan) -> StepOutput:
+        """Run the plan. A chunk that cannot be computed fails alone: `StepOutput.errors` names why, per chunk (its
+        logits are not finite, or the forward or sampling raised with it in the batch and again with it alone)."""
         if plan.block_size != self.kv.block_size:
             raise ValueError(f"the plan's blocks hold {plan.block_size} tokens, this runner's {self.kv.block_size}")
-        batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length)
         self._check_copies(plan.copies)
         try:
             self.kv.copy_blocks(plan.copies)
         except Exception as e:
             raise BlockCopyError(plan.copies, e) from e
+        if len(plan.chunks) == 1:
+            return self._run(plan)
+        try:
+            return self._run(plan)
+        except Exception:
+            log.exception("a step of %d chunks failed; running each alone to find the failing ones", len(plan.chunks))
+        # Each chunk writes only its own positions' KV, so running it again alone recomputes exactly what the failed
+        # batch would have; the copies ran above.
+        return self._merge(plan, [self._run_alone(dataclasses.replace(plan, chunks=(c,), copies=()))
+                                  for c in plan.chunks])
+
+    def _run_alone(self, plan: StepPlan) -> StepOutput:
+        try:
+            return self._run(plan)
+        except Exception as e:
+            log.exception("chunk of sequence %d failed alone", plan.chunks[0].seq_id)
+            return StepOutput(tokens=[[]], errors=[f"{type(e).__name__}: {e}"])
+
+    def _merge(self, plan: StepPlan, outputs: list[StepOutput]) -> StepOutput:
+        """One StepOutput from the chunks' own, in plan order; a failed chunk's logits and probability rows are NaN."""
+        out = StepOutput(tokens=[o.tokens[0] for o in outputs], errors=[o.errors[0] for o in outputs])
+        if plan.return_logits:
+            width = next((o.logits.shape[1] for o in outputs if o.logits is not None), self.config.vocab_size)
+            out.logits = torch.cat([o.logits if o.logits is not None else self._nan_rows(len(c.logits), width)
+                                    for c, o in zip(plan.chunks, outputs, strict=True)])
+        if plan.return_probs:
+            out.probs = torch.cat([o.probs if o.probs is not None else self._nan_rows(
+                len(c.logits) if c.sampling is not None else 0, self.vocab_size)
+                for c, o in zip(plan.chunks, outputs, strict=True)])
+        return out
+
+    def _nan_rows(self, n: int, width: int) -> torch.Tensor:
+        return torch.full((n, width), float("nan"), dtype=torch.float32, device=self.device)
+
+    def _run(self, plan: StepPlan) -> StepOutput:
+        batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length)
         logits = self.transformer.forward(batch, self.kv)  # [plan.num_logits, vocab]
         out = StepOutput(logits=logits if plan.return_logits else None)
+        # Summed in float32 (a float16 sum could overflow): NaN or inf anywhere in a row makes its sum non-finite.
+        finite = torch.isfinite(logits[:, : self.vocab_size].sum(-1, dtype=torch.float32))  # bool [num_logits]
         rows, index = [], []  # the sampled logits rows and their sampling
         row = 0
         for chunk in plan.chunks:
@@ -67,16 +113,27 @@ class ModelRunner:
                 rows.extend(_row_samplings(chunk))
                 index.extend(range(row, row + len(chunk.logits)))
             row += len(chunk.logits)
-        if not rows:
-            out.tokens = [[] for _ in plan.chunks]
-            return out
-        sampled_logits = logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=self.device)]
-        sample = self.sampler(sampled_logits, rows, return_probs=plan.return_probs)
-        tokens = iter(sample.tokens.tolist())  # the step's one device-to-host sync
-        out.tokens = [[next(tokens) for _ in c.logits] if c.sampling is not None else [] for c in plan.chunks]
-        out.probs = sample.probs
+        tokens = []
+        if rows:
+            if len(index) < logits.shape[0]:
+                picked = torch.tensor(index, device=self.device)
+                logits, sampled_finite = logits[picked], finite[picked]
+            else:
+                sampled_finite = finite
+            sample = self.sampler(logits, rows, return_probs=plan.return_probs)
+            out.probs = sample.probs
+            # -1 marks a row whose logits are not finite: the step's one device-to-host sync carries both
+            tokens = sample.tokens.where(sampled_finite, -1).tolist()
+        if len(rows) < len(finite):  # logits rows that are not sampled (returned only): their flags, too
+            finite = finite.tolist()
+            flags = iter(finite)
+        else:
+            flags = iter(t >= 0 for t in tokens)
+        drawn = iter(tokens)
+        out.tokens = [[next(drawn) for _ in c.logits] if c.sampling is not None else [] for c in plan.chunks]
+        out.errors = [None if all([next(flags) for _ in c.logits]) else NON_FINITE for c in plan.chunks]
+        out.tokens = [t if e is None else [] for t, e in zip(out.tokens, out.errors, strict=True)]
         return out
-
 
     def _check_copies(self, copies) -> None:
         """Block ids in range (a bad one on CUDA would be a device assert), each destination written once and not

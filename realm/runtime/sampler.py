@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 # (logits - max) / t keeps 0 at the max and sends the others to -inf (differences below ~1e-30: far below 0) rather
 # than giving 0 / 0 = NaN at the max, as the per-row reference does.
 _TINY = torch.finfo(torch.float32).tiny
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 # Top-p for rows without the filter: above any cumulative mass even after rounding (which can exceed 1 by a few ulps).
 _TOP_P_OFF = 2.0
 _MASK64 = (1 << 64) - 1
@@ -227,7 +228,9 @@ def _penalize(x: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     pairs = torch.tensor([row_ids, token_ids], device=x.device)  # int64 [2, pairs]
     factor = torch.tensor([r.repetition_penalty for r in rows], dtype=torch.float32, device=x.device)[pairs[0]]
     seen = x[pairs[0], pairs[1]]
-    seen = torch.where(seen > 0, seen / factor, seen * factor)
+    # A penalty float32 rounds to 0 or inf (RowSampling takes any positive float) would make inf here, and inf - inf =
+    # NaN when the row is shifted by its max: the largest finite float32 keeps such a row a valid distribution.
+    seen = torch.where(seen > 0, seen / factor, seen * factor).clamp_(-_FLOAT32_MAX, _FLOAT32_MAX)
     return x.index_put((pairs[0], pairs[1]), seen)
 
 
@@ -246,5 +249,6 @@ def _filter_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> to
     probs = sorted_x.softmax(-1)
     before = probs.cumsum(-1) - probs  # probability mass of the tokens ranked above each one
     drop_sorted = cut_k | (before >= p)
+    drop_sorted[:, 0] = False  # the most likely token always stays, even for a top_p float32 rounds to 0 (1e-300)
     drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
     return x.masked_fill(drop, -math.inf)

@@ -38,6 +38,8 @@ class SamplingParams:
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.temperature != 0:
+            _check_float32("temperature", self.temperature, "use 0 for greedy decoding")
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -47,6 +49,7 @@ class SamplingParams:
         _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        _check_float32("repetition_penalty", self.repetition_penalty, "1 is off")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
             if self.seed >= 2**63:
@@ -74,6 +77,17 @@ def _check_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _check_float32(name: str, value: float, hint: str) -> None:
+    """Logits are scaled in float32: a positive value that float32 rounds to 0 or to inf (1e-300, 1e39) would divide
+    by zero or multiply by infinity there, and give NaN; refuse it here, where the field can be named."""
+    if not _FLOAT32.tiny <= value <= _FLOAT32.max:
+        raise ValueError(f"{name} {value} is outside float32's normal range [{_FLOAT32.tiny:.3g}, {_FLOAT32.max:.3g}], "
+                         f"in which logits are scaled ({hint})")
+
+
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """Make every token in `history` less likely: positive logits divided by the penalty, negative ones multiplied."""
     if penalty == 1.0 or history.numel() == 0:
@@ -99,6 +113,7 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # probability mass of the tokens ranked above each one
     drop_sorted = before >= p
+    drop_sorted[..., 0] = False  # the most likely token stays, even for a p that float32 rounds to 0
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 

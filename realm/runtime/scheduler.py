@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -215,12 +216,16 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------- after the step
 
-    def complete(self, step: Step) -> None:
+    def complete(self, step: Step, failed: Collection[int] = ()) -> None:
         """The copies and the forward have run: the copies' source blocks are released, the sequences' cached
-        lengths move past their chunks, and their newly full blocks of verified tokens enter the prefix cache."""
+        lengths move past their chunks, and their newly full blocks of verified tokens enter the prefix cache.
+        failed: ids of sequences whose chunk was not computed (its KV is garbage): left as they were, never cached;
+        the engine finishes them."""
         self.blocks.release_copies(step.copies)  # ValueError the second time: a step is completed or aborted once
         for chunk in step.chunks:
             seq = chunk.seq
+            if seq.seq_id in failed:
+                continue
             if seq.status is not SequenceStatus.RUNNING or seq.num_computed != chunk.start:
                 raise RuntimeError(f"chunk {chunk.start}..{chunk.start + chunk.num_tokens} of {seq!r} is stale")
             seq.kv.length = chunk.start + chunk.num_tokens

@@ -31,13 +31,12 @@ leading BOS, the leading space of the text is removed (as llama-cpp-python does;
 from __future__ import annotations
 
 import codecs
-import functools
 import itertools
-import json
 import logging
 import mmap
 import operator
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from enum import Enum, IntFlag
@@ -52,9 +51,14 @@ from tokenizers import pre_tokenizers as hf_pre
 
 from realm.gguf_io import GGUFError
 
+from .chat_template import TEMPLATE_KEY, compile_template, render
+from .config import MAX_VOCAB, Metadata
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODELS = ("gpt2", "llama")
+MAX_MERGES = 2**24  # tokenizer.ggml.merges entries (Llama 3: 280147)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # ------------------------------------------------------------------------------------------ pre-tokenizer regexes
 # llama.cpp's adapted regexes (llama-vocab.cpp, llm_tokenizer_bpe): case-insensitive contractions spelled out as
@@ -238,10 +242,6 @@ def _read_value(buf: mmap.mmap, off: int, vtype: int, size: int, keep: bool) -> 
     return items, off
 
 
-def _plain(value: Any) -> Any:
-    """A metadata value from read_metadata (a MetadataValue) or from _read_tokenizer_metadata, unwrapped."""
-    return getattr(value, "value", value)
-
 
 # ------------------------------------------------------------------------------------------ the tokenizer
 class _Strip(Enum):
@@ -267,25 +267,26 @@ class Tokenizer:
 
     def __init__(self, metadata: Mapping[str, Any]):
         """metadata: key -> value (plain or MetadataValue); use from_gguf / from_metadata."""
-        md = {k: _plain(v) for k, v in metadata.items() if k.startswith(("tokenizer.", "general."))}
-        model = md.get("tokenizer.ggml.model")
+        md = Metadata({k: v for k, v in metadata.items() if k.startswith(("tokenizer.", "general."))})
+        model = md.string("tokenizer.ggml.model", default=None)
         if model is None:
             raise ValueError("the metadata has no tokenizer.ggml.model: this GGUF file carries no tokenizer")
         if model not in SUPPORTED_MODELS:
             raise ValueError(
-                f"unsupported tokenizer.ggml.model {model!r}: supported are {', '.join(map(repr, SUPPORTED_MODELS))}"
+                f"unsupported tokenizer.ggml.model {model[:40]!r}: supported are "
+                f"{', '.join(map(repr, SUPPORTED_MODELS))}"
             )
         self.model = model
-        self.pre = md.get("tokenizer.ggml.pre") or "default"
+        self.pre = md.string("tokenizer.ggml.pre", default="") or "default"
         if model == "gpt2" and self.pre not in PRE_TOKENIZERS:
             raise ValueError(
-                f"unsupported tokenizer.ggml.pre {self.pre!r} for a gpt2 (BPE) vocabulary: supported are "
+                f"unsupported tokenizer.ggml.pre {self.pre[:40]!r} for a gpt2 (BPE) vocabulary: supported are "
                 f"{', '.join(map(repr, PRE_TOKENIZERS))}"
             )
         if model == "gpt2" and "tokenizer.ggml.pre" not in md:
             log.warning("tokenizer.ggml.pre is missing: using the 'default' pre-tokenizer, as llama.cpp does")
 
-        tokens = md.get("tokenizer.ggml.tokens")
+        tokens = md.strings("tokenizer.ggml.tokens", MAX_VOCAB, default=None)
         if not tokens:
             raise ValueError("the metadata has no tokenizer.ggml.tokens (the vocabulary)")
         # llama.cpp renames empty pieces, which would otherwise be unreachable
@@ -294,23 +295,29 @@ class Tokenizer:
         self._token_to_id = {t: i for i, t in enumerate(self._tokens)}
         if len(self._token_to_id) != self.vocab_size:
             raise ValueError(f"tokenizer.ggml.tokens has duplicate pieces ({self.vocab_size - len(self._token_to_id)})")
-        self._scores = self._array(md, "tokenizer.ggml.scores", np.float32)
-        types = self._array(md, "tokenizer.ggml.token_type", np.int32)
+        scores = md.numbers("tokenizer.ggml.scores", "float", self.vocab_size, default=None)
+        self._scores = None if scores is None else scores.astype(np.float32)
+        types = md.numbers("tokenizer.ggml.token_type", "int", self.vocab_size, default=None)
         if types is None:
             self._attrs = np.full(self.vocab_size, TokenAttr.NORMAL, dtype=np.int32)
-        else:
-            self._attrs = _TYPE_TO_ATTR[np.where((types >= 0) & (types < len(_TYPE_TO_ATTR)), types, 0)]
+        else:  # an unknown type is "undefined", as in llama.cpp
+            known = (types >= 0) & (types < len(_TYPE_TO_ATTR))
+            self._attrs = _TYPE_TO_ATTR[np.where(known, types, 0).astype(np.int64)]
 
         is_spm = model == "llama"
-        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", is_spm))
-        self.add_bos_default = bool(md.get("tokenizer.ggml.add_bos_token", is_spm or self.pre in _ADD_BOS_PRE))
+        self.add_space_prefix = md.boolean("tokenizer.ggml.add_space_prefix", default=is_spm)
+        self.add_bos_default = md.boolean("tokenizer.ggml.add_bos_token", default=is_spm or self.pre in _ADD_BOS_PRE)
         # llama.cpp's defaults when the keys are missing: 1/2/0 for SPM; for BPE it uses 11/11, a real piece in most
         # vocabularies (',' in GPT-2), so realm reports no BOS/EOS instead
         self.bos_id = self._id(md, "bos", 1 if is_spm else None)
         self.eos_id = self._id(md, "eos", 2 if is_spm else None)
         self.unk_id = self._id(md, "unknown", 0 if is_spm else None)
         self.pad_id = self._id(md, "padding", None)
-        self.chat_template = md.get("tokenizer.chat_template")
+        # a template of the wrong type is refused when it is used (apply_chat_template), so that the model still runs
+        template = md.get(TEMPLATE_KEY)
+        self.chat_template = template if isinstance(template, str) or template is None else None
+        self._template_error = None if isinstance(template, str) or template is None else Metadata.fail(
+            TEMPLATE_KEY, "a string (a jinja2 chat template)", template)
         self._llama_cpp_attrs(md)
 
         # special tokens in llama.cpp's partition order: longest first (its std::sort leaves ties unordered; here by id)
@@ -343,25 +350,19 @@ class Tokenizer:
         """From `realm.gguf_io.read_metadata`'s dict (name -> MetadataValue) or a dict of plain values."""
         return cls(metadata)
 
-    def _array(self, md: Mapping[str, Any], key: str, dtype: type) -> np.ndarray | None:
-        value = md.get(key)
+    def _id(self, md: Metadata, name: str, default: int | None) -> int | None:
+        """A special token id: an integer (else ModelError); one outside the vocabulary is ignored with a warning
+        (the default is used if it fits), as llama.cpp does."""
+        key = f"tokenizer.ggml.{name}_token_id"
+        value = md.integer(key, -(2**63), 2**64 - 1, default=None)
         if value is None:
-            return None
-        arr = np.asarray(value, dtype=dtype)
-        if arr.shape != (self.vocab_size,):
-            raise ValueError(f"{key} has {arr.size} entries; tokenizer.ggml.tokens has {self.vocab_size}")
-        return arr
-
-    def _id(self, md: Mapping[str, Any], name: str, default: int | None) -> int | None:
-        value = md.get(f"tokenizer.ggml.{name}_token_id", default)
-        if value is None:
-            return None
-        if not 0 <= int(value) < self.vocab_size:
-            log.warning("tokenizer.ggml.%s_token_id = %s is outside the vocabulary (%d)", name, value, self.vocab_size)
             return default if default is not None and default < self.vocab_size else None
-        return int(value)
+        if not 0 <= value < self.vocab_size:
+            log.warning("%s = %s is outside the vocabulary (%d)", key, value, self.vocab_size)
+            return default if default is not None and default < self.vocab_size else None
+        return value
 
-    def _llama_cpp_attrs(self, md: Mapping[str, Any]) -> None:
+    def _llama_cpp_attrs(self, md: Metadata) -> None:
         """Special ids and token attributes that llama.cpp derives from token texts (llama_vocab::impl::load)."""
         attrs, ids = self._attrs, self._token_to_id
         found: dict[str, int | None] = {}
@@ -398,7 +399,7 @@ class Tokenizer:
             attrs[ids["<|end|>"]] = TokenAttr.USER_DEFINED
         self.stop_ids = frozenset(eog)
 
-        name = str(md.get("general.name", "")).lower()
+        name = md.string("general.name", default="").lower()
         if "phi-3" in name or "phi3" in name:
             # llama.cpp: Phi-3's special tokens swallow the whitespace after them
             attrs[np.flatnonzero(attrs & _PARTITIONED)] |= TokenAttr.RSTRIP
@@ -408,8 +409,8 @@ class Tokenizer:
                 if text in ids:
                     attrs[ids[text]] &= ~TokenAttr.RSTRIP
 
-    def _build_bpe(self, md: Mapping[str, Any]) -> HFTokenizer:
-        merges = md.get("tokenizer.ggml.merges")
+    def _build_bpe(self, md: Metadata) -> HFTokenizer:
+        merges = md.strings("tokenizer.ggml.merges", MAX_MERGES, default=None)
         if merges is None:
             raise ValueError("a gpt2 (BPE) vocabulary needs tokenizer.ggml.merges, which the metadata lacks")
         # llama.cpp splits "a b" at the first space after the first character; no byte-level piece holds a space
@@ -434,7 +435,7 @@ class Tokenizer:
         hf.pre_tokenizer = hf_pre.Sequence([*splits, hf_pre.ByteLevel(add_prefix_space=False, use_regex=False)])
         return hf
 
-    def _build_spm(self, md: Mapping[str, Any]) -> HFTokenizer:
+    def _build_spm(self, md: Metadata) -> HFTokenizer:
         unk = self._tokens[self.unk_id] if self.unk_id is not None else None
         merges = _spm_merges(self._tokens, self._token_to_id, self._scores)
         return HFTokenizer(hf_models.BPE(self._token_to_id, merges, unk_token=unk, byte_fallback=True))
@@ -444,8 +445,10 @@ class Tokenizer:
         """Token ids of `text`, as llama.cpp's llama_tokenize(text, add_special=False, parse_special).
 
         add_bos: prepend bos_id (ValueError if the vocabulary has none). parse_special: control/unknown token
-        texts become their ids (chat templates need this); otherwise they are tokenized as plain text.
+        texts become their ids (chat templates need this); otherwise they are tokenized as plain text. A text that is
+        not a str, or holds lone surrogates (what Python makes of bytes that are not UTF-8), is a ValueError.
         """
+        check_text(text)
         ids: list[int] = []
         if add_bos:
             if self.bos_id is None:
@@ -557,23 +560,24 @@ class Tokenizer:
         """Render `messages` with the GGUF's tokenizer.chat_template (jinja2, sandboxed, as HF transformers does).
 
         kwargs become template variables (tools=..., etc.). Encode the result with parse_special=True.
+        Every failure is a ValueError starting "chat template:": a template stored as something other than a string
+        (refused here, at first use, so that the model still generates from plain prompts), a syntax error, an error
+        while rendering (division by zero, "a" + 1, an undefined attribute, raise_exception, a sandbox violation),
+        or a limit: TEMPLATE_SECONDS of rendering, TEMPLATE_MAX_CHARS of output or of any value built on the way,
+        TEMPLATE_MAX_DEPTH nested macro calls.
         """
+        if self._template_error is not None:
+            raise ValueError(f"chat template: {self._template_error}")
         if self.chat_template is None:
             raise ValueError("this vocabulary has no chat template (tokenizer.chat_template is missing)")
-        from jinja2.exceptions import TemplateError
-
         special = {
             "bos_token": self.token_text(self.bos_id) if self.bos_id is not None else "",
             "eos_token": self.token_text(self.eos_id) if self.eos_id is not None else "",
         }
-        try:
-            if self._template is None:
-                self._template = _compile_template(self.chat_template)
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
-            )
-        except TemplateError as e:  # a broken template, or one that refuses the messages (raise_exception)
-            raise ValueError(f"chat template: {e}") from e
+        if self._template is None:
+            self._template = compile_template(self.chat_template)
+        context = dict(messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
+        return render(self._template, context)
 
     def __repr__(self) -> str:
         return (
@@ -635,29 +639,16 @@ def _spm_merges(tokens: list[str], token_to_id: dict[str, int], scores: np.ndarr
     return [(left, right) for *_, left, right in merges]
 
 
-@functools.lru_cache(maxsize=8)
-def _compile_template(source: str):
-    """A chat template compiled as HF transformers does: sandboxed, trim_blocks/lstrip_blocks, its helpers."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
+def check_text(text: Any, what: str = "the prompt") -> str:
+    """`text` if it is a str of Unicode text; ValueError for another type or for lone surrogates (U+D800..U+DFFF),
+    which is what Python makes of bytes that are not UTF-8 (surrogateescape) and which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ValueError(f"{what} is not valid Unicode text: lone surrogate U+{ord(bad.group()):04X} at character "
+                         f"{bad.start()} (bytes that are not UTF-8?)")
+    return text
 
 
 class IdTokenizer:
@@ -669,6 +660,15 @@ class IdTokenizer:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        """There is no vocabulary to encode text with: always a ValueError (naming a text that is not text first)."""
+        check_text(text)
+        raise ValueError("this model file has no vocabulary (tokenizer.ggml.tokens): give the prompt as token ids")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        raise ValueError("this model file has no vocabulary (tokenizer.ggml.tokens), hence no chat template: give the "
+                         "prompt as token ids")
 
     def stream_decoder(self, skip_special: bool = False, continuation: bool = False) -> _IdDecoder:
         return _IdDecoder()

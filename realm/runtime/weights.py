@@ -29,7 +29,7 @@ from ..gguf_io import (
 )
 from ..models import MODELS, resolve_model
 from ..quant import QTensor
-from .config import ModelConfig, ModelError
+from .config import Metadata, ModelConfig, ModelError
 
 
 @dataclass(frozen=True)
@@ -92,56 +92,63 @@ def unpermute_rope_rows(w: QTensor, n_heads: int) -> QTensor:
 
 
 class _Tensors:
-    """The file's tensors by name, with shape checks against the config."""
+    """The file's tensors by name, with shape checks against the config. Sizes are named by ModelConfig field
+    ("hidden", "q_size", ...), so that a shape mismatch names the metadata keys the expected size came from."""
 
     def __init__(self, reader: gguf.GGUFReader, path: Path):
         self.by_name = {t.name: t for t in reader.tensors}
         self.path = path
+        self.config: ModelConfig | None = None
 
     def has(self, name: str) -> bool:
         return name in self.by_name
 
-    def _get(self, name: str, shape: tuple[int, ...]):
+    def _get(self, name: str, fields: tuple[str, ...]):
         t = self.by_name.get(name)
+        c = self.config
         if t is None:
-            raise ModelError(f"{self.path}: tensor {name!r} is missing")
+            layer = f" ({c.arch.name}.block_count is {c.n_layers})" if c is not None and name.startswith("blk.") else ""
+            raise ModelError(f"{self.path}: tensor {name!r} is missing{layer}")
+        shape = tuple(getattr(c, f) for f in fields)
         if tensor_shape(t) != shape:
-            raise ModelError(f"{self.path}: tensor {name!r} has shape {list(tensor_shape(t))}, expected {list(shape)}")
+            sources = "; ".join(f"{getattr(c, f)} from {c.size_keys(f)}" for f in dict.fromkeys(fields))
+            raise ModelError(f"{self.path}: tensor {name!r} has shape {list(tensor_shape(t))}, expected {list(shape)} "
+                             f"from the metadata ({sources})")
         return t
 
-    def matrix(self, name: str, rows: int, cols: int) -> QTensor:
+    def matrix(self, name: str, rows: str, cols: str) -> QTensor:
         return tensor_to_qtensor(self._get(name, (rows, cols)))
 
-    def vector(self, name: str, size: int) -> torch.Tensor:
+    def vector(self, name: str, size: str) -> torch.Tensor:
         return tensor_to_float(self._get(name, (size,)))
 
-    def optional_vector(self, name: str, size: int) -> torch.Tensor | None:
+    def optional_vector(self, name: str, size: str) -> torch.Tensor | None:
         return self.vector(name, size) if self.has(name) else None
 
 
 def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
     p = f"blk.{i}."
-    wq = tensors.matrix(p + "attn_q.weight", c.q_size, c.hidden)
-    wk = tensors.matrix(p + "attn_k.weight", c.kv_size, c.hidden)
-    bq = tensors.optional_vector(p + "attn_q.bias", c.q_size)
-    bk = tensors.optional_vector(p + "attn_k.bias", c.kv_size)
+    wq = tensors.matrix(p + "attn_q.weight", "q_size", "hidden")
+    wk = tensors.matrix(p + "attn_k.weight", "kv_size", "hidden")
+    bq = tensors.optional_vector(p + "attn_q.bias", "q_size")
+    bk = tensors.optional_vector(p + "attn_k.bias", "kv_size")
     if c.arch.rope_permuted:
         wq, wk = unpermute_rope_rows(wq, c.n_heads), unpermute_rope_rows(wk, c.n_kv_heads)
         if bq is not None or bk is not None:
             raise ModelError(f"{tensors.path}: Q/K biases on an architecture with permuted rope rows are not supported")
     return LayerWeights(
-        attn_norm=tensors.vector(p + "attn_norm.weight", c.hidden),
+        attn_norm=tensors.vector(p + "attn_norm.weight", "hidden"),
         wq=wq,
         wk=wk,
-        wv=tensors.matrix(p + "attn_v.weight", c.kv_size, c.hidden),
-        wo=tensors.matrix(p + "attn_output.weight", c.hidden, c.q_size),
-        ffn_norm=tensors.vector(p + "ffn_norm.weight", c.hidden),
-        w_gate=tensors.matrix(p + "ffn_gate.weight", c.ffn_hidden, c.hidden),
-        w_up=tensors.matrix(p + "ffn_up.weight", c.ffn_hidden, c.hidden),
-        w_down=tensors.matrix(p + "ffn_down.weight", c.hidden, c.ffn_hidden),
+        wv=tensors.matrix(p + "attn_v.weight", "kv_size", "hidden"),
+        wo=tensors.matrix(p + "attn_output.weight", "hidden", "q_size"),
+        ffn_norm=tensors.vector(p + "ffn_norm.weight", "hidden"),
+        w_gate=tensors.matrix(p + "ffn_gate.weight", "ffn_hidden", "hidden"),
+        w_up=tensors.matrix(p + "ffn_up.weight", "ffn_hidden", "hidden"),
+        w_down=tensors.matrix(p + "ffn_down.weight", "hidden", "ffn_hidden"),
         bq=bq,
         bk=bk,
-        bv=tensors.optional_vector(p + "attn_v.bias", c.kv_size),
+        bv=tensors.optional_vector(p + "attn_v.bias", "kv_size"),
     )
 
 
@@ -157,19 +164,29 @@ def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
     if not tensors.has("token_embd.weight"):
         raise ModelError(f"{path}: no token_embd.weight; not a llama-family model file")
     embd_rows = tensor_shape(tensors.by_name["token_embd.weight"])[0]
-    config = ModelConfig.from_metadata(metadata, vocab_size=embd_rows)
+    md = Metadata(metadata)
+    try:
+        config = ModelConfig.from_metadata(md, vocab_size=embd_rows)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+    tensors.config = config
     if tensors.has("rope_freqs.weight"):
         raise ModelError(f"{path}: rope frequency factors (rope_freqs.weight, Llama 3.1 style) are not supported yet")
-    token_embd = tensors.matrix("token_embd.weight", config.vocab_size, config.hidden)
+    token_embd = tensors.matrix("token_embd.weight", "vocab_size", "hidden")
     output = token_embd
     if tensors.has("output.weight"):
-        output = tensors.matrix("output.weight", config.vocab_size, config.hidden)
+        output = tensors.matrix("output.weight", "vocab_size", "hidden")
+    tokens = md.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, (list, tuple)) and len(tokens) > config.vocab_size:
+        # the tokenizer's types are checked when it is built; here only that every token id has an embedding
+        raise ModelError(f"{path}: GGUF metadata tokenizer.ggml.tokens has {len(tokens)} tokens but the model only "
+                         f"{config.vocab_size} embeddings (token_embd.weight rows)")
     return ModelWeights(
         config=config,
         metadata=metadata,
         token_embd=token_embd,
         layers=tuple(_layer(tensors, config, i) for i in range(config.n_layers)),
-        output_norm=tensors.vector("output_norm.weight", config.hidden),
+        output_norm=tensors.vector("output_norm.weight", "hidden"),
         output=output,
         path=path,
     )
