@@ -216,14 +216,17 @@ class ResultWriter:
             return
         if exc_type is None:
             self._empty()  # a batch of no rows: an empty OUT
-        self.file.close()
+            self.file.close()
+        else:
+            with contextlib.suppress(OSError):  # the write that failed would fail again, hiding the first error
+                self.file.close()
         if not self.emptied and self.created:
             with contextlib.suppress(OSError):
                 os.unlink(self.output)
 
     def _empty(self) -> None:
         if not self.emptied:
-            if self.file.seekable():  # not a pipe (-o /dev/stdout | ...)
+            if os.path.isfile(self.output):  # not a pipe or a device (-o /dev/null)
                 self.file.truncate(0)  # in "a" mode every write goes to the end, which is now 0
             self.emptied = True
 
@@ -231,9 +234,12 @@ class ResultWriter:
         self.pending[index] = row
         while len(self.rows) in self.pending:
             row = self.pending.pop(len(self.rows))
-            self._empty()
-            self.file.write(json_line(row, getattr(self.file, "encoding", None) or "utf-8"))
-            self.file.flush()
+            try:
+                self._empty()
+                self.file.write(json_line(row, getattr(self.file, "encoding", None) or "utf-8"))
+                self.file.flush()
+            except OSError as e:  # -o /dev/full, a full disk: say which file
+                raise OSError(e.errno, e.strerror, self.output or "standard output") from e
             self.rows.append(row)
 
 
@@ -259,10 +265,28 @@ def check_output(out: Path, source: str) -> None:
         raise ValueError(f"{out}: is a directory")
     if not out.absolute().parent.is_dir():
         raise ValueError(f"{out}: output directory {out.absolute().parent} does not exist")
-    if source != "-" and out.exists() and Path(source).exists() and out.samefile(source):
-        raise ValueError(f"{out}: is the input file; the results would overwrite the requests")
+    if out.exists() and _same_file(out, source):
+        raise ValueError(f"{out}: is the input{' (standard input)' if source == '-' else ' file'}; the results would "
+                         "overwrite the requests")
     if not os.access(out if out.exists() else out.absolute().parent, os.W_OK):
         raise ValueError(f"{out}: not writable")
+
+
+def _same_file(out: Path, source: str) -> bool:
+    """Whether out is the source (a path, or "-": whatever standard input reads, a file or a pipe: /dev/stdin)."""
+    if source != "-":
+        return Path(source).exists() and out.samefile(source)
+    try:
+        here, there = os.stat(out), os.fstat(sys.stdin.fileno())
+    except (OSError, ValueError, AttributeError):  # no standard input at all
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def check_stdout() -> None:
+    """Results without -o go to standard output: it must be there (`realm batch ... >&-` closes it)."""
+    if sys.stdout is None:
+        raise ValueError("standard output is closed: give -o FILE for the results")
 
 
 def summary(results: list[dict], wall_s: float) -> str:

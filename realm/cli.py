@@ -324,7 +324,9 @@ def _batch_run(args: argparse.Namespace) -> int:
                           batching=args.batching)
     defaults = dataclasses.replace(_sampling(args), ignore_eos=args.ignore_eos)
     _check_model_args(args)
-    if args.output is not None:
+    if args.output is None:
+        batch_file.check_stdout()
+    else:
         batch_file.check_output(Path(args.output), args.file)
     items = batch_file.read_requests(args.file, defaults)
     wall_s = 0.0

@@ -258,6 +258,8 @@ def _check_output(src: Path, dst: Path) -> None:
         raise GGUFError(f"{dst}: output is the input file; write to another path")
     if dst.is_dir():
         raise GGUFError(f"{dst}: is a directory; the output must be a file path")
+    if dst.exists() and not dst.is_file():  # the finished file replaces OUT: never a device node or a FIFO
+        raise GGUFError(f"{dst}: is not a regular file (a device or a FIFO?); the output must be a file path")
     if not dst.absolute().parent.is_dir():
         raise GGUFError(f"{dst}: output directory {dst.parent} does not exist")
     partial = dst.with_name(dst.name + ".partial")  # what write_gguf writes, then renames to dst

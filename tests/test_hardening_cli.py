@@ -383,6 +383,8 @@ def test_quantize_refuses_an_output_it_could_not_write_before_any_work(tmp_path,
     os.symlink(gguf_model, tmp_path / "symlink.gguf")
     os.link(gguf_model, tmp_path / "hardlink.gguf")
     (tmp_path / "blocked.gguf.partial").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink("/dev/null", tmp_path / "null")
     monkeypatch.chdir(tmp_path)
     cases = [
         ("outdir", "outdir: is a directory; the output must be a file path"),
@@ -394,6 +396,9 @@ def test_quantize_refuses_an_output_it_could_not_write_before_any_work(tmp_path,
         (str(gguf_model), "output is the input file"),
         ("missing/out.gguf", "missing/out.gguf: output directory missing does not exist"),
         ("blocked.gguf", "blocked.gguf.partial: is a directory, in the way"),
+        ("fifo", "fifo: is not a regular file (a device or a FIFO?)"),  # it would be replaced by the file
+        ("null", "null: is not a regular file"),
+        ("/dev/null", "/dev/null: is not a regular file"),
     ]
     for out, message in cases:
         rc, stdout, err = run(["quantize", "model.gguf", out, "--type", "Q8_0", "--no-progress"], capsys)
@@ -470,7 +475,7 @@ def test_a_device_that_cannot_work_is_refused_before_the_model_loads(capsys, loa
 
 def test_resolve_device_names_the_device():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("cpu:0") == torch.device("cpu", 0)
+    assert resolve_device("cpu:0") == torch.device("cpu")  # as CPU tensors report their device
     assert resolve_device(None).type in ("cpu", "cuda")
     for device in ("cpu:5", torch.device("cpu", 1), "cpu:1"):
         with pytest.raises(ValueError, match=r"device 'cpu:\d' does not exist: torch has one CPU device"):
@@ -520,3 +525,49 @@ def test_text_and_chat_requests_to_a_model_without_a_vocabulary_fail_alone(tmp_p
     assert "has no vocabulary (tokenizer.ggml.tokens): give the prompt as token ids" in errors[0]
     assert "has no vocabulary (tokenizer.ggml.tokens), hence no chat template" in errors[1]
     assert "lone surrogate U+DCC3 at character 3" in errors[2]
+
+
+@pytest.mark.parametrize("how", ["redirected", "/dev/stdin"])
+def test_batch_refuses_to_overwrite_its_standard_input(tmp_path, how):
+    """`realm batch - -o FILE < FILE`, and `-o /dev/stdin`: the output is what standard input reads."""
+    src = tmp_path / "requests.jsonl"
+    src.write_text('{"prompt": [1, 2], "max_tokens": 2}\n')
+    out = src if how == "redirected" else Path("/dev/stdin")
+    with open(src, "rb") as stdin:
+        proc = subprocess.run([sys.executable, "-m", "realm", "batch", "-", "-o", str(out), "--model", "/no/such.gguf"],
+                              stdin=stdin, capture_output=True, timeout=120, cwd=Path(realm.__file__).parent.parent)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.decode() == (f"realm: error: {out}: is the input (standard input); the results would "
+                                    "overwrite the requests\n")
+    assert src.read_text() == '{"prompt": [1, 2], "max_tokens": 2}\n'
+
+
+def test_batch_without_standard_output_is_refused_before_any_work(tmp_path, capsys, loads, monkeypatch):
+    src = tmp_path / "requests.jsonl"
+    src.write_text('{"prompt": [1, 2]}\n')
+    monkeypatch.setattr(sys, "stdout", None)  # `realm batch FILE >&-`
+    rc = main(["batch", str(src)])
+    assert rc == 2 and loads == []
+    assert capsys.readouterr().err == "realm: error: standard output is closed: give -o FILE for the results\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_batch_output_that_fails_to_write_names_the_file(tmp_path, capsys, loads):
+    src = tmp_path / "requests.jsonl"
+    src.write_text('{"prompt": [1, 2], "max_tokens": 2}\n')
+    rc, out, err = run(["batch", src, "-o", "/dev/full", "--no-progress", "--quiet"], capsys)
+    assert_refused(rc, out, err, "/dev/full: No space left on device")
+
+
+def test_batch_output_to_dev_null_runs(tmp_path, capsys, loads):
+    src = tmp_path / "requests.jsonl"
+    src.write_text('{"prompt": [1, 2], "max_tokens": 2}\n')
+    assert run(["batch", src, "-o", "/dev/null", "--no-progress", "--quiet"], capsys) == (0, "", "")
+
+
+def test_a_model_on_cpu_0_generates_as_on_cpu(tiny_model):
+    from realm.runtime import Backend, Model
+
+    on_cpu0 = Model(tiny_model.weights, tiny_model.tokenizer, Backend.TORCH, resolve_device("cpu:0"), torch.float32)
+    out = on_cpu0.generate([1, 2, 3], max_tokens=3)
+    assert out.error is None and out.token_ids == tiny_model.generate([1, 2, 3], max_tokens=3).token_ids

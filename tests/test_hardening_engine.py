@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny_gguf import StubTokenizer, write_tiny_llama
@@ -160,11 +161,21 @@ def test_a_token_that_cannot_be_detokenized_fails_only_its_request(model):
     ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
     ("seed", 2**64, "seed must be < 2**63"),
     ("top_k", True, "top_k must be an integer, got True"),
+    ("stop", None, "stop must be a string or a list of strings, got NoneType"),
+    ("stop", 5, "stop must be a string or a list of strings, got int"),
+    ("stop", ["ok", "\ud800"], "a stop string is not valid Unicode text: lone surrogate U+D800 at character 0"),
+    ("stop", "caf\udcc3", "a stop string is not valid Unicode text: lone surrogate U+DCC3 at character 3"),
 ])
 def test_values_that_cannot_work_are_refused_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("+", r"\+").replace("*", r"\*")):
         SamplingParams(**{field: value})
+
+
+def test_numpy_numbers_are_numbers():
+    params = SamplingParams(max_tokens=np.int32(4), temperature=np.float32(0.5), top_k=np.int64(3), seed=np.uint8(7))
+    assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (4, 0.5, 3, 7)
+    assert all(type(v) in (int, float) for v in (params.max_tokens, params.temperature, params.top_k, params.seed))
 
 
 @pytest.mark.parametrize("row", [
@@ -278,26 +289,75 @@ def test_a_callback_cannot_step_the_engine(model, reenter):
 
 
 def test_an_interrupt_in_a_callback_loses_no_other_request_s_events(model):
-    """Ctrl-C while a callback runs: the interrupt reaches the caller, the step's other events are still queued, and
-    the engine goes on where it stopped."""
+    """Ctrl-C while a callback runs: the interrupt reaches the caller, the step's other events are still queued, the
+    request whose callback did not finish ends with the reason, and the engine goes on with the others."""
     engine = Engine(model, EngineConfig(kv_blocks=40, block_size=4))
-    interrupted = []
+    prompts = (PROMPTS[0], PROMPTS[1], PROMPTS[3])
 
     def callback(request, event):
-        if len(request.seq.output_ids) == 2 and not interrupted:
-            interrupted.append(True)
+        if len(request.seq.output_ids) == 2:
             raise KeyboardInterrupt
 
-    requests = [engine.add_request(p, greedy(5), on_event=callback if i == 0 else None)
-                for i, p in enumerate((PROMPTS[0], PROMPTS[1], PROMPTS[3]))]
+    requests = [engine.add_request(p, greedy(5), on_event=callback if i == 0 else None) for i, p in enumerate(prompts)]
     with pytest.raises(KeyboardInterrupt):
         engine.run()
     engine.run()  # goes on
-    for request, prompt in zip(requests, (PROMPTS[0], PROMPTS[1], PROMPTS[3]), strict=True):
-        alone = solo(model, prompt, greedy(5)).token_ids
-        assert request.completion.token_ids == alone
-        assert [e.token_id for e in engine.stream(request)] == alone
+    alone = [solo(model, p, greedy(5)).token_ids for p in prompts]
+    first = requests[0].completion
+    assert (first.finish_reason, first.error, first.token_ids) == (FinishReason.ERROR,
+                                                                   "on_event raised KeyboardInterrupt: ", alone[0][:2])
+    for request, want in zip(requests, alone, strict=True):
+        assert [e.token_id for e in engine.stream(request)] == request.completion.token_ids
+        if request is not requests[0]:
+            assert request.completion.token_ids == want
     engine.blocks.check([])
+
+
+def test_an_interrupt_in_the_callback_of_a_cancelled_request_still_ends_it(model):
+    """cancel() delivers the held-back text at once when nothing steps: its callback interrupted, the request still
+    ends (a waiting consumer is released), and the engine is left with no work."""
+    engine = Engine(model, EngineConfig(kv_blocks=40, block_size=4))
+
+    def callback(request, event):
+        if event.token_id is None:  # the held-back tail, delivered by cancel()
+            raise KeyboardInterrupt
+
+    request = engine.add_request([1, 2, 3], SamplingParams(max_tokens=20, stop=[">X"]), on_event=callback)
+    engine.step()  # "<id>" ends in ">": held back, a possible start of ">X"
+    with pytest.raises(KeyboardInterrupt):
+        engine.cancel(request)
+    assert request.finished and request.ended and not engine.has_work
+    assert engine.wait([request]) is True
+    engine.blocks.check([])
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+def test_a_callback_raising_systemexit_in_the_loop_ends_only_its_request(model, exc):
+    engine = Engine(model, EngineConfig(kv_blocks=40, block_size=4))
+
+    def callback(request, event):
+        raise exc
+
+    with engine:
+        bad = engine.add_request(PROMPTS[0], greedy(3), on_event=callback)
+        good = engine.add_request(PROMPTS[1], greedy(3))
+        assert [e.token_id for e in engine.stream(good)] == solo(model, PROMPTS[1], greedy(3)).token_ids
+        assert engine.wait([bad], timeout=30)
+        assert engine.loop_running
+    assert bad.completion.finish_reason is FinishReason.ERROR
+    assert bad.completion.error.startswith(f"on_event raised {type(exc).__name__}")
+
+
+def test_wait_needs_a_request(model):
+    with pytest.raises(ValueError, match="wait needs at least one request"):
+        Engine(model, EngineConfig(kv_blocks=8)).wait([])
+
+
+def test_a_callback_that_starts_the_loop_does_not_break_generate(model):
+    llm = LLM(model, kv_blocks=40)
+    outs = llm.generate(PROMPTS[:2], greedy(4), on_event=lambda i, event: llm.engine.start())
+    llm.engine.stop()
+    assert [o.token_ids for o in outs] == [solo(model, p, greedy(4)).token_ids for p in PROMPTS[:2]]
 
 
 def test_an_interrupt_in_the_forward_leaves_the_engine_usable(model):
@@ -342,3 +402,14 @@ def test_cancel_refuses_what_is_not_a_request(model, request_id):
 def test_a_kv_cache_larger_than_the_memory_is_refused_before_allocating(model, config, message):
     with pytest.raises(ValueError, match=message):
         Engine(model, config)
+
+
+def test_huge_finite_logits_are_not_mistaken_for_non_finite(model):
+    """The runner's cheap test (a float32 sum per row) overflows for rows of huge finite logits; those rows must be
+    looked at again, not failed."""
+    forward = model.transformer.forward
+    model.transformer.forward = lambda batch, kv: forward(batch, kv).abs()
+    want = solo(model, PROMPTS[0], greedy(4)).token_ids
+    model.transformer.forward = lambda batch, kv: forward(batch, kv).abs() * 1e37 + 1e37  # sum > float32's max
+    out = solo(model, PROMPTS[0], greedy(4))
+    assert out.error is None and out.token_ids == want

@@ -72,6 +72,13 @@ HOSTILE_TEMPLATES = {
     "huge power": ("{{ 2 ** 100000000 }}", "too large a number"),
     "macro output": ("{% macro f() %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}{{ f() }}",
                      "longer than the limit"),
+    "computed printf width": ("{{ ('%*s' % (2000000000, 'x'))|length }}", "width or precision is an argument"),
+    "computed printf precision": ("{{ '%.*f' % (100000000, 1.0) }}", "width or precision is an argument"),
+    "computed str.format width": ("{{ '{:{}}'.format('x', 2000000000)|length }}", "width or precision is an argument"),
+    "lorem ipsum": ("{{ lipsum(1000000) }}", "'lipsum' is undefined"),
+    "self-sharing list": ("{% set ns = namespace(s=[1]) %}{% for i in range(30) %}{% set ns.s = [ns.s, ns.s] %}"
+                          "{% endfor %}{{ [ns.s|length, ns.s|length, ns.s|length, ns.s|length] }}",
+                          "could build more than|larger than the limit"),
     "raise_exception": ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
     "sandbox escape": ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "unsafe|not safely|__class__"),
     "syntax error": ("{% for %}", "Expected an expression"),
@@ -215,7 +222,9 @@ BAD_METADATA = [
     (f"{A}.vocab_size", MetadataValue(-1, V.INT64), "expected an integer"),
     (f"{A}.rope.scaling.type", MetadataValue("yarn", V.STRING), "rope scaling 'yarn' is not supported"),
     (f"{A}.rope.scaling.type", MetadataValue(1, V.UINT8), "expected a string"),
-    (f"{A}.rope.scale_linear", MetadataValue(4.0, V.FLOAT32), "linear rope scaling"),
+    (f"{A}.rope.scale_linear", MetadataValue(4.0, V.FLOAT32), "rope scaling by 4.0 is not supported"),
+    (f"{A}.rope.scaling.factor", MetadataValue(8.0, V.FLOAT32), "rope.scaling.factor: rope scaling by 8.0"),
+    (f"{A}.rope.scaling.factor", MetadataValue("8", V.STRING), "rope.scaling.factor: expected a finite number"),
     ("general.architecture", MetadataValue("bert", V.STRING), "unsupported architecture 'bert'"),
     ("general.architecture", MetadataValue(7, V.UINT32), "expected a string, found the integer 7"),
     ("general.name", MetadataValue([1], V.ARRAY, V.INT8), "expected a string"),
@@ -262,6 +271,7 @@ CONFIG_KEYS = [f"{A}.{k}" for k in (
     "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
     "attention.value_length", "rope.dimension_count", "block_count", "feed_forward_length", "vocab_size",
     "context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.type", "rope.scale_linear",
+    "rope.scaling.factor",
 )] + ["general.architecture", "general.name"]
 TOKENIZER_KEYS = [
     "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",

@@ -36,20 +36,31 @@ class _TemplateLimit(Exception):
     """A chat template ran past one of the rendering limits."""
 
 
+_MAX_VISITS = 1 << 16  # containers one size check looks into; past it a value counts as too large (no real chat
+#                        template holds that many, and a list holding itself twice, 22 deep, would take seconds)
+
+
 def _size(value: Any, budget: int = _TEMPLATE_STEP_CHARS + 1) -> int:
-    """Characters (for str) or items, counted through nested lists, tuples and dicts; stops counting at `budget`."""
-    if isinstance(value, str):
+    """Characters (for str) or items, counted through nested lists, tuples and dicts, without recursion; more than
+    `budget` (or too many containers to look into) gives budget + 1."""
+    if isinstance(value, (str, range)):
         return len(value)
-    if isinstance(value, range):
-        return len(value)
-    if isinstance(value, (list, tuple, dict)):
-        total = len(value)
-        for item in itertools.chain.from_iterable(value.items()) if isinstance(value, dict) else value:
-            if total > budget:
-                break
-            total += _size(item, budget - total) if isinstance(item, (str, list, tuple, dict, range)) else 0
-        return total
-    return 1
+    if not isinstance(value, (list, tuple, dict)):
+        return 1
+    total, stack = 0, [value]
+    for _ in range(_MAX_VISITS):
+        if not stack:
+            return total
+        container = stack.pop()
+        total += len(container)
+        if total > budget:
+            return budget + 1
+        for item in itertools.chain.from_iterable(container.items()) if isinstance(container, dict) else container:
+            if isinstance(item, (str, range)):
+                total += len(item)
+            elif isinstance(item, (list, tuple, dict)):
+                stack.append(item)
+    return total if not stack else budget + 1
 
 
 def _arg_size(value: Any) -> int:
@@ -74,11 +85,16 @@ def _check_growth(args: Iterable[Any], what: str) -> None:
 
 
 _WIDE_FORMAT = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
+# A width or precision given as an argument, which the format string does not show: '%*s' % (10**9, x), and
+# '{:{}}'.format(x, 10**9). Real chat templates use neither.
+_COMPUTED_WIDTH = re.compile(r"%[#0 +\-]*\.?\*|%[#0 +\-]*\d*\.\*|\{[^{}]*:[^{}]*\{")
 
 
 def _check_format(fmt: Any) -> None:
     if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
         raise _TemplateLimit("a format string with a width or precision of a million or more")
+    if isinstance(fmt, str) and _COMPUTED_WIDTH.search(fmt):
+        raise _TemplateLimit("a format string whose width or precision is an argument ('%*s', '{:{}}')")
 
 
 @functools.lru_cache(maxsize=8)
@@ -158,6 +174,7 @@ def compile_template(source: str):
     env.concat = bounded_join
     env.filters["tojson"] = tojson
     env.filters = {name: bounded_filter(name, f) for name, f in env.filters.items()}
+    del env.globals["lipsum"]  # jinja's lorem ipsum runs outside the time limit's reach; chat templates never use it
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     try:

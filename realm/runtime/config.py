@@ -271,7 +271,8 @@ def _refuse_unsupported_rope(arch: str, md: Metadata) -> None:
     scaling = md.string(key, default="none")
     if scaling != "none":
         raise ModelError(f"GGUF metadata {key}: rope scaling {scaling[:40]!r} is not supported yet")
-    key = f"{arch}.rope.scale_linear"
-    factor = md.number(key, 0.0, math.inf, default=1.0)
-    if factor != 1.0:
-        raise ModelError(f"GGUF metadata {key}: linear rope scaling (factor {factor}) is not supported yet")
+    # llama.cpp reads the factor whatever the type (which defaults to linear when absent); 0 means none there
+    for key in (f"{arch}.rope.scale_linear", f"{arch}.rope.scaling.factor"):
+        factor = md.number(key, 0.0, math.inf, default=1.0)
+        if factor not in (0.0, 1.0):
+            raise ModelError(f"GGUF metadata {key}: rope scaling by {factor} is not supported yet")

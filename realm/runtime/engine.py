@@ -559,12 +559,14 @@ class Engine:
     def wait(self, requests: Sequence[Request], timeout: float | None = None) -> bool:
         """Until one of `requests` has ended (True: finished, every event queued), or `timeout` seconds with the
         loop running (False). Without the loop this steps the engine until then."""
+        if not requests:
+            raise ValueError("wait needs at least one request")
         for request in requests:
             self._check_own(request)
-        if self._thread is None:
-            while not any(r.ended for r in requests):
-                self.step()
-            return True
+        while self._thread is None:  # (a callback may start the loop meanwhile: then wait for it)
+            if any(r.ended for r in requests):
+                return True
+            self.step()
         with self._ended:
             return self._ended.wait_for(lambda: any(r.ended for r in requests) or self._thread is None, timeout) \
                 and any(r.ended for r in requests)
@@ -641,8 +643,10 @@ class Engine:
         """Emit a finished request's held-back text and its end now, or after the events of the step being
         delivered (so a callback that cancels another request cannot put that request's end before its token)."""
         if self._delivering is None:
-            self._emit(request, tail)
-            self._emit(request, _END)
+            try:
+                self._emit(request, tail)
+            finally:  # even if its callback is interrupted: a request that finished always ends
+                self._emit(request, _END)
         else:
             self._delivering.extend(((request, tail), (request, _END)))
 
@@ -660,16 +664,21 @@ class Engine:
             return
         try:
             request.on_event(request, event)
-        except Exception as e:
+        except BaseException as e:  # an interrupt too: the callback did not finish, and is not called again
             request.on_event_failed = True
             message = f"on_event raised {type(e).__name__}: {e}"
             if request.finished:  # its end is not queued yet: its consumers will see this
                 request.completion.finish_reason, request.completion.error = FinishReason.ERROR, message
-                return
-            tail = self._finish(request, FinishReason.ERROR, error=message)
-            if tail is not None:
-                request.events.put(tail)  # for `stream`; the failing callback is not called again
-            self._put_end(request)
+            else:
+                tail = self._finish(request, FinishReason.ERROR, error=message)
+                if tail is not None:
+                    request.events.put(tail)  # for `stream`
+                self._put_end(request)
+            if not isinstance(e, Exception):
+                if threading.current_thread() is not self._thread:
+                    raise  # Ctrl-C, SystemExit: to whoever is stepping (the step's other events still go out)
+                log.warning("engine loop: request %d's callback raised %s; the request ended", request.request_id,
+                            type(e).__name__)
 
     def _put_end(self, request: Request) -> None:
         """The request's end: its consumers stop after its events, and `wait` wakes."""

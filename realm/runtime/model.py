@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,7 +107,8 @@ class Model:
         if isinstance(prompt, str):
             bos = self.tokenizer.add_bos_default if add_bos is None else add_bos
             return self.tokenizer.encode(prompt, add_bos=bos)
-        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+        # a dict's keys or a set's order are no prompt
+        if isinstance(prompt, (bytes, bytearray, Mapping, Set)) or not isinstance(prompt, Iterable):
             raise ValueError(f"a prompt is text or a sequence of integer token ids; got {type(prompt).__name__}")
         return [_token_id(t) for t in prompt]
 

@@ -104,8 +104,6 @@ class ModelRunner:
         batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length)
         logits = self.transformer.forward(batch, self.kv)  # [plan.num_logits, vocab]
         out = StepOutput(logits=logits if plan.return_logits else None)
-        # Summed in float32 (a float16 sum could overflow): NaN or inf anywhere in a row makes its sum non-finite.
-        finite = torch.isfinite(logits[:, : self.vocab_size].sum(-1, dtype=torch.float32))  # bool [num_logits]
         rows, index = [], []  # the sampled logits rows and their sampling
         row = 0
         for chunk in plan.chunks:
@@ -113,27 +111,34 @@ class ModelRunner:
                 rows.extend(_row_samplings(chunk))
                 index.extend(range(row, row + len(chunk.logits)))
             row += len(chunk.logits)
-        tokens = []
+        # NaN or inf anywhere in a row makes its sum non-finite (a cheap test; `_finite` looks again at what it flags)
+        flags = torch.isfinite(logits[:, : self.vocab_size].sum(-1, dtype=torch.float32)).long()
         if rows:
-            if len(index) < logits.shape[0]:
-                picked = torch.tensor(index, device=self.device)
-                logits, sampled_finite = logits[picked], finite[picked]
-            else:
-                sampled_finite = finite
-            sample = self.sampler(logits, rows, return_probs=plan.return_probs)
+            sampled = logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=self.device)]
+            sample = self.sampler(sampled, rows, return_probs=plan.return_probs)
             out.probs = sample.probs
-            # -1 marks a row whose logits are not finite: the step's one device-to-host sync carries both
-            tokens = sample.tokens.where(sampled_finite, -1).tolist()
-        if len(rows) < len(finite):  # logits rows that are not sampled (returned only): their flags, too
-            finite = finite.tolist()
-            flags = iter(finite)
+            host = torch.cat([sample.tokens, flags]).tolist()  # the step's one device-to-host sync
+            tokens, flags = host[: len(rows)], host[len(rows) :]
         else:
-            flags = iter(t >= 0 for t in tokens)
+            tokens, flags = [], flags.tolist()
+        finite = iter(self._finite(logits, flags))
         drawn = iter(tokens)
         out.tokens = [[next(drawn) for _ in c.logits] if c.sampling is not None else [] for c in plan.chunks]
-        out.errors = [None if all([next(flags) for _ in c.logits]) else NON_FINITE for c in plan.chunks]
+        out.errors = [None if all([next(finite) for _ in c.logits]) else NON_FINITE for c in plan.chunks]
         out.tokens = [t if e is None else [] for t, e in zip(out.tokens, out.errors, strict=True)]
         return out
+
+    def _finite(self, logits: torch.Tensor, flags: list[int]) -> list[bool]:
+        """Per logits row, whether all its logits are finite. `flags` come from a float32 sum, which also overflows
+        for rows of huge finite logits (~1e34 and up): those rows are looked at again, exactly (a second sync, only
+        when a row was flagged)."""
+        suspects = [i for i, ok in enumerate(flags) if not ok]
+        finite = [bool(ok) for ok in flags]
+        if suspects:
+            exact = torch.isfinite(logits[torch.tensor(suspects, device=self.device), : self.vocab_size]).all(-1)
+            for i, ok in zip(suspects, exact.tolist(), strict=True):
+                finite[i] = ok
+        return finite
 
     def _check_copies(self, copies) -> None:
         """Block ids in range (a bad one on CUDA would be a device assert), each destination written once and not

@@ -12,9 +12,13 @@ a seed reproduces a sample whatever else runs in the same process or batch.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from .tokenizer import check_text
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,17 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):  # a single string is one stop string, not a tuple of characters
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("max_tokens", "top_k", "seed"):  # numpy integers are integers: stored as int
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+                object.__setattr__(self, name, int(value))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):  # numpy floats too: stored as float
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                object.__setattr__(self, name, float(value) if not isinstance(value, int) else value)
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("top_k", self.top_k, minimum=0)
         _check_number("temperature", self.temperature)
@@ -59,6 +73,7 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+            check_text(s, "a stop string")
 
     @property
     def greedy(self) -> bool:

@@ -41,8 +41,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def indexed_device(device: torch.device | str) -> torch.device:
-    """cuda -> cuda:<current>: tensors report an indexed device, and torch.device("cuda") != torch.device("cuda:0")."""
+    """The device as tensors on it report it: cuda -> cuda:<current> (torch.device("cuda") != torch.device("cuda:0")),
+    and cpu:0 -> cpu (CPU tensors have no index)."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
