@@ -106,8 +106,9 @@ def field_values(draw) -> tuple[dict, list[str], list[str]]:
         kind = draw(st.sampled_from(["ok", "ok", "edge", "bad"] if not bad else ["ok", "edge"]))
         if kind == "edge" and not edges:
             kind = "ok"
-        if kind == "ok" and name == "stop" and draw(st.booleans()):
+        if kind == "ok" and name == "stop" and draw(st.booleans()):  # any text: a lone surrogate is refused
             values[name] = draw(st.one_of(TEXT.filter(bool), st.lists(TEXT.filter(bool), max_size=2)))
+            edge.append(name)
             continue
         values[name] = draw(st.sampled_from({"ok": ok, "edge": edges, "bad": bads}[kind]))
         (edge if kind == "edge" else bad if kind == "bad" else []).append(name)
