@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .paths import reads_from, same_file
+
 if TYPE_CHECKING:
     from .runtime import Completion, SamplingParams
 
@@ -112,7 +114,7 @@ def parse_request(raw: bytes, defaults: SamplingParams):
 
 
 MAX_NESTING = 32  # arrays and objects in one request line: a chat needs 3 ({"messages": [{...}]})
-_MAX_FLOAT = 1.7976931348623157e308  # sys.float_info.max: a larger JSON integer cannot become a float
+_MAX_FLOAT = sys.float_info.max  # a larger JSON integer cannot become a float
 # JSON's characters that nest or start a string, and a whole string (unrolled: linear, no backtracking blow-up)
 _STRUCTURE = re.compile(r'["\[\]{}:]')
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -265,22 +267,11 @@ def check_output(out: Path, source: str) -> None:
         raise ValueError(f"{out}: is a directory")
     if not out.absolute().parent.is_dir():
         raise ValueError(f"{out}: output directory {out.absolute().parent} does not exist")
-    if out.exists() and _same_file(out, source):
+    if reads_from(out) if source == "-" else same_file(out, source):
         raise ValueError(f"{out}: is the input{' (standard input)' if source == '-' else ' file'}; the results would "
                          "overwrite the requests")
     if not os.access(out if out.exists() else out.absolute().parent, os.W_OK):
         raise ValueError(f"{out}: not writable")
-
-
-def _same_file(out: Path, source: str) -> bool:
-    """Whether out is the source (a path, or "-": whatever standard input reads, a file or a pipe: /dev/stdin)."""
-    if source != "-":
-        return Path(source).exists() and out.samefile(source)
-    try:
-        here, there = os.stat(out), os.fstat(sys.stdin.fileno())
-    except (OSError, ValueError, AttributeError):  # no standard input at all
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def check_stdout() -> None:

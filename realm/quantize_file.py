@@ -38,6 +38,7 @@ from .gguf_io import (
     tensor_shape,
     write_gguf,
 )
+from .paths import same_file
 from .quant import FORMATS, BlockFormat, QuantError, dequantize, get_format, quantize
 
 log = logging.getLogger(__name__)
@@ -248,13 +249,9 @@ def _output_metadata(reader: gguf.GGUFReader, target: BlockFormat) -> dict[str, 
     return metadata
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-
-
 def _check_output(src: Path, dst: Path) -> None:
     """Before any work, rather than after it all, when the file could not be written."""
-    if _same_file(src, dst):
+    if same_file(src, dst):
         raise GGUFError(f"{dst}: output is the input file; write to another path")
     if dst.is_dir():
         raise GGUFError(f"{dst}: is a directory; the output must be a file path")
