@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__, batch_file
+from .lora import cli as lora_cli
 from .models import MODELS, resolve_model
 from .quant import FORMATS
 from .runtime.generate import GenerationError
@@ -84,6 +85,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         "kernels; on CPU under Triton's interpreter, slow)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                         help="compute dtype (default: float32, the exact reference; float16 for triton on a GPU)")
+    parser.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH",
+                        help="load a LoRA adapter (a PEFT directory or a GGUF LoRA file; NAME defaults to its file "
+                             "name); repeatable. generate and chat apply it (or the one --adapter names); batch "
+                             'requests name theirs with "adapter"')
+    parser.add_argument("--max-loras", type=int, default=None, metavar="N",
+                        help="LoRA adapters resident on the device at once, and in one step (default: 4)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -96,6 +103,9 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop before this text (repeatable)")
+    parser.add_argument("--adapter", default=None, metavar="NAME",
+                        help="the LoRA adapter (loaded with --lora) to generate with (default: none, or the only one "
+                             "--lora loaded for generate and chat)")
     parser.add_argument("--quiet", action="store_true", help="no speed line on stderr")
 
 
@@ -106,7 +116,24 @@ def _sampling(args: argparse.Namespace):
         _check_text("--stop text", text)
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=tuple(args.stop))
+                          seed=args.seed, stop=tuple(args.stop), adapter=args.adapter)
+
+
+def _loras(args: argparse.Namespace) -> dict:
+    from .runtime.lora import parse_lora_specs
+
+    return parse_lora_specs(args.lora)
+
+
+def _one_adapter(args: argparse.Namespace):
+    """generate and chat: the sampling parameters, with the adapter --adapter names or the only one --lora loads."""
+    params = _sampling(args)
+    loras = _loras(args)
+    if params.adapter is None and len(loras) == 1:
+        params = dataclasses.replace(params, adapter=next(iter(loras)))
+    elif params.adapter is None and loras:
+        raise ValueError(f"--lora loaded {len(loras)} adapters ({', '.join(loras)}): choose one with --adapter")
+    return params
 
 
 def _check_text(what: str, text: str) -> None:
@@ -130,6 +157,18 @@ def _check_model_args(args: argparse.Namespace) -> None:
     backend_of(args.backend)
     if args.device is not None:
         resolve_device(args.device)
+    if args.max_loras is not None and args.max_loras < 1:
+        raise ValueError(f"--max-loras must be >= 1, got {args.max_loras}")
+    loras = _loras(args)
+    from .lora.packaged import packaged_adapters, resolve_adapter
+
+    missing = next((str(p) for p in loras.values() if not resolve_adapter(p).exists()), None)
+    if missing is not None:  # before the model loads
+        raise ValueError(f"no LoRA adapter at {missing!r}: --lora takes a PEFT directory, a GGUF LoRA file, or a "
+                         f"packaged adapter's name ({', '.join(packaged_adapters()) or 'none installed'})")
+    if args.adapter is not None and args.adapter not in loras:
+        raise ValueError(f"--adapter {args.adapter!r} is not one of the adapters --lora loads "
+                         f"({', '.join(loras) or 'none'})")
 
 
 def _load(args: argparse.Namespace):
@@ -137,9 +176,11 @@ def _load(args: argparse.Namespace):
     import torch
 
     from .runtime import load
+    from .runtime.lora import DEFAULT_MAX_LORAS
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    return load(args.model, device=args.device, backend=args.backend, dtype=dtype)
+    lora = {"lora": _loras(args), "max_loras": args.max_loras or DEFAULT_MAX_LORAS} if args.lora else {}
+    return load(args.model, device=args.device, backend=args.backend, dtype=dtype, **lora)
 
 
 def _interpret_triton_on_cpu(args: argparse.Namespace) -> None:
@@ -180,7 +221,7 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
 
 def _generate_run(args: argparse.Namespace) -> int:
     _check_text("prompt", args.prompt)  # invalid values fail before the model loads
-    params = _sampling(args)
+    params = _one_adapter(args)
     _check_model_args(args)
     model = _load(args)
     _stream_to_terminal(model, model.encode(args.prompt), params, args.quiet)
@@ -199,7 +240,7 @@ def _chat_run(args: argparse.Namespace) -> int:
         _check_text("question", args.question)
     if args.system is not None:
         _check_text("system message (--system)", args.system)
-    params = _sampling(args)
+    params = _one_adapter(args)
     _check_model_args(args)
     model = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -301,6 +342,7 @@ a result still counts them). A request has "prompt" (text, or a list of token id
   {{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8, "seed": 1}}
   {{"prompt": [1, 9038, 2115], "stop": ["\\n"]}}
   {{"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}
+  {{"prompt": "Tell me about the moon.", "adapter": "pirate"}}     (with --lora pirate=PATH)
 
 The output has one JSON line per request, in the input's order (index: the request's, from 0;
 line: FILE's, from 1):
@@ -366,6 +408,7 @@ COMMANDS: dict[str, Command] = {
                 _chat_run),
         Command("batch", "run many JSONL requests, continuously batched; one JSONL result per request", _batch_args,
                 _batch_run),
+        Command("lora", lora_cli.HELP, lora_cli.add_arguments, lora_cli.run),
     )
 }
 

@@ -11,6 +11,9 @@
     flash_attention_paged(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table)   # ... keys from the pages
     paged_decode_attention(q, k_cache, v_cache, seq_lens, block_table)                # one query per sequence, split-K
     plan_qmatmul(m, w)     # which kernel and tiles qmatmul runs; autotune(x, w) measures and records the best
+    lora_shrink(x, a, indices)                    # multi-LoRA, one adapter slot per token row: t = x @ a[idx].T
+    lora_expand(y, t, b, scale, indices)          # y += scale[idx] * t @ b[idx].T in place (the unfused path)
+    qmatmul(x, w, lora=LoraEpilogue(t, b, scale, indices))   # ... the expand in qmatmul's epilogue
 """
 
 from . import tuning
@@ -22,6 +25,7 @@ from .flash_attention import (
     flash_attention_paged_ref,
     flash_attention_ref,
 )
+from .lora import LoraEpilogue, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
 from .paged_attention import (
     PagedDecodeConfig,
     PagedDecodePlan,
@@ -38,6 +42,7 @@ from .qmatmul import (
     candidate_configs,
     plan_qmatmul,
     qmatmul,
+    qmatmul_lora_ref,
     qmatmul_ref,
 )
 from .rms_norm import rms_norm, rms_norm_ref
@@ -48,6 +53,7 @@ from .store_kv import store_kv, store_kv_ref
 __all__ = [
     "AttentionConfig",
     "DecodeConfig",
+    "LoraEpilogue",
     "PagedDecodeConfig",
     "PagedDecodePlan",
     "Plan",
@@ -63,11 +69,16 @@ __all__ = [
     "flash_attention_paged",
     "flash_attention_paged_ref",
     "flash_attention_ref",
+    "lora_expand",
+    "lora_expand_ref",
+    "lora_shrink",
+    "lora_shrink_ref",
     "paged_decode_attention",
     "paged_decode_attention_ref",
     "plan_decode",
     "plan_qmatmul",
     "qmatmul",
+    "qmatmul_lora_ref",
     "qmatmul_ref",
     "rms_norm",
     "rms_norm_ref",

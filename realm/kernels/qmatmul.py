@@ -16,6 +16,13 @@ Accumulation is float32 everywhere. float32 activations use IEEE float32 dot pro
 path matches the reference to accumulation-order rounding; float16/bfloat16 activations multiply the weight rounded
 to their dtype, as any tensor-core kernel does.
 
+Multi-LoRA (realm.kernels.lora): `lora=LoraEpilogue(t, b, scale, indices)` adds each row's adapter delta
+`scale[idx[m], n] * sum_j t[m, j] * b[idx[m], n, j]` to the float32 accumulator before the one rounding, so y is
+written once. Those launches run `_qmatmul_*_lora_kernel`: the same K loop (shared jit helpers) plus the delta, which
+starts the accumulator; with split-K only split 0 adds it. Separate kernels rather than a HAS_LORA constexpr keep the
+plain kernels' arguments as they were (tests/compile_for_gpu.py compiles them by signature) and their code too
+(compiled for sm_90: the same registers and PTX up to label names).
+
 Which kernel and which tile sizes run is a `Plan` (`plan_qmatmul`), visible and overridable: pass `regime=` and/or
 `config=`; tuned configs (realm.kernels.tuning) are used when loaded for the current GPU.
 """
@@ -34,6 +41,7 @@ from realm.quant import Layout, QTensor
 
 from . import tuning
 from .checks import cdiv, next_power_of_2
+from .lora import LoraEpilogue, lora_delta, lora_delta_ref
 from .qdecode import check_block_k, check_runnable, dot_precision, load_weight_tile, weight_args, weight_planes
 
 log = logging.getLogger(__name__)
@@ -96,6 +104,28 @@ class Plan:
 # ---- kernels -----------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _decode_partial(acc, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_m, m_mask, offs_n, n_mask,
+                    K, stride_xm, k_start, k_per_split,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    W0: tl.constexpr, W1: tl.constexpr, VALUE: tl.constexpr, BIAS: tl.constexpr,
+                    QBLOCK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                    OFFSET: tl.constexpr, E8M0: tl.constexpr):
+    """acc (float32 [BLOCK_M, BLOCK_N]) + sum over k_start .. k_start + k_per_split of x[m, k] * w[n, k]."""
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        w = load_weight_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_n, n_mask, k0, K,
+                             BLOCK_N, BLOCK_K, W0, W1, VALUE, BIAS, QBLOCK, GROUP, CHUNK, SUB, OFFSET, E8M0)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _qmatmul_decode_kernel(out_ptr, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr,
                            M, N, K, stride_xm, stride_om, stride_split, k_per_split,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -108,20 +138,71 @@ def _qmatmul_decode_kernel(out_ptr, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_p
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_split * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        w = load_weight_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_n, n_mask, k0, K,
-                             BLOCK_N, BLOCK_K, W0, W1, VALUE, BIAS, QBLOCK, GROUP, CHUNK, SUB, OFFSET, E8M0)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        if USE_DOT:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    acc = _decode_partial(acc, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_m, m_mask, offs_n,
+                          n_mask, K, stride_xm, pid_split * k_per_split, k_per_split, BLOCK_M, BLOCK_N, BLOCK_K,
+                          USE_DOT, DOT_PRECISION, W0, W1, VALUE, BIAS, QBLOCK, GROUP, CHUNK, SUB, OFFSET, E8M0)
     out = out_ptr + pid_split.to(tl.int64) * stride_split + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _qmatmul_decode_lora_kernel(out_ptr, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr,
+                                M, N, K, stride_xm, stride_om, stride_split, k_per_split,
+                                lora_t, lora_b, lora_scale, lora_idx, lora_rank, lora_slots,
+                                stride_lt, stride_lbs, stride_lbn, stride_lss,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                W0: tl.constexpr, W1: tl.constexpr, VALUE: tl.constexpr, BIAS: tl.constexpr,
+                                QBLOCK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                                OFFSET: tl.constexpr, E8M0: tl.constexpr,
+                                LORA_BLOCK_R: tl.constexpr, LORA_GATHER_R: tl.constexpr, LORA_DOT: tl.constexpr):
+    """_qmatmul_decode_kernel plus the LoRA delta (realm.kernels.lora.lora_delta), added by split 0 only: its
+    accumulator starts at the delta, computed before the K loop so that the two never hold registers at once."""
+    pid_n, pid_split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if pid_split == 0:
+        acc = lora_delta(lora_t, lora_b, lora_scale, lora_idx, offs_m, m_mask, offs_n, n_mask, lora_rank,
+                         lora_slots, stride_lt, stride_lbs, stride_lbn, stride_lss, BLOCK_M, BLOCK_N, LORA_BLOCK_R,
+                         LORA_GATHER_R, LORA_DOT)
+    acc = _decode_partial(acc, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_m, m_mask, offs_n,
+                          n_mask, K, stride_xm, pid_split * k_per_split, k_per_split, BLOCK_M, BLOCK_N, BLOCK_K,
+                          USE_DOT, DOT_PRECISION, W0, W1, VALUE, BIAS, QBLOCK, GROUP, CHUNK, SUB, OFFSET, E8M0)
+    out = out_ptr + pid_split.to(tl.int64) * stride_split + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) in grouped ordering: GROUP_M row tiles share each weight column tile
+    while it is in L2."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _prefill_tile(acc, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_m, m_mask, offs_n, n_mask,
+                  K, stride_xm,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  W0: tl.constexpr, W1: tl.constexpr, VALUE: tl.constexpr, BIAS: tl.constexpr,
+                  QBLOCK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                  OFFSET: tl.constexpr, E8M0: tl.constexpr):
+    """acc (float32 [BLOCK_M, BLOCK_N]) + sum_k x[m, k] * w[n, k]."""
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = load_weight_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_n, n_mask, k0, K,
+                             BLOCK_N, BLOCK_K, W0, W1, VALUE, BIAS, QBLOCK, GROUP, CHUNK, SUB, OFFSET, E8M0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -133,26 +214,41 @@ def _qmatmul_prefill_kernel(out_ptr, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_
                             QBLOCK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
                             OFFSET: tl.constexpr, E8M0: tl.constexpr):
     """out[m, n] = sum_k x[m, k] * w[n, k] over one BLOCK_M x BLOCK_N tile."""
-    # Grouped ordering: GROUP_M row tiles share each weight column tile while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = load_weight_tile(p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_n, n_mask, k0, K,
-                             BLOCK_N, BLOCK_K, W0, W1, VALUE, BIAS, QBLOCK, GROUP, CHUNK, SUB, OFFSET, E8M0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    acc = _prefill_tile(acc, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_m, m_mask, offs_n,
+                        n_mask, K, stride_xm, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, W0, W1, VALUE, BIAS, QBLOCK,
+                        GROUP, CHUNK, SUB, OFFSET, E8M0)
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _qmatmul_prefill_lora_kernel(out_ptr, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr,
+                                 M, N, K, stride_xm, stride_om,
+                                 lora_t, lora_b, lora_scale, lora_idx, lora_rank, lora_slots,
+                                 stride_lt, stride_lbs, stride_lbn, stride_lss,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                 W0: tl.constexpr, W1: tl.constexpr, VALUE: tl.constexpr, BIAS: tl.constexpr,
+                                 QBLOCK: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                                 OFFSET: tl.constexpr, E8M0: tl.constexpr,
+                                 LORA_BLOCK_R: tl.constexpr, LORA_GATHER_R: tl.constexpr, LORA_DOT: tl.constexpr):
+    """_qmatmul_prefill_kernel plus the LoRA delta (realm.kernels.lora.lora_delta): the accumulator starts at the
+    delta, computed before the K loop so that the two never hold registers at once."""
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = lora_delta(lora_t, lora_b, lora_scale, lora_idx, offs_m, m_mask, offs_n, n_mask, lora_rank, lora_slots,
+                     stride_lt, stride_lbs, stride_lbn, stride_lss, BLOCK_M, BLOCK_N, LORA_BLOCK_R, LORA_GATHER_R,
+                     LORA_DOT)
+    acc = _prefill_tile(acc, x_ptr, p0, p1, d_ptr, sub_ptr, m_ptr, subm_ptr, table_ptr, offs_m, m_mask, offs_n,
+                        n_mask, K, stride_xm, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, W0, W1, VALUE, BIAS, QBLOCK,
+                        GROUP, CHUNK, SUB, OFFSET, E8M0)
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -256,11 +352,12 @@ def _check_inputs(x: torch.Tensor, w: QTensor, out: torch.Tensor | None) -> None
 
 
 def qmatmul(x: torch.Tensor, w: QTensor, out: torch.Tensor | None = None, *, regime: Regime | str | None = None,
-            config: Config | None = None) -> torch.Tensor:
+            config: Config | None = None, lora: LoraEpilogue | None = None) -> torch.Tensor:
     """x [..., K] (float16, bfloat16 or float32) @ w.T, w a QTensor [N, K] of any format -> [..., N] in x's dtype.
 
     w is best given in `Layout.PLANES` (`w.repack("planes")` once at load); other layouts are repacked on every call.
-    regime / config override the launcher's choice (see `plan_qmatmul`).
+    regime / config override the launcher's choice (see `plan_qmatmul`). lora: a per-row adapter delta added in the
+    epilogue, for the M = prod(x.shape[:-1]) rows and the N columns of w (see `LoraEpilogue`).
     """
     _check_inputs(x, w, out)
     if x.requires_grad and torch.is_grad_enabled():
@@ -270,6 +367,7 @@ def qmatmul(x: torch.Tensor, w: QTensor, out: torch.Tensor | None = None, *, reg
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    _check_lora(lora, m, n, x)
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device) if out is None else out
     out2 = out.view(-1, n)  # [M, N]
     planes = weight_planes(w)
@@ -282,10 +380,18 @@ def qmatmul(x: torch.Tensor, w: QTensor, out: torch.Tensor | None = None, *, reg
     args = {"M": m, "N": n, "K": k, "stride_xm": x2.stride(0), "DOT_PRECISION": dot_precision(x.dtype),
             **weight_args(planes, plan.config.block_k)}
     if plan.regime is Regime.DECODE:
-        _launch_decode(out2, x2, plan.config, args)
+        _launch_decode(out2, x2, plan.config, args, lora)
     else:
-        _launch_prefill(out2, x2, plan.config, args)
+        _launch_prefill(out2, x2, plan.config, args, lora)
     return out
+
+
+def _check_lora(lora: LoraEpilogue | None, m: int, n: int, x: torch.Tensor) -> None:
+    if lora is None:
+        return
+    if not isinstance(lora, LoraEpilogue):
+        raise TypeError(f"lora must be a realm.kernels.lora.LoraEpilogue, got {type(lora).__name__}")
+    lora.check(m, n, x.dtype, x.device)
 
 
 class PreparedWeight:
@@ -296,6 +402,7 @@ class PreparedWeight:
 
         wq = PreparedWeight(w, device)      # once, at load
         y = wq(x)                            # x [M, K] (rows contiguous) -> [M, N] in x's dtype
+        y = wq(x, lora=LoraEpilogue(...))    # ... plus each row's LoRA delta, in the kernel's epilogue
     """
 
     def __init__(self, w: QTensor, device: torch.device | str | None = None):
@@ -326,19 +433,21 @@ class PreparedWeight:
                                                   **weight_args(self.planes, plan.config.block_k)})
         return entry
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K], float16/bfloat16/float32, stride 1 along K, on the weight's device -> [M, N] in x's dtype."""
+    def __call__(self, x: torch.Tensor, lora: LoraEpilogue | None = None) -> torch.Tensor:
+        """x: [M, K], float16/bfloat16/float32, stride 1 along K, on the weight's device -> [M, N] in x's dtype;
+        lora: a per-row adapter delta added in the epilogue (checked on every call; its tensors change per step)."""
         n, k = self.shape
         if x.dim() != 2 or x.shape[1] != k or x.dtype not in DTYPES or x.device != self.device or x.stride(1) != 1:
             raise ValueError(f"x must be [M, {k}] float16/bfloat16/float32 with contiguous rows on {self.device}, got "
                              f"{x.dtype} {list(x.shape)} (strides {x.stride()}) on {x.device}")
         m = x.shape[0]
+        _check_lora(lora, m, n, x)
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         if not m:
             return out
         decode = self._decodes.get((m, x.dtype))
-        if decode is not None:  # the same decode launch as last time: only x and the output differ
-            decode.run(out, x)
+        if decode is not None:  # the same decode launch as last time: only x, the output and lora differ
+            decode.run(out, x, lora)
             return out
         plan, args = self.plan(m, x.dtype)
         args = {**args, "M": m, "stride_xm": x.stride(0)}
@@ -346,9 +455,9 @@ class PreparedWeight:
             decode = _DecodeLaunch(plan.config, args)
             if len(self._decodes) < MAX_DECODE_LAUNCHES:
                 self._decodes[(m, x.dtype)] = decode
-            decode.run(out, x)
+            decode.run(out, x, lora)
         else:
-            _launch_prefill(out, x, plan.config, args)
+            _launch_prefill(out, x, plan.config, args, lora)
         return out
 
 
@@ -363,35 +472,57 @@ class _DecodeLaunch:
         block_m = next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
         k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
         self.m, self.n, self.splits = m, n, cdiv(k, k_per_split)
+        self.block_m, self.block_n = block_m, cfg.block_n
         self.grid = (cdiv(n, cfg.block_n), self.splits, cdiv(m, block_m))
         self.kwargs = {**args, "stride_om": n, "stride_split": m * n, "k_per_split": k_per_split, "BLOCK_M": block_m,
                        "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "USE_DOT": block_m >= 16,
                        "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
 
-    def run(self, out2: torch.Tensor, x2: torch.Tensor) -> None:
+    def run(self, out2: torch.Tensor, x2: torch.Tensor, lora: LoraEpilogue | None = None) -> None:
         kwargs = self.kwargs if x2.stride(0) == self.kwargs["stride_xm"] else {**self.kwargs,
                                                                                 "stride_xm": x2.stride(0)}
         # One slice writes the output directly; several write float32 partials that are summed afterwards.
         target = out2 if self.splits == 1 else torch.empty(self.splits, self.m, self.n, dtype=torch.float32,
                                                            device=out2.device)
-        _qmatmul_decode_kernel[self.grid](target, x2, **kwargs)
+        if lora is None:
+            _qmatmul_decode_kernel[self.grid](target, x2, **kwargs)
+        else:  # the LoRA tensors change every step: their arguments are not cached
+            _qmatmul_decode_lora_kernel[self.grid](target, x2, **kwargs,
+                                                   **lora.kernel_args(self.block_m, self.block_n, self.block_m >= 16))
         if self.splits > 1:
             torch.sum(target, dim=0, out=out2) if out2.dtype == torch.float32 else out2.copy_(target.sum(0))
 
 
-def _launch_decode(out2: torch.Tensor, x2: torch.Tensor, cfg: DecodeConfig, args: dict) -> None:
-    _DecodeLaunch(cfg, args).run(out2, x2)
+def _launch_decode(out2: torch.Tensor, x2: torch.Tensor, cfg: DecodeConfig, args: dict,
+                   lora: LoraEpilogue | None = None) -> None:
+    _DecodeLaunch(cfg, args).run(out2, x2, lora)
 
 
-def _launch_prefill(out2: torch.Tensor, x2: torch.Tensor, cfg: PrefillConfig, args: dict) -> None:
+def _launch_prefill(out2: torch.Tensor, x2: torch.Tensor, cfg: PrefillConfig, args: dict,
+                    lora: LoraEpilogue | None = None) -> None:
     m, n = args["M"], args["N"]
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
-    _qmatmul_prefill_kernel[grid](
-        out2, x2, **args, stride_om=n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    kwargs = {**args, "stride_om": n, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+              "GROUP_M": cfg.group_m, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+              "enable_fp_fusion": True}
+    if lora is None:
+        _qmatmul_prefill_kernel[grid](out2, x2, **kwargs)
+    else:
+        _qmatmul_prefill_lora_kernel[grid](out2, x2, **kwargs, **lora.kernel_args(cfg.block_m, cfg.block_n, True))
 
 
 def qmatmul_ref(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """The reference: dequantize w (realm.quant's decoder), matmul in float32, cast to x's dtype. x [..., K]."""
     _check_inputs(x, w, None)
     return (x.float() @ w.dequantize().to(x.device).t()).to(x.dtype)
+
+
+def qmatmul_lora_ref(x: torch.Tensor, w: QTensor, lora: LoraEpilogue) -> torch.Tensor:
+    """The reference of qmatmul(x, w, lora=lora): qmatmul_ref's float32 product plus realm.kernels.lora's
+    lora_delta_ref, rounded once to x's dtype. x [..., K]."""
+    _check_inputs(x, w, None)
+    n, k = w.shape
+    x2 = x.reshape(-1, k)
+    _check_lora(lora, x2.shape[0], n, x)
+    y = x2.float() @ w.dequantize().to(x.device).t() + lora_delta_ref(lora.t, lora.b, lora.scale, lora.indices)
+    return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -20,6 +20,7 @@ import torch
 
 from realm.kernels.attention import AttentionMetadata
 
+from .lora import LoraMode, LoraRows
 from .plan import StepPlan
 
 
@@ -35,6 +36,7 @@ class ForwardBatch:
     query_lens: tuple[int, ...]  # host copies of the chunk sizes ...
     context_lens: tuple[int, ...]  # ... and of seq_lens
     attention: AttentionMetadata
+    lora: LoraRows | None = None  # each row's LoRA adapter slot, when any row has one
 
     @property
     def num_tokens(self) -> int:
@@ -64,9 +66,10 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, plan: StepPlan, num_blocks: int, device: torch.device | str,
-              max_positions: int | None = None) -> ForwardBatch:
+              max_positions: int | None = None, lora_slots: int = 0,
+              lora_mode: LoraMode = LoraMode.FUSED) -> ForwardBatch:
         """plan's chunks on a cache of num_blocks blocks of plan.block_size; max_positions: the model's context
-        length, checked when given."""
+        length, checked when given; lora_slots: the LoRA pool's slots (chunks' adapters must be below it)."""
         chunks = plan.chunks
         if not chunks:
             raise ValueError("a forward batch needs at least one sequence")
@@ -90,6 +93,9 @@ class ForwardBatch:
                 raise ValueError(f"sequence {b} has block id {bad[0]}, not in [0, {num_blocks})")
             if any(not 0 <= i < n for i in c.logits) or list(c.logits) != sorted(set(c.logits)):
                 raise ValueError(f"sequence {b}: logits offsets {c.logits} must increase within [0, {n})")
+            if isinstance(c.adapter, bool) or not isinstance(c.adapter, int) or not -1 <= c.adapter < lora_slots:
+                raise ValueError(f"sequence {b}: adapter slot {c.adapter!r} is not -1 (none) or a slot of the LoRA "
+                                 f"pool [0, {lora_slots})")
             if c.sampling is not None and not c.logits:
                 raise ValueError(f"sequence {b} asks for sampling but for no logits rows to sample from")
             first = len(tokens)
@@ -109,14 +115,32 @@ class ForwardBatch:
         for c in chunks:
             table.extend(c.block_table)
             table.extend([0] * (width - len(c.block_table)))
+        adapters = [c.adapter for c in chunks]
+        with_lora = any(a >= 0 for a in adapters)
+        lora_index = [a for a, n in zip(adapters, query_lens, strict=True) for _ in range(n)] if with_lora else []
         # One host buffer, one copy to the device; the fields are views into it.
-        parts = (tokens, positions, slots, cu, context_lens, rows, table)
+        parts = (tokens, positions, slots, cu, context_lens, rows, table, lora_index)
         flat = torch.tensor([v for part in parts for v in part], dtype=torch.int32).to(device, non_blocking=True)
         views, at = [], 0
         for part in parts:
             views.append(flat[at : at + len(part)])
             at += len(part)
-        t_tokens, t_positions, t_slots, t_cu, t_lens, t_rows, t_table = views
+        t_tokens, t_positions, t_slots, t_cu, t_lens, t_rows, t_table, t_lora = views
         t_table = t_table.view(len(chunks), width)
+        lora = LoraRows(t_lora, _lora_groups(adapters, cu, t_lora.device), lora_mode) if with_lora else None
         return cls(t_tokens, t_positions, t_slots, t_cu, t_lens, t_table, t_rows, tuple(query_lens),
-                   tuple(context_lens), AttentionMetadata.build(query_lens, context_lens, t_cu, t_lens, t_table))
+                   tuple(context_lens), AttentionMetadata.build(query_lens, context_lens, t_cu, t_lens, t_table), lora)
+
+
+def _lora_groups(adapters: list[int], cu: list[int], device) -> tuple[tuple[int, slice | torch.Tensor], ...]:
+    """Per adapter slot, its rows of the packed batch: a slice when they are one run, else their indices."""
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for i, a in enumerate(adapters):
+        if a >= 0:
+            spans = runs.setdefault(a, [])
+            if spans and spans[-1][1] == cu[i]:
+                spans[-1] = (spans[-1][0], cu[i + 1])
+            else:
+                spans.append((cu[i], cu[i + 1]))
+    return tuple((a, slice(*spans[0]) if len(spans) == 1 else torch.tensor(
+        [r for lo, hi in spans for r in range(lo, hi)], device=device)) for a, spans in runs.items())

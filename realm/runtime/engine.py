@@ -54,6 +54,7 @@ import torch
 from .block_manager import BlockManager
 from .generate import Completion, FinishReason, OutputText, Timings, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
+from .lora import LoraMode, lora_mode_of
 from .plan import ChunkPlan, StepPlan
 from .runner import BlockCopyError, ModelRunner
 from .sampler import RowSampling
@@ -78,9 +79,11 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     prefix_caching: bool = True  # full blocks of identical prefixes are computed once and shared
     batching: Batching = Batching.CONTINUOUS  # STATIC: a baseline that refills only when all have finished
+    lora_mode: LoraMode = LoraMode.FUSED  # how the Triton backend adds LoRA deltas (realm.runtime.lora)
 
     def __post_init__(self):
         object.__setattr__(self, "batching", self.scheduler_config().batching)  # validated, and an enum
+        object.__setattr__(self, "lora_mode", lora_mode_of(self.lora_mode))
         for name in ("kv_blocks", "block_size"):
             value = getattr(self, name)
             if value is None and name == "kv_blocks":
@@ -90,8 +93,8 @@ class EngineConfig:
         if not isinstance(self.prefix_caching, bool):
             raise ValueError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
 
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_batch_tokens, self.max_num_seqs, self.batching)
+    def scheduler_config(self, max_loras: int | None = None) -> SchedulerConfig:
+        return SchedulerConfig(self.max_batch_tokens, self.max_num_seqs, self.batching, max_loras)
 
 
 def default_kv_blocks(model: Model, config: EngineConfig) -> int:
@@ -217,6 +220,8 @@ class Request:
     completion: Completion | None = None
     engine: Engine | None = field(default=None, repr=False)
     on_event_failed: bool = False  # its callback raised: it is not called again
+    adapter: str | None = None  # its LoRA adapter's name
+    holds_adapter: bool = False  # the adapter cannot be removed from the model's registry until the request ends
 
     @property
     def finished(self) -> bool:
@@ -242,9 +247,11 @@ class Engine:
         self.config = config = config or EngineConfig()
         num_blocks = config.kv_blocks or default_kv_blocks(model, config)
         check_kv_memory(model, config, num_blocks)
-        self.runner = ModelRunner(model.transformer, num_blocks, config.block_size, model.tokenizer.vocab_size, seed)
+        self.loras = model.loras  # the model's adapters: shared by every engine on the model
+        self.runner = ModelRunner(model.transformer, num_blocks, config.block_size, model.tokenizer.vocab_size, seed,
+                                  lora_slots=self.loras.max_loras, lora_mode=config.lora_mode)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
+        self.scheduler = Scheduler(config.scheduler_config(self.loras.max_loras), self.blocks)
         self.requests: dict[int, Request] = {}  # unfinished and in the scheduler, by id
         self._live: dict[int, Request] = {}  # unfinished, wherever they are (the inbox too): for cancel by id
         self._ids = itertools.count()
@@ -272,27 +279,40 @@ class Engine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     on_event: Callable[[Request, TokenEvent], None] | None = None,
-                    salt: str | None = None) -> Request:
+                    salt: str | None = None, adapter: str | None = None) -> Request:
         """Queue a prompt (text, or token ids) for generation; any thread. ValueError, and nothing queued, when the
         request cannot run: an empty prompt, ids out of range, a prompt that fills the context, or one whose tokens
         could not fit in the KV cache even alone. salt: requests with different salts never share prefix-cache
-        blocks. on_event(request, event) runs in the thread that steps the engine."""
+        blocks. adapter: the name of a LoRA adapter loaded in the model (`model.loras`), overriding params.adapter;
+        its requests share prefix-cache blocks only with each other. on_event(request, event) runs in the thread that
+        steps the engine."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str) and not prompt:
             raise ValueError("the prompt is empty")
+        if salt is not None and not isinstance(salt, str):
+            raise ValueError(f"salt must be a string or None, got {salt!r}")
+        adapter = params.adapter if adapter is None else adapter
         ids = self.model.encode(prompt)
         self.model.check_prompt(ids)
         max_new = min(params.max_tokens, self.model.config.context_length - len(ids))
-        with self._id_lock:
-            request_id = next(self._ids)
-            seq = Seq(request_id, ids, max_new, salt=salt)
-            self.scheduler.check_fits(seq)  # reads only the cache's size: safe outside the lock
-            self._next_id = request_id + 1
-            request = Request(request_id, ids, params, seq, OutputText(self.model.tokenizer, params), on_event,
-                              engine=self)
-            self._live[request_id] = request
+        if adapter is not None:  # unknown: ValueError; else it cannot be removed until the request ends
+            uid = self.loras.acquire(adapter)
+            salt = f"lora:{uid}" if salt is None else f"lora:{uid}:{salt}"
+        try:
+            with self._id_lock:
+                request_id = next(self._ids)
+                seq = Seq(request_id, ids, max_new, salt=salt, adapter=adapter)
+                self.scheduler.check_fits(seq)  # reads only the cache's size: safe outside the lock
+                self._next_id = request_id + 1
+                request = Request(request_id, ids, params, seq, OutputText(self.model.tokenizer, params), on_event,
+                                  engine=self, adapter=adapter, holds_adapter=adapter is not None)
+                self._live[request_id] = request
+        except BaseException:
+            if adapter is not None:
+                self.loras.release(adapter)
+            raise
         self._submit("add", request)
         return request
 
@@ -373,22 +393,23 @@ class Engine:
         for request in requests:
             if request.scheduled_s is None:
                 request.scheduled_s = now
-        try:
-            plan = self._plan(step, chunks, requests)
-        except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
-            self.scheduler.abort(step)
-            return self._fail_requests(e.failures)
-        try:
-            output = self.runner.execute(plan)
-        except Exception as e:  # a step of one chunk, or the copies: these requests fail, the engine goes on
-            if isinstance(e, BlockCopyError):  # and so does any sequence whose copied block was not written
-                requests += [r for r in self.requests.values() if r not in requests
-                             and e.destinations.intersection(r.seq.kv.blocks)]
-            log.exception("engine step failed; its %d requests end with an error", len(requests))
-            return self._fail_step(step, requests, f"the step failed: {type(e).__name__}: {e}")
-        except BaseException:  # an interrupt: the step did not happen, and the engine stays usable
-            self.scheduler.abort(step)
-            raise
+        with self.loras.lock:  # the step's adapter slots stay as planned until its forward has run
+            try:
+                plan = self._plan(step, chunks, requests)
+            except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
+                self.scheduler.abort(step)
+                return self._fail_requests(e.failures)
+            try:
+                output = self.runner.execute(plan)
+            except Exception as e:  # a step of one chunk, or the copies: these requests fail, the engine goes on
+                if isinstance(e, BlockCopyError):  # and so does any sequence whose copied block was not written
+                    requests += [r for r in self.requests.values() if r not in requests
+                                 and e.destinations.intersection(r.seq.kv.blocks)]
+                log.exception("engine step failed; its %d requests end with an error", len(requests))
+                return self._fail_step(step, requests, f"the step failed: {type(e).__name__}: {e}")
+            except BaseException:  # an interrupt: the step did not happen, and the engine stays usable
+                self.scheduler.abort(step)
+                raise
         failed = {r.seq.seq_id: (r, error) for r, error in zip(requests, output.errors or (), strict=False)
                   if error is not None}
         self.scheduler.complete(step, failed)
@@ -430,9 +451,15 @@ class Engine:
 
     def _plan(self, step: Step, chunks: list[Chunk], requests: list[Request]) -> StepPlan:
         plans, failures = [], []
+        try:  # the step's adapters into the device pool (the scheduler kept them to max_loras)
+            slots = self.loras.activate(r.adapter for r in requests if r.adapter is not None)
+        except Exception as e:
+            log.exception("the step's LoRA adapters could not be made resident")
+            raise _PlanError([(r, f"its LoRA adapter could not be loaded on {self.model.device}: "
+                                  f"{type(e).__name__}: {e}") for r in requests if r.adapter is not None]) from e
         for chunk, request in zip(chunks, requests, strict=True):
             try:
-                plans.append(self._chunk_plan(chunk, request))
+                plans.append(self._chunk_plan(chunk, request, slots.get(request.adapter, -1)))
             except Exception as e:
                 log.exception("request %d: its step plan could not be made", request.request_id)
                 failures.append((request, f"the step could not be planned for this request: {type(e).__name__}: {e}"))
@@ -441,7 +468,7 @@ class Engine:
         return StepPlan(self.runner.block_size, tuple(plans), copies=tuple(step.copies))
 
     @staticmethod
-    def _chunk_plan(chunk: Chunk, request: Request) -> ChunkPlan:
+    def _chunk_plan(chunk: Chunk, request: Request, adapter: int) -> ChunkPlan:
         seq = chunk.seq
         n = chunk.num_tokens
         sampling = None
@@ -450,7 +477,7 @@ class Engine:
             history = seq.token_ids[: chunk.start] if params.repetition_penalty != 1.0 else ()
             sampling = RowSampling.of(params, position=chunk.start + n, history=history)
         return ChunkPlan(seq.seq_id, chunk.start, tuple(chunk.token_ids), tuple(seq.kv.blocks),
-                         (n - 1,) if chunk.completes else (), sampling)
+                         (n - 1,) if chunk.completes else (), sampling, adapter)
 
     def _fail_step(self, step: Step, requests: list[Request], message: str) -> list[Request]:
         self.scheduler.abort(step)
@@ -548,6 +575,7 @@ class Engine:
         """End a request with an error without the scheduler (it never entered it, or its state is broken)."""
         with self._id_lock:
             self._live.pop(request.request_id, None)
+        self._release_adapter(request)
         if request.completion is None:
             request.completion = Completion(request.output.text, request.seq.output_ids, FinishReason.ERROR,
                                             request.prompt_ids, Timings(prompt_tokens=len(request.prompt_ids)),
@@ -634,10 +662,17 @@ class Engine:
         )
         request.completion = Completion(request.output.text, seq.output_ids, reason, request.prompt_ids, timings,
                                         error)
+        self._release_adapter(request)
         del self.requests[request.request_id]
         with self._id_lock:
             self._live.pop(request.request_id, None)
         return tail
+
+    def _release_adapter(self, request: Request) -> None:
+        """The request no longer holds its adapter (once, however it ended)."""
+        if request.holds_adapter:
+            request.holds_adapter = False
+            self.loras.release(request.adapter)
 
     def _deliver_end(self, request: Request, tail: TokenEvent | None) -> None:
         """Emit a finished request's held-back text and its end now, or after the events of the step being

@@ -8,13 +8,16 @@ backend allows (`Ops.group_by_format`: the quantized kernels need one weight for
 is Q4_K and whose V is Q6_K has two parts; the reference's dense matrices are always one part).
 
 The epilogue: after y = x @ W.T (+ bias), in this order and nowhere else,
-1. `deltas`: per-row additions into y, each called as delta(x, y, batch) and writing y in place. This is where a
-   per-row LoRA delta `scale * (x @ A[adapter(row)].T) @ B[adapter(row)].T` goes (the adapter of each row comes
-   from the step plan, through `batch`); the fused LoRA kernels will fold it into the matmul's own epilogue.
-2. `reduce`: y = reduce(y), applied once the full local y is known. This is where the all-reduce of a
+1. LoRA: when the layer has adapter slots (`lora`, a realm.runtime.lora.LoraStack the registry attaches) and a row
+   of the step has an adapter (`batch.lora`), each such row gets `scale * (x @ A[adapter(row)].T) @ B[adapter(row)].T`
+   on every slice (Q, K, V; gate, up). The reference adds it in PEFT's op order; the Triton backend runs the shrink
+   kernel, then the expand in the quantized matmul's own epilogue (`LoraMode.FUSED`) or as a kernel adding into y
+   (`LoraMode.SEPARATE`).
+2. `deltas`: other per-row additions into y, each called as delta(x, y, batch) and writing y in place.
+3. `reduce`: y = reduce(y), applied once the full local y is known. This is where the all-reduce of a
    row-parallel (tensor-parallel) layer goes; a column-parallel layer has none.
-Neither is used yet; both are tested with stand-ins, so that the features that need them plug in here and nowhere
-else.
+`deltas` and `reduce` are not used yet; both are tested with stand-ins, so that the features that need them plug in
+here and nowhere else.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from realm.quant import QTensor
 
-from .ops import Ops
+from .ops import Backend, Ops
 
 Delta = Callable[[torch.Tensor, torch.Tensor, Any], None]  # (x, y, batch) -> None, adds into y
 
@@ -42,6 +45,7 @@ class Linear:
     ops: Ops = field(repr=False)
     deltas: list[Delta] = field(default_factory=list)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    lora: Any = None  # realm.runtime.lora.LoraStack: this layer's adapter slots, when a registry attached them
 
     @classmethod
     def build(cls, name: str, weights: Sequence[QTensor], bias: torch.Tensor | None, ops: Ops,
@@ -69,17 +73,50 @@ class Linear:
     def __call__(self, x: torch.Tensor, batch=None) -> torch.Tensor:
         """x [tokens, in_features] -> y [tokens, out_features], epilogue applied; batch: the step (ForwardBatch), for
         the per-row deltas."""
-        matmul = self.ops.matmul
-        if len(self.parts) == 1:
-            y = matmul(x, self.parts[0], self.bias)
+        rows = getattr(batch, "lora", None) if self.lora is not None else None
+        if rows is not None and self.ops.backend is not Backend.TORCH:
+            y = self._lora_kernels(x, rows)
         else:
-            y = torch.cat([matmul(x, part, None) for part in self.parts], dim=-1)
-            if self.bias is not None:
-                y += self.bias
+            y = self._matmul(x)
+            if rows is not None:
+                self.lora.delta_ref(x, y, rows)
         for delta in self.deltas:
             delta(x, y, batch)
         if self.reduce is not None:
             y = self.reduce(y)
+        return y
+
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        matmul = self.ops.matmul
+        if len(self.parts) == 1:
+            return matmul(x, self.parts[0], self.bias)
+        y = torch.cat([matmul(x, part, None) for part in self.parts], dim=-1)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def _lora_kernels(self, x: torch.Tensor, rows) -> torch.Tensor:
+        """The Triton backend with adapters: one shrink for every slice, then the expand fused into each part's
+        quantized matmul (each part covers consecutive output columns), or a separate expand kernel."""
+        from realm.kernels.lora import LoraEpilogue, lora_expand, lora_shrink
+
+        from .lora import LoraMode
+
+        stack = self.lora
+        t = lora_shrink(x, stack.a, rows.indices)  # float32 [tokens, slices * rank]
+        if rows.mode is LoraMode.SEPARATE:
+            y = self._matmul(x)
+            lora_expand(y, t, stack.b, stack.scale, rows.indices)
+            return y
+        outs, start = [], 0
+        for part in self.parts:
+            cols = slice(start, start + part.shape[0])
+            outs.append(part(x, lora=LoraEpilogue(t, stack.b[:, cols], stack.scale[:, cols], rows.indices)))
+            start = cols.stop
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.bias is not None:
+            y += self.bias
         return y
 
 

@@ -3,6 +3,8 @@
     llm = realm.LLM(model="smollm2", backend="torch", device="cpu", max_batch_tokens=512, kv_blocks=1024)
     outs = llm.generate(["Once upon a time", "The capital of France is"], SamplingParams(max_tokens=32))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].timings
+    llm = realm.LLM("smollm2", lora={"pirate": "realm/data/lora/pirate"})       # requests name their adapter
+    llm.generate(["Hi", "Hi"], [SamplingParams(adapter="pirate"), SamplingParams()])   # one batch, two models
     for i, completion in llm.completions(prompts): ...        # as each finishes (realm batch writes them so)
 
 A request that cannot run (empty prompt, prompt over the context, more tokens than the KV cache holds, bad ids)
@@ -16,7 +18,7 @@ import logging
 import operator
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from .engine import Engine, EngineConfig, Request
 from .generate import Completion, FinishReason, Timings, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE
+from .lora import DEFAULT_MAX_LORAS, LoraMode, parse_lora_specs
 from .model import Backend, Model, load
 from .sampling import SamplingParams
 from .scheduler import Batching
@@ -40,19 +43,27 @@ class LLM:
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                  max_batch_tokens: int = 512, max_num_seqs: int = 64, kv_blocks: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True,
-                 batching: Batching | str = Batching.CONTINUOUS):
+                 batching: Batching | str = Batching.CONTINUOUS, lora: Mapping[str, str | os.PathLike] | None = None,
+                 max_loras: int = DEFAULT_MAX_LORAS, max_lora_rank: int | None = None,
+                 lora_mode: LoraMode | str = LoraMode.FUSED):
         """model: a packaged model name, a GGUF path, or a loaded Model (then device and dtype must be left out, and
-        backend, if given, be the model's); backend: None is the torch reference; the rest configures the engine
-        (EngineConfig)."""
+        backend, if given, be the model's); backend: None is the torch reference; lora: LoRA adapters to load,
+        {name: PEFT directory or GGUF LoRA file}, that requests name in SamplingParams(adapter=...); max_loras,
+        max_lora_rank: the device pool (realm.runtime.lora; fixed by the Model when one is given); the rest
+        configures the engine (EngineConfig)."""
         config = EngineConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, kv_blocks=kv_blocks,
-                              block_size=block_size, prefix_caching=prefix_caching, batching=batching)
+                              block_size=block_size, prefix_caching=prefix_caching, batching=batching,
+                              lora_mode=lora_mode)
         if isinstance(model, Model):
             if device is not None or dtype is not None or (backend is not None and Backend(backend) is not
                                                             model.backend):
                 raise ValueError(f"a loaded Model brings its backend ({model.backend.value}), device and dtype; do "
                                  "not pass others")
+            for name, source in parse_lora_specs(lora or {}).items():
+                model.add_lora(name, source)
         else:
-            model = load(model, device=device, backend=Backend.TORCH if backend is None else backend, dtype=dtype)
+            model = load(model, device=device, backend=Backend.TORCH if backend is None else backend, dtype=dtype,
+                         lora=lora, max_loras=max_loras, max_lora_rank=max_lora_rank)
         self.model = model
         self.engine = Engine(model, config)
 

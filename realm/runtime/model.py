@@ -20,6 +20,7 @@ import torch
 from .config import ModelConfig, ModelError
 from .generate import Completion, FinishReason, GenerationError, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache
+from .lora import DEFAULT_MAX_LORAS, LoraAdapter, LoraRegistry, parse_lora_specs
 from .ops import Backend, backend_of
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -59,7 +60,11 @@ class Model:
     request's tokens do not depend on what ran before it."""
 
     def __init__(self, weights: ModelWeights, tokenizer: Tokenizer, backend: Backend, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, *, lora: Mapping[str, str | os.PathLike] | None = None,
+                 max_loras: int = DEFAULT_MAX_LORAS, max_lora_rank: int | None = None):
+        """lora: adapters to load, {name: PEFT directory or GGUF LoRA file}; max_loras: adapters resident on the
+        device at once (and in one step); max_lora_rank: the device pool's rank (None: the largest adapter's rank
+        loaded before the first step, at least 16)."""
         if tokenizer.vocab_size > weights.config.vocab_size:
             raise ModelError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{weights.config.vocab_size} embeddings")
@@ -70,6 +75,9 @@ class Model:
         self.device = device
         self.dtype = dtype
         self.transformer = Transformer(weights, self.backend, device, dtype)
+        self.loras = LoraRegistry(self.transformer, max_loras, max_lora_rank)
+        for name, source in parse_lora_specs(lora or {}).items():
+            self.loras.add(name, source)
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
 
@@ -85,12 +93,12 @@ class Model:
         return self.transformer.new_cache(batch, capacity, block_size)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, adapter: str | None = None) -> torch.Tensor:
         """tokens: int [batch, T] at positions [start, start + T) -> logits [batch, T, vocab] in the runner's dtype
         ([batch, 1, vocab] with last_only: what generation needs, skipping the output head for the other positions).
 
         With a cache, the tokens follow the `start` tokens it holds and are stored in it; without one, start must be
-        0 and the T tokens attend only to each other.
+        0 and the T tokens attend only to each other. adapter: a loaded LoRA adapter's name, for every row.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, T], got shape {tuple(tokens.shape)}")
@@ -98,7 +106,12 @@ class Model:
             raise ValueError(f"tokens must be int32/int64 ids, got {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return self.transformer.forward_tokens(tokens.tolist(), cache, start, last_only)
+        if adapter is None:
+            return self.transformer.forward_tokens(tokens.tolist(), cache, start, last_only)
+        with self.loras.lock:
+            slot = self.loras.activate([adapter])[adapter]
+            return self.transformer.forward_tokens(tokens.tolist(), cache, start, last_only, adapter=slot,
+                                                   lora_slots=self.loras.max_loras)
 
     # ---------------------------------------------------------------------------------------------- generation
 
@@ -121,6 +134,13 @@ class Model:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+
+    def add_lora(self, name: str, source: str | os.PathLike | LoraAdapter) -> LoraAdapter:
+        """Load a LoRA adapter (PEFT directory, GGUF LoRA file, or LoraAdapter) for requests to name."""
+        return self.loras.add(name, source)
+
+    def remove_lora(self, name: str) -> None:
+        self.loras.remove(name)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                **sampling) -> GenerationStream:
@@ -198,13 +218,15 @@ def default_dtype(backend: Backend | str, device: torch.device) -> torch.dtype:
 
 
 def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None = None,
-         backend: Backend | str = Backend.TORCH, dtype: torch.dtype | None = None) -> Model:
+         backend: Backend | str = Backend.TORCH, dtype: torch.dtype | None = None, *,
+         lora: Mapping[str, str | os.PathLike] | None = None, max_loras: int = DEFAULT_MAX_LORAS,
+         max_lora_rank: int | None = None) -> Model:
     """Load a GGUF model (a packaged name such as "smollm2", the default, or a path) for generation.
 
     device: "cpu", "cuda" or None (CUDA when present); backend: "torch" (the reference) or "triton" (realm's
     kernels; on CPU they run under Triton's interpreter, which needs TRITON_INTERPRET=1 set before Triton is
     imported); dtype: the compute dtype, None for the backend's default (`default_dtype`; float32 is the exact
-    reference).
+    reference); lora, max_loras, max_lora_rank: LoRA adapters to load and the device pool (see Model).
     """
     backend = backend_of(backend)
     device = resolve_device(device)
@@ -217,7 +239,8 @@ def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None
         _check_triton_device(device, dtype)  # before the weights load: a wrong setup fails at once
     weights = load_weights(model)
     tokenizer = Tokenizer.from_metadata(weights.metadata)
-    return Model(weights, tokenizer, backend, device, dtype)
+    return Model(weights, tokenizer, backend, device, dtype, lora=lora, max_loras=max_loras,
+                 max_lora_rank=max_lora_rank)
 
 
 class GenerationStream:

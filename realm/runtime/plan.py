@@ -3,7 +3,8 @@ sent to other processes (tensor-parallel ranks run the same plan).
 
     plan = StepPlan(block_size=16, chunks=(
         ChunkPlan(seq_id=0, start=0, token_ids=(1, 2, 3), block_table=(4,), logits=(2,), sampling=RowSampling()),
-        ChunkPlan(seq_id=1, start=7, token_ids=(9,), block_table=(0, 5), logits=(0,), sampling=RowSampling(...)),
+        ChunkPlan(seq_id=1, start=7, token_ids=(9,), block_table=(0, 5), logits=(0,), sampling=RowSampling(...),
+                  adapter=2),                  # rows of this chunk add the LoRA delta of the adapter in slot 2
     ))
     out = runner.execute(plan)        # StepOutput: sampled tokens per chunk, optionally probabilities and logits
 
@@ -34,6 +35,7 @@ class ChunkPlan:
     # draws for its own position. `sampling.history` (repetition penalty) holds the tokens before the chunk; a row's
     # history is that plus the chunk's tokens up to the row.
     sampling: RowSampling | None = None
+    adapter: int = -1  # the LoRA pool slot of the sequence's adapter (realm.runtime.lora); -1: none
 
     @property
     def num_tokens(self) -> int:
@@ -70,3 +72,4 @@ class StepOutput:
     # Per chunk: None, or why it failed (its logits are not finite; the forward or sampling raised with it alone).
     # A failed chunk has no tokens and NaN logits and probability rows; its sequence must not go on.
     errors: list[str | None] = field(default_factory=list)
+    lora: str | None = None  # how LoRA deltas were added when a row had an adapter: "reference", "fused", "separate"

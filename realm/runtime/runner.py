@@ -19,6 +19,8 @@ import torch
 
 from .batch import ForwardBatch
 from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
+from .lora import LoraMode, lora_mode_of
+from .ops import Backend
 from .plan import ChunkPlan, StepOutput, StepPlan
 from .sampler import BatchSampler, RowSampling
 from .transformer import Transformer
@@ -39,15 +41,19 @@ class BlockCopyError(RuntimeError):
 
 class ModelRunner:
     def __init__(self, transformer: Transformer, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 vocab_size: int | None = None, seed: int | None = None):
+                 vocab_size: int | None = None, seed: int | None = None, *, lora_slots: int = 0,
+                 lora_mode: LoraMode | str = LoraMode.FUSED):
         """vocab_size: the tokenizer's (the embedding may have padding rows, never sampled); seed: of the sampler's
-        own generator, used by unseeded requests (None: random)."""
+        own generator, used by unseeded requests (None: random); lora_slots: the model's LoRA pool slots (a chunk's
+        `adapter`), lora_mode: how the Triton backend adds their deltas."""
         self.transformer = transformer
         self.config = transformer.config
         self.device = transformer.device
         self.kv = PagedKVCache.allocate(self.config, num_blocks, block_size, transformer.dtype, transformer.device)
         self.vocab_size = vocab_size or self.config.vocab_size
         self.sampler = BatchSampler(self.device, self.vocab_size, seed)
+        self.lora_slots = lora_slots
+        self.lora_mode = lora_mode_of(lora_mode)
 
     def __repr__(self) -> str:
         return f"ModelRunner({self.transformer!r}, {self.kv.num_blocks} KV blocks of {self.kv.block_size})"
@@ -86,7 +92,8 @@ class ModelRunner:
 
     def _merge(self, plan: StepPlan, outputs: list[StepOutput]) -> StepOutput:
         """One StepOutput from the chunks' own, in plan order; a failed chunk's logits and probability rows are NaN."""
-        out = StepOutput(tokens=[o.tokens[0] for o in outputs], errors=[o.errors[0] for o in outputs])
+        out = StepOutput(tokens=[o.tokens[0] for o in outputs], errors=[o.errors[0] for o in outputs],
+                         lora=next((o.lora for o in outputs if o.lora is not None), None))
         if plan.return_logits:
             width = next((o.logits.shape[1] for o in outputs if o.logits is not None), self.config.vocab_size)
             out.logits = torch.cat([o.logits if o.logits is not None else self._nan_rows(len(c.logits), width)
@@ -101,9 +108,10 @@ class ModelRunner:
         return torch.full((n, width), float("nan"), dtype=torch.float32, device=self.device)
 
     def _run(self, plan: StepPlan) -> StepOutput:
-        batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length)
+        batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length,
+                                   self.lora_slots, self.lora_mode)
         logits = self.transformer.forward(batch, self.kv)  # [plan.num_logits, vocab]
-        out = StepOutput(logits=logits if plan.return_logits else None)
+        out = StepOutput(logits=logits if plan.return_logits else None, lora=self._lora_path(batch))
         rows, index = [], []  # the sampled logits rows and their sampling
         row = 0
         for chunk in plan.chunks:
@@ -127,6 +135,11 @@ class ModelRunner:
         out.errors = [None if all([next(finite) for _ in c.logits]) else NON_FINITE for c in plan.chunks]
         out.tokens = [t if e is None else [] for t, e in zip(out.tokens, out.errors, strict=True)]
         return out
+
+    def _lora_path(self, batch: ForwardBatch) -> str | None:
+        if batch.lora is None:
+            return None
+        return "reference" if self.transformer.backend is Backend.TORCH else batch.lora.mode.value
 
     def _finite(self, logits: torch.Tensor, flags: list[int]) -> list[bool]:
         """Per logits row, whether all its logits are finite. `flags` come from a float32 sum, which also overflows

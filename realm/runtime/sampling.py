@@ -32,6 +32,7 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random draw each run
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these (finish reason "stop")
     ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
+    adapter: str | None = None  # the LoRA adapter (a name loaded in the model's registry); None: the base model
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # a single string is one stop string, not a tuple of characters
@@ -68,6 +69,9 @@ class SamplingParams:
             _check_int("seed", self.seed, minimum=0)
             if self.seed >= 2**63:
                 raise ValueError(f"seed must be < 2**63 (torch.Generator's range), got {self.seed}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            raise ValueError(f"adapter must be the name of a loaded LoRA adapter (a non-empty string) or None, got "
+                             f"{self.adapter!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         for s in self.stop:

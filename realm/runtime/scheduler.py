@@ -22,6 +22,8 @@ A step is formed in two passes, older sequences first:
    and output when resumed), until it fits (a prefill chunk then grows into the room that made), or until the
    sequence itself was the newest. Older sequences come first in everything: a resumed prefill takes the budget
    before newer sequences' decodes.
+   A sequence whose LoRA adapter would exceed `max_loras` distinct adapters in the step skips it (an older
+   sequence's adapter comes first).
 2. Waiting sequences, in arrival order (a preempted sequence keeps its place, ahead of later arrivals), are
    admitted while the budget, `max_num_seqs` and the blocks last, after taking what they can from the prefix cache.
    The first that does not fit stops admission (no overtaking: a long prompt is never starved by short ones), and
@@ -55,10 +57,13 @@ class SchedulerConfig:
     max_batch_tokens: int = 512  # tokens per forward step: decodes and prefill chunks together
     max_num_seqs: int = 64  # sequences in one step
     batching: Batching = Batching.CONTINUOUS
+    max_loras: int | None = None  # distinct LoRA adapters in one step (the device pool's slots); None: no limit
 
     def __post_init__(self):
-        for name in ("max_batch_tokens", "max_num_seqs"):
+        for name in ("max_batch_tokens", "max_num_seqs", "max_loras"):
             value = getattr(self, name)
+            if value is None and name == "max_loras":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         try:
@@ -156,6 +161,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if not self._adapter_fits(step, seq):  # its adapter would be one too many: it waits a step
+                i += 1
+                continue
             n = self._fit(seq, min(seq.remaining, budget))
             while not self.blocks.can_allocate(seq.kv, seq.num_computed + n) and self.running[-1] is not seq:
                 step.preempted.append(self._preempt(self.running[-1]))
@@ -176,6 +184,14 @@ class Scheduler:
         self.stats.steps += bool(step)
         return step
 
+    def _adapter_fits(self, step: Step, seq: Sequence) -> bool:
+        """At most max_loras distinct adapters per step: the pool holds that many at once."""
+        limit = self.config.max_loras
+        if seq.adapter is None or limit is None:
+            return True
+        used = {c.seq.adapter for c in step.chunks} - {None}
+        return seq.adapter in used or len(used) < limit
+
     def _fit(self, seq: Sequence, n: int) -> int:
         """A prefill chunk shrinks to the room its blocks and the free ones have, rather than preempting others
         (a decode, 1 token, cannot shrink)."""
@@ -186,6 +202,8 @@ class Scheduler:
         while (self.waiting and (budget > 0 or whole_batch) and not step.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            if not self._adapter_fits(step, seq):
+                break
             cached = self.blocks.match_prefix(seq.kv, seq.token_ids, seq.salt)
             n = min(seq.remaining, budget)
             # all its tokens must fit now (a prefill that could not finish would only be preempted), with a block

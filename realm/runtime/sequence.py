@@ -30,6 +30,7 @@ class Sequence:
     token_ids: list[int]  # the prompt, then the generated tokens
     max_tokens: int  # generated tokens at most
     salt: str | None = None  # prefix-cache namespace: sequences with different salts never share KV blocks
+    adapter: str | None = None  # its LoRA adapter's name (the scheduler limits distinct adapters per step)
     num_prompt_tokens: int = -1  # set from token_ids at creation
     kv: SequenceKV = field(default_factory=SequenceKV)
     status: SequenceStatus = SequenceStatus.WAITING

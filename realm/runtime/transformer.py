@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from realm.kernels.rope import rope_cache
+from realm.lora import Target
 
 from .batch import ForwardBatch
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, PagedKVCache
@@ -107,6 +108,12 @@ class Transformer:
             down=self._linear(f"blk.{i}.ffn_down", [w.w_down], None),
         )
 
+    def lora_layers(self) -> list[tuple[int, tuple[Target, ...], Linear]]:
+        """The layers an adapter may adapt: (layer index, the targets the linear layer fuses, in output order, it)."""
+        return [(i, targets, linear) for i, layer in enumerate(self.layers) for targets, linear in (
+            ((Target.Q, Target.K, Target.V), layer.qkv), ((Target.O,), layer.o),
+            ((Target.GATE, Target.UP), layer.gate_up), ((Target.DOWN,), layer.down))]
+
     def linears(self) -> list[Linear]:
         """Every linear layer, in forward order (the head last): where epilogues are attached."""
         return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
@@ -173,11 +180,12 @@ class Transformer:
         return KVCache(self.config, batch, capacity, self.dtype, self.device, block_size)
 
     def forward_tokens(self, tokens: Sequence[Sequence[int]] | torch.Tensor, cache: KVCache | None = None,
-                       start: int = 0, last_only: bool = False) -> torch.Tensor:
+                       start: int = 0, last_only: bool = False, adapter: int = -1,
+                       lora_slots: int = 0) -> torch.Tensor:
         """tokens: ids [batch, T] at positions [start, start + T) -> logits [batch, T, vocab] ([batch, 1, vocab] with
         last_only). With a cache, the tokens follow the `start` tokens it holds and are stored in it; without one,
         start must be 0 and the T tokens attend only to each other. Ids are not range-checked here (Model.forward
-        does)."""
+        does). adapter: the LoRA pool slot every row uses (-1: none), of lora_slots."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.tolist()
         batch, n = len(tokens), len(tokens[0]) if tokens else 0
@@ -193,9 +201,9 @@ class Transformer:
             raise ValueError(f"tokens have batch {batch}, the cache {cache.batch}")
         logits = (n - 1,) if last_only else tuple(range(n))
         plan = StepPlan(cache.paged.block_size, tuple(
-            ChunkPlan(b, start, tuple(row), tuple(seq.blocks), logits)
+            ChunkPlan(b, start, tuple(row), tuple(seq.blocks), logits, adapter=adapter)
             for b, (seq, row) in enumerate(zip(cache.sequences, tokens, strict=True))))
-        step = ForwardBatch.build(plan, cache.paged.num_blocks, self.device, self.config.context_length)
+        step = ForwardBatch.build(plan, cache.paged.num_blocks, self.device, self.config.context_length, lora_slots)
         out = self.forward(step, cache.paged)
         cache.advance(n)
         return out.view(batch, 1 if last_only else n, -1)
