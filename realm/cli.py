@@ -179,7 +179,8 @@ def _load(args: argparse.Namespace):
     from .runtime.lora import DEFAULT_MAX_LORAS
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    lora = {"lora": _loras(args), "max_loras": args.max_loras or DEFAULT_MAX_LORAS} if args.lora else {}
+    lora = {"lora": _loras(args), "max_loras": args.max_loras or DEFAULT_MAX_LORAS} if args.lora or args.max_loras \
+        else {}
     return load(args.model, device=args.device, backend=args.backend, dtype=dtype, **lora)
 
 

@@ -289,3 +289,90 @@ def test_triton_backend_matches_torch_with_adapters(tiny, mode):
         engine.run()
         results[backend] = [r.completion.token_ids for r in requests]
     assert results[Backend.TRITON] == results[Backend.TORCH]
+
+
+# ------------------------------------------------------------------------------------- review regressions
+
+
+def test_a_callers_salt_never_meets_an_adapters(tiny):
+    """A base request salted "lora:<uid>" (the adapter's own namespace, spelled by a caller) gets no adapter KV."""
+    path, _ = tiny
+    model = tiny_model(path)
+    model.add_lora("a", random_adapter(model.config, "a", rank=4))
+    engine = Engine(model, EngineConfig(kv_blocks=32, block_size=4))
+    prompt = IDS * 2
+    engine.add_request(prompt, SamplingParams(max_tokens=2, adapter="a"))
+    engine.run()
+    uid = model.loras.uid("a")
+    for salt in (f"lora:{uid}", f"lora:{uid}|x"):
+        r = engine.add_request(prompt, SamplingParams(max_tokens=2), salt=salt)
+        engine.run()
+        assert r.completion.timings.cached_tokens == 0 and r.completion.token_ids == solo(model, prompt, None, 2)
+
+
+def test_a_slot_that_fails_to_load_fails_its_requests_alone_and_the_pool_recovers(tiny, monkeypatch):
+    """The write into a slot raises (device memory): the requests with that adapter fail, with the reason, outside
+    the pool's lock (their callbacks can reach it); the slot is left empty and the pool works afterwards."""
+    import threading
+
+    from realm.runtime.lora import LoraStack
+
+    path, _ = tiny
+    model = tiny_model(path, max_loras=1)
+    for name in ("a", "b"):
+        model.add_lora(name, random_adapter(model.config, name, rank=4, seed=ord(name)))
+    engine = Engine(model, EngineConfig(kv_blocks=32, block_size=16))
+    engine.add_request(IDS, SamplingParams(max_tokens=1, adapter="a"))
+    engine.run()
+    write = LoraStack.write
+    monkeypatch.setattr(LoraStack, "write", lambda self, slot, adapter: (_ for _ in ()).throw(
+        RuntimeError("out of memory")) if adapter is not None else write(self, slot, adapter))
+    free = []
+    fail_requests = engine._fail_requests
+
+    def failing(failures):  # ends the requests (their callbacks run): another thread can take the pool's lock
+        t = threading.Thread(target=lambda: free.append(model.loras.lock.acquire(timeout=5) and
+                                                        model.loras.lock.release() is None))
+        t.start()
+        t.join()
+        return fail_requests(failures)
+
+    engine._fail_requests = failing
+    bad = engine.add_request(IDS, SamplingParams(max_tokens=3, adapter="b"))
+    base = engine.add_request(IDS, SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.run()
+    assert bad.completion.finish_reason is FinishReason.ERROR and "out of memory" in bad.completion.error
+    assert "device pool" in bad.completion.error and free == [True]
+    assert base.completion.token_ids == solo(model, IDS, None, 3)
+    monkeypatch.setattr(LoraStack, "write", write)
+    assert model.loras.resident == {}
+    model.remove_lora("a")
+    assert solo(model, IDS, "b", 3) == solo(tiny_model(path, lora={"b": model.loras.adapter("b")}), IDS, "b", 3)
+
+
+def test_a_request_waiting_for_a_lora_slot_does_not_block_the_base_model():
+    """max_loras=1: a waiting request with a second adapter waits; a base request behind it is admitted."""
+    from realm.runtime.block_manager import BlockManager
+    from realm.runtime.scheduler import Scheduler, SchedulerConfig
+    from realm.runtime.sequence import Sequence
+
+    scheduler = Scheduler(SchedulerConfig(max_loras=1), BlockManager(64, 16))
+    seqs = [Sequence(i, [1, 2, 3], 4, adapter=a) for i, a in enumerate(["a", "b", None, "a", "c"])]
+    for seq in seqs:
+        scheduler.add(seq)
+    step = scheduler.schedule()
+    assert [c.seq.seq_id for c in step.chunks] == [0, 2, 3]
+    assert [s.seq_id for s in scheduler.waiting] == [1, 4]
+
+
+def test_packaged_adapter_names_and_paths(tmp_path, monkeypatch):
+    from realm.lora import packaged_adapters, resolve_adapter
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pirate").mkdir()  # an unrelated directory of that name does not hide the packaged adapter
+    assert resolve_adapter("pirate") == packaged_adapters()["pirate"]
+    (tmp_path / "pirate" / "adapter_config.json").write_text("{}")  # an adapter there does
+    assert resolve_adapter("pirate").resolve() == (tmp_path / "pirate").resolve()
+    assert parse_lora_specs(["./runs/lr=1e-4/ckpt", "out/llama-3.1-lora", "x/pirate.gguf", "a=b/c"]) == {
+        "ckpt": "./runs/lr=1e-4/ckpt", "llama-3.1-lora": "out/llama-3.1-lora", "pirate": "x/pirate.gguf", "a": "b/c"}
+    assert parse_lora_specs("robot") == {"robot": "robot"} and parse_lora_specs(None) == {}

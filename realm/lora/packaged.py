@@ -17,8 +17,10 @@ def packaged_adapters() -> dict[str, Path]:
 
 
 def resolve_adapter(source: str | os.PathLike) -> Path:
-    """A path as given, or a packaged adapter's directory when source is one's name and no such path exists."""
+    """A path as given, or a packaged adapter's directory when source is one's name and no adapter is at that path
+    (a file, or a directory with adapter_config.json: an unrelated local directory of that name does not hide it)."""
     path = Path(source)
-    if not path.exists() and isinstance(source, str) and source in packaged_adapters():
+    is_adapter = path.is_file() or (path / "adapter_config.json").is_file()
+    if not is_adapter and isinstance(source, str) and source in packaged_adapters():  # not shadowed by any dir
         return packaged_adapters()[source]
     return path

@@ -297,9 +297,11 @@ class Engine:
         ids = self.model.encode(prompt)
         self.model.check_prompt(ids)
         max_new = min(params.max_tokens, self.model.config.context_length - len(ids))
+        # The prefix-cache namespace: callers' salts and adapters' never meet (a caller's "lora:1" is not adapter 1's)
+        salt = None if salt is None else f"salt:{salt}"
         if adapter is not None:  # unknown: ValueError; else it cannot be removed until the request ends
             uid = self.loras.acquire(adapter)
-            salt = f"lora:{uid}" if salt is None else f"lora:{uid}:{salt}"
+            salt = f"lora:{uid}" if salt is None else f"lora:{uid}|{salt}"
         try:
             with self._id_lock:
                 request_id = next(self._ids)
@@ -393,23 +395,29 @@ class Engine:
         for request in requests:
             if request.scheduled_s is None:
                 request.scheduled_s = now
-        with self.loras.lock:  # the step's adapter slots stay as planned until its forward has run
+        # The step's adapter slots stay as planned until its forward has run. Failures are delivered after the lock is
+        # released: their callbacks must not run while it blocks other engines on the model.
+        failed_plan = failed_step = None
+        with self.loras.lock:
             try:
                 plan = self._plan(step, chunks, requests)
-            except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
-                self.scheduler.abort(step)
-                return self._fail_requests(e.failures)
-            try:
                 output = self.runner.execute(plan)
+            except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
+                failed_plan = e.failures
             except Exception as e:  # a step of one chunk, or the copies: these requests fail, the engine goes on
                 if isinstance(e, BlockCopyError):  # and so does any sequence whose copied block was not written
                     requests += [r for r in self.requests.values() if r not in requests
                                  and e.destinations.intersection(r.seq.kv.blocks)]
                 log.exception("engine step failed; its %d requests end with an error", len(requests))
-                return self._fail_step(step, requests, f"the step failed: {type(e).__name__}: {e}")
+                failed_step = f"the step failed: {type(e).__name__}: {e}"
             except BaseException:  # an interrupt: the step did not happen, and the engine stays usable
                 self.scheduler.abort(step)
                 raise
+        if failed_plan is not None:
+            self.scheduler.abort(step)
+            return self._fail_requests(failed_plan)
+        if failed_step is not None:
+            return self._fail_step(step, requests, failed_step)
         failed = {r.seq.seq_id: (r, error) for r, error in zip(requests, output.errors or (), strict=False)
                   if error is not None}
         self.scheduler.complete(step, failed)
@@ -455,7 +463,7 @@ class Engine:
             slots = self.loras.activate(r.adapter for r in requests if r.adapter is not None)
         except Exception as e:
             log.exception("the step's LoRA adapters could not be made resident")
-            raise _PlanError([(r, f"its LoRA adapter could not be loaded on {self.model.device}: "
+            raise _PlanError([(r, f"its LoRA adapter could not be put in the model's device pool: "
                                   f"{type(e).__name__}: {e}") for r in requests if r.adapter is not None]) from e
         for chunk, request in zip(chunks, requests, strict=True):
             try:

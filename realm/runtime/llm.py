@@ -44,12 +44,12 @@ class LLM:
                  max_batch_tokens: int = 512, max_num_seqs: int = 64, kv_blocks: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True,
                  batching: Batching | str = Batching.CONTINUOUS, lora: Mapping[str, str | os.PathLike] | None = None,
-                 max_loras: int = DEFAULT_MAX_LORAS, max_lora_rank: int | None = None,
+                 max_loras: int | None = None, max_lora_rank: int | None = None,
                  lora_mode: LoraMode | str = LoraMode.FUSED):
         """model: a packaged model name, a GGUF path, or a loaded Model (then device and dtype must be left out, and
         backend, if given, be the model's); backend: None is the torch reference; lora: LoRA adapters to load,
         {name: PEFT directory or GGUF LoRA file}, that requests name in SamplingParams(adapter=...); max_loras,
-        max_lora_rank: the device pool (realm.runtime.lora; fixed by the Model when one is given); the rest
+        max_lora_rank: the device pool (realm.runtime.lora; default 4 slots; a loaded Model has its own); the rest
         configures the engine (EngineConfig)."""
         config = EngineConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, kv_blocks=kv_blocks,
                               block_size=block_size, prefix_caching=prefix_caching, batching=batching,
@@ -59,11 +59,15 @@ class LLM:
                                                             model.backend):
                 raise ValueError(f"a loaded Model brings its backend ({model.backend.value}), device and dtype; do "
                                  "not pass others")
-            for name, source in parse_lora_specs(lora or {}).items():
+            pool = model.loras
+            if (max_loras not in (None, pool.max_loras)) or (max_lora_rank not in (None, pool.max_rank)):
+                raise ValueError(f"a loaded Model has its LoRA pool (max_loras={pool.max_loras}, max_lora_rank="
+                                 f"{pool.max_rank}): pass max_loras and max_lora_rank to realm.load instead")
+            for name, source in parse_lora_specs(lora).items():
                 model.add_lora(name, source)
         else:
             model = load(model, device=device, backend=Backend.TORCH if backend is None else backend, dtype=dtype,
-                         lora=lora, max_loras=max_loras, max_lora_rank=max_lora_rank)
+                         lora=lora, max_loras=max_loras or DEFAULT_MAX_LORAS, max_lora_rank=max_lora_rank)
         self.model = model
         self.engine = Engine(model, config)
 

@@ -152,8 +152,9 @@ _uids = itertools.count(1)
 class LoraRegistry:
     """A model's adapters by name, and the device pool (`max_loras` slots of rank `max_rank`) they run from.
 
-    Thread-safe: `lock` is held by an engine from activating a step's adapters until its forward has run, so that
-    no slot the step uses changes under it (several engines may share one model)."""
+    Thread-safe. `lock` (the pool's) is held by an engine from activating a step's adapters until its forward has run,
+    so that no slot the step uses changes under it (several engines may share one model); the names and their users
+    have a lock of their own, so that adding a request never waits for a step. Order: `lock`, then the names'."""
 
     def __init__(self, transformer, max_loras: int = DEFAULT_MAX_LORAS, max_rank: int | None = None):
         for name, value in (("max_loras", max_loras), ("max_rank", max_rank)):
@@ -164,28 +165,35 @@ class LoraRegistry:
         self.max_loras = max_loras
         self.max_rank = max_rank  # None: the largest rank added so far (at least DEFAULT_MAX_RANK), fixed once used
         self.lock = threading.RLock()
+        self._names = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._slots: OrderedDict[int, str | None] = OrderedDict((i, None) for i in range(max_loras))  # LRU first
         self._stacks: list[LoraStack] | None = None
 
     def __repr__(self) -> str:
-        return f"LoraRegistry({len(self._entries)} adapters, {self.max_loras} slots of rank {self.pool_rank})"
+        return f"LoraRegistry({len(self)} adapters, {self.max_loras} slots of rank {self.pool_rank})"
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        with self._names:
+            return name in self._entries
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._names:
+            return len(self._entries)
 
     @property
     def names(self) -> list[str]:
-        return list(self._entries)
+        with self._names:
+            return list(self._entries)
 
     @property
     def pool_rank(self) -> int:
         if self.max_rank is not None:
             return self.max_rank
-        return max([DEFAULT_MAX_RANK, *(e.adapter.max_rank for e in self._entries.values())])
+        if self._stacks is not None:
+            return self._stacks[0].rank
+        with self._names:
+            return max([DEFAULT_MAX_RANK, *(e.adapter.max_rank for e in self._entries.values())])
 
     def adapter(self, name: str) -> LoraAdapter:
         return self._entry(name).adapter
@@ -194,11 +202,12 @@ class LoraRegistry:
         return self._entry(name).uid
 
     def _entry(self, name: str) -> _Entry:
-        entry = self._entries.get(name) if isinstance(name, str) else None
-        if entry is None:
-            known = ", ".join(repr(n) for n in self._entries) or "none are loaded"
-            raise ValueError(f"unknown LoRA adapter {name!r} ({known})")
-        return entry
+        with self._names:
+            entry = self._entries.get(name) if isinstance(name, str) else None
+            if entry is None:
+                known = ", ".join(repr(n) for n in self._entries) or "none are loaded"
+                raise ValueError(f"unknown LoRA adapter {name!r} ({known})")
+            return entry
 
     # ------------------------------------------------------------------------------------------ load / unload
 
@@ -210,7 +219,7 @@ class LoraRegistry:
                              f"{name!r}")
         adapter = source if isinstance(source, LoraAdapter) else read_adapter(source, self.config, name)
         adapter.check(self.config)
-        with self.lock:
+        with self.lock, self._names:  # a pool rebuilt for a larger rank must wait for a step using it
             if name in self._entries:
                 raise ValueError(f"a LoRA adapter named {name!r} is already loaded; remove it first")
             if self.max_rank is not None and adapter.max_rank > self.max_rank:
@@ -223,7 +232,7 @@ class LoraRegistry:
 
     def remove(self, name: str) -> None:
         """Unload an adapter. Refused while requests that name it are in flight (cancel them first)."""
-        with self.lock:
+        with self.lock, self._names:
             entry = self._entry(name)
             if entry.users:
                 raise ValueError(f"LoRA adapter {name!r} is used by {entry.users} request(s) in flight; cancel "
@@ -237,13 +246,13 @@ class LoraRegistry:
 
     def acquire(self, name: str) -> int:
         """A request names the adapter: it cannot be removed until `release`. Returns its uid."""
-        with self.lock:
+        with self._names:
             entry = self._entry(name)
             entry.users += 1
             return entry.uid
 
     def release(self, name: str) -> None:
-        with self.lock:
+        with self._names:
             entry = self._entries.get(name)
             if entry is not None and entry.users:
                 entry.users -= 1
@@ -263,19 +272,32 @@ class LoraRegistry:
         for name, entry in zip(names, entries, strict=True):
             if entry.slot is None:
                 slot = next(s for s, held in self._slots.items() if held not in names)  # the least recently used
-                evicted = self._slots[slot]
-                if evicted is not None:
-                    self._entries[evicted].slot = None
-                for stack in self._stacks:
-                    stack.write(slot, entry.adapter)
-                self._slots[slot], entry.slot = name, slot
+                self._load_slot(slot, name, entry)
             self._slots.move_to_end(entry.slot)
             slots[name] = entry.slot
         return slots
 
+    def _load_slot(self, slot: int, name: str, entry: _Entry) -> None:
+        """The adapter into slot, evicting its holder. A write that fails (device memory?) leaves the slot empty."""
+        with self._names:
+            evicted = self._slots[slot]
+            if evicted is not None and evicted in self._entries:
+                self._entries[evicted].slot = None
+            self._slots[slot] = None
+        try:
+            for stack in self._stacks:
+                stack.write(slot, entry.adapter)
+        except BaseException:
+            for stack in self._stacks:
+                stack.write(slot, None)
+            raise
+        with self._names:
+            self._slots[slot], entry.slot = name, slot
+
     @property
     def resident(self) -> dict[str, int]:
-        return {name: e.slot for name, e in self._entries.items() if e.slot is not None}
+        with self._names:
+            return {name: e.slot for name, e in self._entries.items() if e.slot is not None}
 
     def _allocate(self) -> list[LoraStack]:
         """A stack for every adaptable linear layer of the model (all targets: adapters loaded later may adapt any)."""
@@ -318,15 +340,25 @@ def read_adapter(source: str | os.PathLike, config: ModelConfig, name: str | Non
                        f"({', '.join(packaged_adapters()) or 'none installed'})")
 
 
-def parse_lora_specs(specs: Iterable[str] | Mapping[str, str | os.PathLike]) -> dict[str, str | os.PathLike]:
-    """`name=PATH` strings (the CLI's --lora; a bare PATH is named after its file or directory) or a mapping."""
+def parse_lora_specs(specs: str | os.PathLike | Iterable[str] | Mapping[str, str | os.PathLike] | None,
+                     ) -> dict[str, str | os.PathLike]:
+    """`NAME=PATH` strings (the CLI's --lora) or bare paths, named after their file or directory (`x.gguf` -> x), or a
+    {name: path} mapping. A spec that is an existing path, or whose part before `=` holds a path separator, is a
+    path even with an `=` in it."""
+    if specs is None:
+        return {}
     if isinstance(specs, Mapping):
         return dict(specs)
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
     out: dict[str, str | os.PathLike] = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).stem or spec, spec
+        if not isinstance(spec, (str, os.PathLike)):
+            raise ValueError(f"a LoRA adapter is NAME=PATH or a path, got {spec!r}")
+        name, sep, path = os.fspath(spec).partition("=")
+        if not sep or os.path.exists(os.fspath(spec)) or "/" in name or "\\" in name:
+            path = spec
+            name = Path(spec).name.removesuffix(".gguf")
         if not name or not path:
             raise ValueError(f"--lora takes NAME=PATH or PATH, got {spec!r}")
         if name in out:

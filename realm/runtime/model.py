@@ -76,7 +76,7 @@ class Model:
         self.dtype = dtype
         self.transformer = Transformer(weights, self.backend, device, dtype)
         self.loras = LoraRegistry(self.transformer, max_loras, max_lora_rank)
-        for name, source in parse_lora_specs(lora or {}).items():
+        for name, source in parse_lora_specs(lora).items():
             self.loras.add(name, source)
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()

@@ -23,7 +23,8 @@ A step is formed in two passes, older sequences first:
    sequence itself was the newest. Older sequences come first in everything: a resumed prefill takes the budget
    before newer sequences' decodes.
    A sequence whose LoRA adapter would exceed `max_loras` distinct adapters in the step skips it (an older
-   sequence's adapter comes first).
+   sequence's adapter comes first); in pass 2 the sequences after it, without an adapter or with one the step has,
+   are still admitted (a new adapter could not take the place either, so none overtakes it to a slot).
 2. Waiting sequences, in arrival order (a preempted sequence keeps its place, ahead of later arrivals), are
    admitted while the budget, `max_num_seqs` and the blocks last, after taking what they can from the prefix cache.
    The first that does not fit stops admission (no overtaking: a long prompt is never starved by short ones), and
@@ -199,11 +200,13 @@ class Scheduler:
         return max(1, min(n, room))
 
     def _admit(self, step: Step, budget: int, whole_batch: bool = False) -> None:
-        while (self.waiting and (budget > 0 or whole_batch) and not step.preempted
+        i = 0  # sequences before i wait for a LoRA slot: the step already has max_loras other adapters
+        while (i < len(self.waiting) and (budget > 0 or whole_batch) and not step.preempted
                and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting[0]
-            if not self._adapter_fits(step, seq):
-                break
+            seq = self.waiting[i]
+            if not self._adapter_fits(step, seq):  # while the step's adapters stay full, so does any new one's
+                i += 1
+                continue
             cached = self.blocks.match_prefix(seq.kv, seq.token_ids, seq.salt)
             n = min(seq.remaining, budget)
             # all its tokens must fit now (a prefill that could not finish would only be preempted), with a block
@@ -212,7 +215,7 @@ class Scheduler:
                 self.blocks.free(seq.kv)  # gives back what the prefix match took
                 break
             self.blocks.allocate(seq.kv, seq.num_computed + n)
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.status = SequenceStatus.RUNNING
             seq.num_cached_tokens = cached
             self.stats.prompt_tokens += seq.num_tokens
