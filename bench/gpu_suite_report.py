@@ -2,9 +2,9 @@
 
 The suite records one line per step in <out>/steps.tsv (name, status, exit code, seconds, timeout, note); the
 benchmarks append their rows to <out>/<bench>.jsonl and pytest writes <out>/junit.xml. The targets are evaluated
-here with each benchmark's own functions (bench/<name>.py: evaluate_targets / evaluate_target on the harness's Target
-definitions), on the rows of this run, so the report and the scripts never disagree. A MISS is a result, not a
-failure; a step that failed or ran out of time is.
+here with each benchmark's own functions (bench/<name>.py: evaluate_targets / evaluate_target, or lora's targets()
+with harness.target_results, on the harness's Target definitions), on the rows of this run, so the report and the
+scripts never disagree. A MISS is a result, not a failure; a step that failed or ran out of time is.
 
     python bench/gpu_suite_report.py report OUT_DIR [--elapsed S --budget S]   # table, OUT_DIR/summary.json; exit 1
                                                   # when a step failed or timed out or a benchmark step wrote no rows
@@ -26,8 +26,8 @@ from pathlib import Path
 from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent
-STEPS = ("pytest", "qmatmul", "attention", "generate", "throughput")
-BENCHMARKS = ("qmatmul", "attention", "generate", "throughput")  # steps that run bench/<name>.py into <name>.jsonl
+STEPS = ("pytest", "qmatmul", "attention", "generate", "lora", "throughput")
+BENCHMARKS = ("qmatmul", "attention", "generate", "lora", "throughput")  # steps: bench/<name>.py into <name>.jsonl
 STATUSES = ("ok", "failed", "timeout", "skipped")
 TIMEOUT_CODES = (124, 137)  # `timeout`: TERM sent (124), KILL sent after --kill-after (128 + 9)
 
@@ -137,6 +137,36 @@ def _harness_target(bench: str, res: dict) -> dict:
     return {"bench": bench, "target": res["target"], "text": res["text"], "status": res["status"], "detail": detail}
 
 
+def _lora_row(r: dict) -> str:
+    pool = f" (pool {r['pool_rank']})" if r["pool_rank"] != r["rank"] else ""
+    return f"{r['mode']}, {r['n_adapters']} rank-{r['rank']}{pool} adapters, batch {r['batch']}"
+
+
+def _lora_targets(module: ModuleType, rows: list[dict]) -> list[dict]:
+    """bench/lora.py's targets() through its harness.target_results, on its rows scored as its print_summary scores
+    them (neg_loss_pct = -loss_pct: the target is loss_pct <= 10 as metric >= -10)."""
+    scored = [{**r, "neg_loss_pct": -r["loss_pct"]} for r in rows if r.get("loss_pct") is not None]
+
+    def worst(r: dict) -> dict:
+        return {"row": _lora_row(r), "tokens_per_s": r.get("tokens_per_s"),
+                "base_tokens_per_s": r.get("base_tokens_per_s")}
+
+    out = []
+    for res in module.target_results(scored, module.targets(), worst):
+        low = res["worst"]
+        if low is None:
+            detail = (f"no GPU decode-step row with {module.TARGET_ADAPTERS} rank-{module.TARGET_RANK} adapters in a "
+                      f"batch of {module.TARGET_BATCH}")
+        else:
+            detail = (f"{res['misses']} of {res['rows']} rows over {-res['threshold']:g} %; worst {low['row']}: "
+                      f"loss {-low['value']:.1f} %")
+            if low["tokens_per_s"] is not None and low["base_tokens_per_s"] is not None:
+                detail += f" ({low['tokens_per_s']:.0f} vs {low['base_tokens_per_s']:.0f} tok/s without adapters)"
+        out.append({"bench": "lora", "target": res["target"], "text": res["text"], "status": res["status"],
+                    "detail": detail})
+    return out
+
+
 def evaluate(bench: str, rows: list[dict]) -> list[dict]:
     """Every target of the benchmark on rows: {bench, target, text, status (PASS / MISS / n/a), detail}."""
     module = load_bench(bench)
@@ -151,18 +181,30 @@ def evaluate(bench: str, rows: list[dict]) -> list[dict]:
             out.append({"bench": bench, "target": "llama.cpp", "text": module.TARGET_TEXT, "status": res["status"],
                         "detail": detail})
         return out
+    if bench == "lora":  # no evaluate_targets: targets() and the harness's target_results, as its print_summary does
+        return _lora_targets(module, rows)
     return [_harness_target(bench, res) for res in module.evaluate_targets(rows)]
 
 
 def info(bench: str, rows: list[dict]) -> list[str]:
-    """The figures worth a line beside the targets: decode tok/s per engine (generate), output tok/s and the ratio
-    to static batching per engine (throughput)."""
+    """The figures worth a line beside the targets: decode tok/s per engine (generate), the loss per decode-step row
+    and the range of losses per mode over the linear layers (lora), output tok/s and the ratio to static batching per
+    engine (throughput)."""
     lines = []
     if bench == "generate":
         for r in rows:
             if r.get("engine_kind") == "realm":
                 lines.append(f"generate: {r['engine']}, {r['prompt_tokens']}-token prompt: decode "
                              f"{r['decode_tok_s']:.1f} tok/s (batch 1), prefill {r['prefill_tok_s']:.0f} tok/s")
+    elif bench == "lora":
+        for r in rows:
+            if r.get("part") == "decode_step":
+                lines.append(f"lora: decode step, {_lora_row(r)}: loss {r['loss_pct']:.1f} %, "
+                             f"{r['tokens_per_s']:.0f} tok/s ({r['base_tokens_per_s']:.0f} without adapters)")
+        for mode in dict.fromkeys(r["mode"] for r in rows if r.get("part") == "linear"):
+            losses = [r["loss_pct"] for r in rows if r.get("part") == "linear" and r["mode"] == mode]
+            lines.append(f"lora: linear layers, {mode}: loss {min(losses):.1f} .. {max(losses):.1f} % over "
+                         f"{len(losses)} rows")
     elif bench == "throughput":
         for r in rows:
             ratio = r.get("static_ratio")
@@ -293,10 +335,14 @@ def check_plan(plan: Path) -> list[str]:
 
 def synthetic_run(out_dir: Path, failed_step: bool = True) -> None:
     """A run's files as the suite leaves them, with known verdicts: qmatmul (a) and (b) PASS, (c) MISS; attention
-    both PASS; generate n/a (no llama.cpp on a GPU run); throughput MISS (3x < 5x); pytest 69 passed; the attention
-    step failed (rc 1) when failed_step, the generate step timed out (124)."""
+    both PASS; generate n/a (no llama.cpp on a GPU run); lora fused PASS (6 % loss), separate MISS (14 %); throughput
+    MISS (3x < 5x); pytest 69 passed; the attention step failed (rc 1) when failed_step, the generate step timed out
+    (124)."""
     out_dir = Path(out_dir)
     env = {"device": "NVIDIA H200", "device_kind": "cuda", "date": "2026-01-01T00:00:00+00:00", "git_commit": "abc"}
+    lrow = {"bench": "lora", "backend": "triton", "rank": 16, "pool_rank": 16, "n_adapters": 16, "batch": 64,
+            "adapter_free_rows": 0}
+    lstep = {**env, **lrow, "part": "decode_step", "layer": None, "base_ms": 10.0, "base_tokens_per_s": 6400.0}
     qrow = {"format": "Q4_K", "n": 4096, "k": 4096, "shape": "4096x4096", "bits_per_weight": 4.5, "dtype": "float16"}
     rows = {
         "qmatmul": [{**env, **qrow, "m": 1, "weight_bw_fraction": 0.85, "speedup": 3.2},
@@ -306,6 +352,12 @@ def synthetic_run(out_dir: Path, failed_step: bool = True) -> None:
                        "causal": True, "seq_len": 4096, "batch": 4, "context": None, "sdpa_ratio": 1.05},
                       {**env, "kind": "decode", "shape": "gqa-d128", "dtype": "bfloat16", "head_dim": 128,
                        "causal": None, "seq_len": None, "batch": 16, "context": 4096, "bw_fraction": 0.8}],
+        "lora": [{**env, **lrow, "part": "linear", "layer": "qkv", "mode": "fused", "loss_pct": 20.0},
+                 {**lstep, "mode": "fused", "ms": 10.64, "loss_pct": 6.0, "tokens_per_s": 6016.0},
+                 {**lstep, "mode": "separate", "ms": 11.63, "loss_pct": 14.0, "tokens_per_s": 5504.0},
+                 {**lstep, "mode": "fused", "n_adapters": 64, "ms": 20.0, "loss_pct": 50.0, "tokens_per_s": 3200.0},
+                 {**lstep, "device": "AMD EPYC", "device_kind": "cpu", "mode": "reference", "ms": 50.0,
+                  "loss_pct": 80.0, "tokens_per_s": 1280.0}],
         "generate": [{**env, "engine": "realm triton float16 cuda", "engine_kind": "realm", "prompt_tokens": 40,
                       "decode_tok_s": 400.0, "prefill_tok_s": 5000.0, "decode_ratio": None}],
         "throughput": [{**env, "engine": "realm triton float16", "engine_kind": "realm", "mode": "continuous",
@@ -318,13 +370,13 @@ def synthetic_run(out_dir: Path, failed_step: bool = True) -> None:
     (out_dir / "junit.xml").write_text('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" '
                                        'errors="0" failures="0" skipped="0" tests="69" time="90.0"/></testsuites>')
     steps = [("pytest", 0, 90.2, 150), ("qmatmul", 0, 40.1, 90), ("attention", 1 if failed_step else 0, 12.5, 110),
-             ("generate", 124 if failed_step else 0, 75.0, 75), ("throughput", 0, 80.3, 120)]
+             ("generate", 124 if failed_step else 0, 75.0, 75), ("lora", 0, 70.4, 150), ("throughput", 0, 80.3, 120)]
     (out_dir / "steps.tsv").write_text("".join(f"{n}\t{step_status(rc)}\t{rc}\t{s}\t{t}\t\n" for n, rc, s, t in steps))
 
 
 EXPECTED = {("qmatmul", "a"): "PASS", ("qmatmul", "b"): "PASS", ("qmatmul", "c"): "MISS",
             ("attention", "prefill"): "PASS", ("attention", "decode"): "PASS", ("generate", "llama.cpp"): "n/a",
-            ("throughput", "continuous"): "MISS"}
+            ("lora", "fused"): "PASS", ("lora", "separate"): "MISS", ("throughput", "continuous"): "MISS"}
 
 
 def self_test() -> list[str]:

@@ -89,6 +89,8 @@ VALUES = {
     "stop": (["x", "\n", ["a", "bc"], [], ["\u00e9t\u00e9"]], ["\ud800", ["a\udcc3"]], ["", [""], 5, [1], [["a"]],
                                                                                          {"a": 1}, True]),
     "ignore_eos": ([True, False], [], [1, 0, "true", None]),
+    # no adapter is loaded in this batch: a name fails its line alone, with an error naming the adapter
+    "adapter": ([None], ["pirate", "x" * 300, "\ud800"], ["", 3, True, ["a"], {"a": 1}]),
 }
 assert set(VALUES) == set(FIELDS), "a new SamplingParams field needs values here"
 
