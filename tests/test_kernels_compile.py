@@ -23,6 +23,12 @@ ATTENTION = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_ca
              "paged_decode_split", "paged_decode_combine")
 CASES += [f"{kind}:{dtype}" for kind in ATTENTION for dtype in ("float16", "bfloat16")]
 CASES += [f"{kind}:float32" for kind in ("flash_causal", "flash_paged_causal", "paged_decode", "paged_decode_split")]
+# Multi-LoRA: the unfused shrink and expand (each holds its one-adapter tl.dot path and its per-row gather path, a
+# run-time choice), and the matmul kernels with the fused LoRA epilogue: decode1 (gather only), decode16 and prefill
+# (tl.dot possible) for a few formats.
+CASES += [f"{kind}:{dtype}" for kind in ("lora_shrink", "lora_expand") for dtype in ("float16", "float32")]
+CASES += ["Q4_K:decode1_lora:float16", "Q4_K:decode16_lora:float16", "Q8_0:decode16_lora:float16",
+          "Q4_K:prefill_lora:float16", "Q6_K:prefill_lora:float16", "IQ4_XS:prefill_lora:float16"]
 
 
 def test_kernels_compile_for_sm90():

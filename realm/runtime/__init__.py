@@ -11,7 +11,8 @@ epilogue), transformer (the llama-family forward, written once over ops), kv_cac
 (ForwardBatch: a step on the device); the engine: sequence, block_manager, scheduler (these three plain Python, no
 torch), plan (the step plan: plain data), runner (plan -> forward -> sampled tokens), sampler (batched sampling),
 sampling (per-request parameters, the per-row reference sampler), generate (text, stop strings, completions),
-engine (the loop, its inbox and event queues), model (load(), Model), llm (the offline API).
+engine (the loop, its inbox and event queues), model (load(), Model), llm (the offline API), lora (a model's LoRA
+adapters and the device pool a step's rows take theirs from).
 
 Names are imported on first use, so `import realm.runtime.scheduler` does not import torch.
 """
@@ -29,6 +30,7 @@ _EXPORTS = {
     "kv_cache": ("KVCache", "PagedKVCache"),
     "linear": ("Linear",),
     "llm": ("LLM",),
+    "lora": ("LoraMode", "LoraRegistry"),
     "model": ("GenerationStream", "Model", "load", "resolve_device"),
     "ops": ("Backend", "Ops", "ops_for"),
     "plan": ("ChunkPlan", "StepOutput", "StepPlan"),

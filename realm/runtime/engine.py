@@ -16,7 +16,8 @@ One step (`step`): the inbox's adds and cancels are applied, the scheduler picks
 sequence's last token asks for that row's logits, sampled with the request's parameters) and the model runner
 executes it (realm.runtime.runner: the copies, one forward, one batched sampling). Then each sampled token is
 appended, detokenized and checked against stop strings and max_tokens, and its event queued for the request's
-consumers. Per request: sampling parameters, stop strings, max_tokens, finish reasons, events (`stream`,
+consumers. Per request: a LoRA adapter (`adapter`, one of the model's: requests with different adapters and none
+share every step, realm.runtime.lora), sampling parameters, stop strings, max_tokens, finish reasons, events (`stream`,
 `astream`, an `on_event` callback run in the stepping thread), cancellation (its blocks are freed at the next step
 boundary, at once when nothing is stepping).
 
