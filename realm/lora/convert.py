@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from ..gguf_io import GGUFError, find_tensor, open_gguf, read_metadata, tensor_shape
-from ..models import MODELS, resolve_model
 from ..runtime.config import Metadata, ModelConfig, ModelError
+from ..runtime.weights import model_file
 from .adapter import AdapterError, LoraAdapter
 from .gguf_lora import TYPE_KEY, write_gguf_lora
 from .peft import read_peft
@@ -22,10 +22,7 @@ from .peft import read_peft
 
 def base_config(base_model: str | os.PathLike) -> tuple[Path, ModelConfig]:
     """The path and config of a base model (a GGUF path or a packaged model name), from its header alone."""
-    path = resolve_model(base_model)
-    if not path.exists():
-        raise FileNotFoundError(2, f"no such model file (and not a packaged model name: {', '.join(MODELS)})",
-                                str(path))
+    path = model_file(base_model)
     reader = open_gguf(path)
     metadata = read_metadata(reader)
     if Metadata(metadata).get(TYPE_KEY) == "adapter":

@@ -263,6 +263,8 @@ class LoraRegistry:
         """Make the adapters resident, evicting the least recently used others -> their slots. Call with `lock`
         held until the forward that uses the slots has run."""
         names = list(dict.fromkeys(names))
+        if not names:  # a step without adapters: the pool is not even allocated for it
+            return {}
         if len(names) > self.max_loras:
             raise ValueError(f"a step uses {len(names)} adapters; the pool holds max_loras={self.max_loras}")
         entries = [self._entry(n) for n in names]

@@ -152,12 +152,18 @@ def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
     )
 
 
-def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
-    """Read a llama-family GGUF: a packaged model name (`realm.models.MODELS`) or a path."""
+def model_file(model: str | os.PathLike) -> Path:
+    """The GGUF file of a packaged model name (`realm.models.MODELS`) or a path; FileNotFoundError naming both."""
     path = resolve_model(model)
     if not path.exists():
         raise FileNotFoundError(2, f"no such model file (and not a packaged model name: {', '.join(MODELS)})",
                                 str(path))
+    return path
+
+
+def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
+    """Read a llama-family GGUF: a packaged model name (`realm.models.MODELS`) or a path."""
+    path = model_file(model)
     reader = open_gguf(path)
     metadata = read_metadata(reader)
     tensors = _Tensors(reader, path)
