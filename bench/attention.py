@@ -18,24 +18,36 @@ the K and V the kernel must read (sum over sequences of seq_len x kv_heads x hea
 bandwidth measured in the run (bw_fraction) and of the datasheet's HBM bandwidth, and the plan_decode plan that ran
 (num_splits).
 
+Verify (`paged_verify_attention`, speculative decoding's verification: k + 1 causal queries per sequence over its
+pages). For every shape, context length (512 .. 32k), batch size (1, 8, 32) and q_len = k + 1 (2, 4, 8, 16) it times
+realm's verification kernel and `flash_attention_paged` (the kernel that served such chunks before) on the very same
+inputs: batch chunks of q_len queries packed [batch * q_len, heads, head_dim] with cu_seqlens, the last q_len of
+`context` tokens each, in a paged cache scattered as decode's. Bytes moved = K and V of every cached token once per KV
+head + q + out (as decode: the fewest any kernel must move); rows give GB/s and bw_fraction for both kernels, the
+speedup flash_ms / ms (> 1: the verification kernel is faster) and the plan that ran (splits, row tile).
+
 Shapes (SHAPES): mha-d128: 32 heads x 128 (Llama-2-7B); mha-d64: 32 heads x 64 (OPT-1.3B; Llama-3.2-1B's query
 heads); gqa-d128: 32 query / 8 KV heads x 128 (Llama-3-8B); gqa-d64: 32 / 8 x 64 (Llama-3.2-1B). Prefill sweeps all
-four, decode the two GQA ones (what decodes in practice).
+four, decode and verify the two GQA ones (what decodes in practice).
 
 The ceilings are measured once per run on the same device: bandwidth from a 1 GiB device-to-device copy (bytes read +
 written), the matmul rate from an 8192^3 torch.matmul per dtype; the datasheet peaks (PEAKS) are looked up by device
 name. Before a shape is timed, the timed kernel's output (written into a NaN-poisoned buffer, with the inputs that are
 timed) is compared with the float32 reference of realm.kernels on a slice (prefill: the first and last sequence, the
-first and last head, SDPA's output too; decode: the first and last sequence); a wrong result stops the run.
+first and last head, SDPA's output too; decode: the first and last sequence; verify: the first and last chunk, of
+both kernels); a wrong result stops the run.
 
 The end of a run prints the tables and the issue's targets: (prefill) in bfloat16 at head_dim 128 and S >= 4096,
 realm >= 0.9x SDPA's speed (the issue asks it on an H100; the verdict line names the device); (decode) at batch >= 16
-and context >= 4096, >= 70 % of the measured copy bandwidth.
+and context >= 4096, >= 70 % of the measured copy bandwidth. Verify has no target yet (the issue asks for the
+measurement against flash_attention_paged): its table shows the speedup and bandwidth fraction.
 
-    python bench/attention.py                  # both parts, bfloat16 and float16: rows to bench/results/attention.jsonl
-    python bench/attention.py --quick          # prefill mha-d128 gqa-d128 at 1k 4k 16k; decode gqa-d128; bfloat16
+    python bench/attention.py                  # all parts, bfloat16 and float16: rows to bench/results/attention.jsonl
+    python bench/attention.py --quick          # prefill mha-d128 gqa-d128 at 1k 4k 16k; decode gqa-d128; verify
+                                               # gqa-d128 at 4k 32k, batches 1 32, q_len 4 16; bfloat16
     python bench/attention.py --part prefill --seqs 4096 16384 --masks causal --prefill-shapes gqa-d128
     python bench/attention.py --part decode --contexts 4096 32768 --batches 16 64 --dtypes float16
+    python bench/attention.py --part verify --verify-contexts 8192 --verify-batches 8 --q-lens 4 8
     python bench/attention.py --plot-only      # attention.png (latest run per key), tables and targets; no GPU
 """
 
@@ -70,11 +82,17 @@ from harness import (
     time_gpu,
 )
 
-from realm.kernels.flash_attention import default_config, flash_attention, flash_attention_ref
+from realm.kernels.flash_attention import default_config, flash_attention, flash_attention_paged, flash_attention_ref
 from realm.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref, plan_decode
+from realm.kernels.verify_attention import (
+    MAX_VERIFY_QUERIES,
+    paged_verify_attention,
+    paged_verify_attention_ref,
+    plan_verify,
+)
 
 JSONL = RESULTS / "attention.jsonl"
-PARTS = ("prefill", "decode")
+PARTS = ("prefill", "decode", "verify")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MASKS = {"causal": True, "full": False}
 
@@ -100,13 +118,18 @@ SHAPES = {s.name: s for s in (
 )}
 PREFILL_SHAPES = ("mha-d128", "mha-d64", "gqa-d128", "gqa-d64")
 DECODE_SHAPES = ("gqa-d128", "gqa-d64")
+VERIFY_SHAPES = ("gqa-d128", "gqa-d64")
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)
 CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCHES = (1, 4, 16, 64)
+VERIFY_BATCHES = (1, 8, 32)
+Q_LENS = (2, 4, 8, 16)  # k + 1 for k = 1, 3, 7, 15 draft tokens
 TOKENS = 16384  # query tokens per prefill launch: batch = max(1, TOKENS // S)
 BLOCK_SIZE = 16  # the paged cache's tokens per block
+# --quick (the GPU suite's attention step, under its time cap): verify adds 8 rows, 2 kernels timed in each.
 QUICK = {"prefill_shapes": ("mha-d128", "gqa-d128"), "seqs": (1024, 4096, 16384), "decode_shapes": ("gqa-d128",),
-         "contexts": (512, 4096, 32768), "batches": (1, 16, 64), "dtypes": ("bfloat16",)}
+         "contexts": (512, 4096, 32768), "batches": (1, 16, 64), "verify_shapes": ("gqa-d128",),
+         "verify_contexts": (4096, 32768), "verify_batches": (1, 32), "q_lens": (4, 16), "dtypes": ("bfloat16",)}
 # Dense (no sparsity) 16-bit tensor-core peak and HBM bandwidth by device name (first match wins). Sources: NVIDIA H100
 # Tensor Core GPU datasheet (bf16/fp16 with sparsity: SXM 1979, NVL 1671, PCIe 1513 TFLOP/s, half that dense; HBM
 # 3.35, 3.9, 2.0 TB/s) and NVIDIA H200 datasheet (SXM 1979, NVL 1671 TFLOP/s with sparsity; 4.8 TB/s).
@@ -150,6 +173,14 @@ def decode_bytes(seq_lens: Sequence[int], n_heads: int, n_kv_heads: int, head_di
     return {"kv_bytes": kv, "q_bytes": q, "out_bytes": q, "bytes_moved": kv + 2 * q}
 
 
+def verify_bytes(seq_lens: Sequence[int], q_len: int, n_heads: int, n_kv_heads: int, head_dim: int, elem: int) -> dict:
+    """The fewest bytes a verification step moves: K and V of every cached token (read once per KV head, shared by
+    its query heads and the chunk's q_len queries), q read and out written (q_len rows per sequence)."""
+    kv = sum(seq_lens) * n_kv_heads * head_dim * 2 * elem
+    q = len(seq_lens) * q_len * n_heads * head_dim * elem
+    return {"kv_bytes": kv, "q_bytes": q, "out_bytes": q, "bytes_moved": kv + 2 * q}
+
+
 def datasheet_peak(device_name: str) -> dict:
     """{peak_tflops, peak_gbs, peak_source} of the first PEAKS entry whose key is in device_name; all None when no
     entry matches (the fractions of the peak are then None, the measured ceilings still apply)."""
@@ -182,12 +213,22 @@ def decode_rates(row: dict) -> dict:
             "peak_bw_fraction": _fraction(gbs, row["peak_gbs"])}
 
 
+def verify_rates(row: dict) -> dict:
+    """Derived figures of a verify row: decode_rates of the verification kernel, the same of flash_attention_paged
+    (flash_ms) and the speedup flash_ms / ms."""
+    flash_gbs = row["bytes_moved"] / (row["flash_ms"] * 1e6)
+    return {**decode_rates(row), "flash_gbs": flash_gbs, "flash_bw_fraction": flash_gbs / row["bw_gbs"],
+            "speedup": row["flash_ms"] / row["ms"]}
+
+
 def describe(row: dict) -> str:
-    """A row's key in words, e.g. 'prefill gqa-d128 bfloat16 causal S=4096 x8' or 'decode gqa-d128 bfloat16 B=16
-    ctx=4096'."""
+    """A row's key in words, e.g. 'prefill gqa-d128 bfloat16 causal S=4096 x8', 'decode gqa-d128 bfloat16 B=16
+    ctx=4096' or 'verify gqa-d128 bfloat16 B=8 ctx=4096 q=4'."""
     if row["kind"] == "prefill":
         mask = "causal" if row["causal"] else "full"
         return f"prefill {row['shape']} {row['dtype']} {mask} S={row['seq_len']} x{row['batch']}"
+    if row["kind"] == "verify":
+        return f"verify {row['shape']} {row['dtype']} B={row['batch']} ctx={row['context']} q={row['q_len']}"
     return f"decode {row['shape']} {row['dtype']} B={row['batch']} ctx={row['context']}"
 
 
@@ -214,7 +255,8 @@ def target_line(res: dict) -> str:
     return line
 
 
-KEY = ("kind", "shape", "dtype", "causal", "seq_len", "batch", "context")  # latest(rows, KEY): the newest row per key
+# latest(rows, KEY): the newest row per key (q_len: verify rows only; None elsewhere)
+KEY = ("kind", "shape", "dtype", "causal", "seq_len", "batch", "context", "q_len")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -291,6 +333,36 @@ def check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                            f"{q.shape[2]}, {q.dtype}, batch {q.shape[0]}, lengths up to {max_seq_len}: max row "
                            f"||y - ref|| / ||ref|| = {err:.3g} > {tol:g} on sequences {idx.tolist()}")
     return err
+
+
+def check_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu: torch.Tensor,
+                 seq_lens: torch.Tensor, block_table: torch.Tensor, q_len: int, max_seq_len: int, out: torch.Tensor,
+                 flash_out: torch.Tensor, tol: float) -> dict:
+    """Runs paged_verify_attention and flash_attention_paged into poisoned outputs on batch chunks of q_len queries
+    each and compares their first and last chunk with paged_verify_attention_ref. Returns {max_rel_err,
+    flash_max_rel_err}; raises when either exceeds tol or is not finite."""
+    out.fill_(float("nan"))
+    flash_out.fill_(float("nan"))
+    paged_verify_attention(q, k_cache, v_cache, cu, seq_lens, block_table, max_seqlen_q=q_len, max_seq_len=max_seq_len,
+                           out=out)
+    flash_attention_paged(q, k_cache, v_cache, cu, seq_lens, block_table, max_seqlen_q=q_len, out=flash_out)
+    batch, heads = seq_lens.shape[0], q.shape[1:]
+    idx = torch.tensor(sorted({0, batch - 1}), device=q.device)
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # the checked chunks of packed t, packed
+        return t.view(batch, q_len, *heads)[idx].flatten(0, 1)
+
+    cu_idx = torch.arange(0, idx.numel() * q_len + 1, q_len, dtype=torch.int32, device=q.device)
+    ref = paged_verify_attention_ref(chunks(q), k_cache, v_cache, cu_idx, seq_lens[idx], block_table[idx])
+    errs = {}
+    for key, got, who in (("max_rel_err", out, "paged_verify_attention is wrong"),
+                          ("flash_max_rel_err", flash_out, "flash_attention_paged disagrees with the reference")):
+        errs[key] = rel_err(chunks(got), ref)
+        if not errs[key] <= tol:
+            raise RuntimeError(f"{who} for {q.shape[1]}/{k_cache.shape[2]} heads x {q.shape[2]}, {q.dtype}, batch "
+                               f"{batch} x {q_len} queries, lengths up to {max_seq_len}: max row ||y - ref|| / ||ref|| "
+                               f"= {errs[key]:.3g} > {tol:g} on sequences {idx.tolist()}")
+    return errs
 
 
 # ---- inputs and ceilings -----------------------------------------------------------------------------------------
@@ -396,6 +468,45 @@ def measure_decode(shape: AttnShape, context: int, batch: int, dtype_name: str, 
     return row
 
 
+def measure_verify(shape: AttnShape, context: int, batch: int, q_len: int, dtype_name: str, run: Run) -> dict:
+    """Checks, then times paged_verify_attention and flash_attention_paged on batch chunks of q_len queries, the
+    last q_len of `context` tokens in scattered blocks each."""
+    dtype, device = DTYPES[dtype_name], run.device
+    esize = torch.empty((), dtype=dtype).element_size()
+    h, kvh, d = shape.n_heads, shape.n_kv_heads, shape.head_dim
+    counts = verify_bytes([context] * batch, q_len, h, kvh, d, esize)
+    sets = rotation_sets(counts["bytes_moved"], run.l2_bytes)
+    blocks_per_seq = -(-context // BLOCK_SIZE)
+    num_blocks = sets * batch * blocks_per_seq
+    gen = torch.Generator(device=device).manual_seed(SEED + context + batch + q_len)
+    k_cache = randn((num_blocks, BLOCK_SIZE, kvh, d), dtype, gen, device)
+    v_cache = randn((num_blocks, BLOCK_SIZE, kvh, d), dtype, gen, device)
+    tables = scattered_block_tables(sets, batch, blocks_per_seq, torch.Generator().manual_seed(SEED), device)
+    qs = [randn((batch * q_len, h, d), dtype, gen, device) for _ in range(sets)]
+    outs = [torch.empty_like(q) for q in qs]
+    flash_outs = [torch.empty_like(q) for q in qs]
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    cu = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=device)
+    plan = plan_verify(batch, h, kvh, d, q_len, context, dtype, device)  # what the launcher plans for these arguments
+    errs = check_verify(qs[0], k_cache, v_cache, cu, seq_lens, tables[0], q_len, context, outs[0], flash_outs[0],
+                        TOLERANCE[dtype_name])  # compiles both too
+    t = time_gpu(lambda q, bt, o: paged_verify_attention(q, k_cache, v_cache, cu, seq_lens, bt, max_seqlen_q=q_len,
+                                                         max_seq_len=context, out=o),
+                 list(zip(qs, tables, outs, strict=True)))
+    tf = time_gpu(lambda q, bt, o: flash_attention_paged(q, k_cache, v_cache, cu, seq_lens, bt, max_seqlen_q=q_len,
+                                                         out=o), list(zip(qs, tables, flash_outs, strict=True)))
+    row = {"kind": "verify", **_shape_fields(shape), "dtype": dtype_name, "causal": True, "seq_len": None,
+           "batch": batch, "context": context, "q_len": q_len, "tokens": batch * q_len, "block_size": BLOCK_SIZE,
+           "num_blocks": num_blocks, "num_splits": plan.num_splits, "tokens_per_split": plan.tokens_per_split,
+           "block_m": plan.block_m, "row_tiles": plan.row_tiles, "plan_config": dataclasses.asdict(plan.config),
+           "plan_source": plan.source, "flash_config": dataclasses.asdict(default_config(d, dtype)), **counts,
+           "ms": t["ms"], "ms_p20": t["ms_p20"], "ms_p80": t["ms_p80"], "flash_ms": tf["ms"],
+           "flash_ms_p20": tf["ms_p20"], "flash_ms_p80": tf["ms_p80"], "sets": sets, **errs,
+           "tolerance": TOLERANCE[dtype_name], **_ceiling_fields(run, dtype_name)}
+    row.update(verify_rates(row))
+    return row
+
+
 def _emit(batch: list[dict], out: Path, env: dict, rows: list[dict]) -> None:
     append_jsonl(out, batch, env)
     rows += [{**env, **r} for r in batch]
@@ -440,6 +551,28 @@ def sweep_decode(shapes: Sequence[AttnShape], contexts: Sequence[int], batches: 
     return rows
 
 
+def sweep_verify(shapes: Sequence[AttnShape], contexts: Sequence[int], batches: Sequence[int], q_lens: Sequence[int],
+                 dtypes: Sequence[str], run: Run, out: Path, env: dict) -> list[dict]:
+    """Measures every (dtype, shape, batch, q_len, context), appending each (dtype, shape, batch, q_len)'s rows to out
+    as they complete. Returns the rows merged with env, as written."""
+    rows: list[dict] = []
+    for dtype in dtypes:
+        for shape in shapes:
+            for b in batches:
+                for q_len in q_lens:
+                    batch = []
+                    for context in contexts:
+                        r = measure_verify(shape, context, b, q_len, dtype, run)
+                        batch.append(r)
+                        print(f"verify  {shape.name:8s} {dtype:8s} B={b:<3d} q={q_len:<2d} ctx={context:<6d} "
+                              f"splits={r['num_splits']:<3d} {r['ms']:9.4f} ms  {r['gbs']:7.0f} GB/s  "
+                              f"{r['bw_fraction']:.2f} of copy; flash {r['flash_ms']:9.4f} ms  x{r['speedup']:.2f}",
+                              flush=True)
+                        _free(run.device)
+                    _emit(batch, out, env, rows)
+    return rows
+
+
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -448,9 +581,11 @@ def _free(device: torch.device) -> None:
 # ---- plot and report ---------------------------------------------------------------------------------------------
 
 def plot(rows: list[dict], path: Path, dtype: str) -> Path:
-    """attention.png from the latest row per key of dtype: top row, prefill TFLOP/s against S per shape (realm solid,
-    SDPA dashed, one colour per mask; the measured matmul rate and the datasheet peak as lines); bottom row, decode
-    GB/s against context per shape, one line per batch, with the measured copy bandwidth and the 70 % target."""
+    """attention.png from the latest row per key of dtype, one row of panels per part measured: prefill TFLOP/s
+    against S per shape (realm solid, SDPA dashed, one colour per mask; the measured matmul rate and the datasheet
+    peak as lines); decode GB/s against context per shape, one line per batch, with the measured copy bandwidth and
+    the 70 % target; verify's speedup over flash_attention_paged against context per shape, one colour per q_len and
+    one line style per batch, with 1x as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -470,9 +605,11 @@ def plot(rows: list[dict], path: Path, dtype: str) -> Path:
                 ax.set_visible(False)
                 continue
             pts = [r for r in rows if r["kind"] == kind and r["shape"] == panels[kind][j]]
-            (_prefill_panel if kind == "prefill" else _decode_panel)(ax, pts)
+            {"prefill": _prefill_panel, "decode": _decode_panel, "verify": _verify_panel}[kind](ax, pts)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left" if kind == "prefill" else "lower right")  # away from the lines
+            # away from the lines; verify's 12 lines (4 q_len x 3 batches) in two columns wherever they leave room
+            ax.legend(fontsize=6 if kind == "verify" else 7, ncols=2 if kind == "verify" else 1,
+                      loc={"prefill": "upper left", "decode": "lower right", "verify": "best"}[kind])
     r0 = max(rows, key=lambda r: r["date"]) if rows else None
     devices = ", ".join(sorted({r["device"] for r in rows})) or "no rows"
     latest_run = f"; latest {r0['git_commit']} {r0['date'][:10]}" if r0 else ""
@@ -524,16 +661,37 @@ def _decode_panel(ax, rows: list[dict]) -> None:
            ylabel="GB/s (K + V + q + out)")
 
 
+def _verify_panel(ax, rows: list[dict]) -> None:
+    r0 = rows[0]
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    styles = ("-", "--", ":", "-.")
+    batches = sorted({r["batch"] for r in rows})
+    for i, q_len in enumerate(sorted({r["q_len"] for r in rows})):
+        for j, b in enumerate(batches):
+            pts = sorted((r for r in rows if r["q_len"] == q_len and r["batch"] == b), key=lambda r: r["context"])
+            if pts:
+                ax.plot([r["context"] for r in pts], [r["speedup"] for r in pts], color=colors[i % len(colors)],
+                        ls=styles[j % len(styles)], marker="o", ms=3, label=f"q {q_len}, batch {b}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    _log2_axis(ax, sorted({r["context"] for r in rows}), "context (tokens per sequence)")
+    ax.set(title=f"verify {r0['shape']}: {r0['n_heads']}/{r0['n_kv_heads']} heads x {r0['head_dim']}",
+           ylabel="speedup over flash_attention_paged")
+
+
 PREFILL_TABLE = [("shape", None), ("dtype", None), ("causal", None), ("seq_len", None), ("batch", None),
                  ("ms", ".4f"), ("tflops", ".1f"), ("sdpa_tflops", ".1f"), ("sdpa_ratio", ".2f"),
                  ("matmul_fraction", ".2f"), ("peak_fraction", ".2f"), ("sdpa_backend", None), ("max_rel_err", ".1e")]
 DECODE_TABLE = [("shape", None), ("dtype", None), ("batch", None), ("context", None), ("num_splits", None),
                 ("ms", ".4f"), ("gbs", ".0f"), ("bw_fraction", ".2f"), ("peak_bw_fraction", ".2f"),
                 ("max_rel_err", ".1e")]
+VERIFY_TABLE = [("shape", None), ("dtype", None), ("batch", None), ("context", None), ("q_len", None),
+                ("num_splits", None), ("row_tiles", None), ("ms", ".4f"), ("gbs", ".0f"), ("bw_fraction", ".2f"),
+                ("flash_ms", ".4f"), ("flash_bw_fraction", ".2f"), ("speedup", ".2f"), ("max_rel_err", ".1e"),
+                ("flash_max_rel_err", ".1e")]
 
 
 def print_summary(rows: list[dict]) -> None:
-    """The prefill and decode tables, then each target's PASS / MISS / n/a with its worst row."""
+    """The prefill, decode and verify tables, then each target's PASS / MISS / n/a with its worst row."""
     if not rows:
         print("no rows")
         return
@@ -541,7 +699,7 @@ def print_summary(rows: list[dict]) -> None:
     matmul = ", ".join(sorted({f"{r['matmul_tflops']:.0f} ({r['dtype']})" for r in rows}))
     print(f"\n{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, {r0['git_commit']}, {r0['date']}; ceilings: "
           f"{r0['bw_gbs']:.0f} GB/s copy, {matmul} TFLOP/s matmul; datasheet: {r0.get('peak_source') or 'unknown'}")
-    for kind, table in (("prefill", PREFILL_TABLE), ("decode", DECODE_TABLE)):
+    for kind, table in (("prefill", PREFILL_TABLE), ("decode", DECODE_TABLE), ("verify", VERIFY_TABLE)):
         selected = [r for r in rows if r["kind"] == kind]
         if selected:
             print(f"\n{kind}")
@@ -559,9 +717,16 @@ def _shape(text: str) -> AttnShape:
     return SHAPES[text]
 
 
+def _q_len(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_VERIFY_QUERIES:
+        raise argparse.ArgumentTypeError(f"q_len {value} is above MAX_VERIFY_QUERIES = {MAX_VERIFY_QUERIES}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default both)")
+    p.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default all)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                    help="default bfloat16 float16 (--quick bfloat16); --plot-only: the dtypes shown, the first plotted")
     p.add_argument("--prefill-shapes", nargs="+", type=_shape, help=f"default {' '.join(PREFILL_SHAPES)}")
@@ -574,9 +739,17 @@ def parser() -> argparse.ArgumentParser:
                    help=f"decode tokens per sequence; default {' '.join(map(str, CONTEXTS))}")
     p.add_argument("--batches", nargs="+", type=positive_int, help=f"decode batch sizes; default "
                    f"{' '.join(map(str, BATCHES))}")
+    p.add_argument("--verify-shapes", nargs="+", type=_shape, help=f"default {' '.join(VERIFY_SHAPES)}")
+    p.add_argument("--verify-contexts", nargs="+", type=positive_int,
+                   help=f"verify tokens per sequence; default {' '.join(map(str, CONTEXTS))}")
+    p.add_argument("--verify-batches", nargs="+", type=positive_int,
+                   help=f"verify batch sizes; default {' '.join(map(str, VERIFY_BATCHES))}")
+    p.add_argument("--q-lens", nargs="+", type=_q_len, help=f"verify queries per sequence (k + 1, at most "
+                   f"{MAX_VERIFY_QUERIES}); default {' '.join(map(str, Q_LENS))}")
     p.add_argument("--out", type=Path, default=JSONL, help="JSONL to append to; the PNG goes next to it")
     p.add_argument("--quick", action="store_true", help="a short run: prefill mha-d128 gqa-d128 at 1k 4k 16k, decode "
-                   "gqa-d128 at contexts 512 4k 32k and batches 1 16 64, bfloat16 (explicit options still win)")
+                   "gqa-d128 at contexts 512 4k 32k and batches 1 16 64, verify gqa-d128 at contexts 4k 32k, batches "
+                   "1 32 and q_len 4 16, bfloat16 (explicit options still win)")
     p.add_argument("--plot-only", action="store_true", help="plot, tables and targets from --out (works on CPU)")
     return p
 
@@ -584,11 +757,13 @@ def parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> None:
     """Fills the sweep's unset options: --quick's subset, else the full sweep."""
     sizes = QUICK if args.quick else {"prefill_shapes": PREFILL_SHAPES, "seqs": SEQS, "decode_shapes": DECODE_SHAPES,
-                                      "contexts": CONTEXTS, "batches": BATCHES, "dtypes": tuple(DTYPES)}
-    for name in ("seqs", "contexts", "batches", "dtypes"):
+                                      "contexts": CONTEXTS, "batches": BATCHES, "verify_shapes": VERIFY_SHAPES,
+                                      "verify_contexts": CONTEXTS, "verify_batches": VERIFY_BATCHES,
+                                      "q_lens": Q_LENS, "dtypes": tuple(DTYPES)}
+    for name in ("seqs", "contexts", "batches", "verify_contexts", "verify_batches", "q_lens", "dtypes"):
         if getattr(args, name) is None:
             setattr(args, name, list(sizes[name]))
-    for name in ("prefill_shapes", "decode_shapes"):
+    for name in ("prefill_shapes", "decode_shapes", "verify_shapes"):
         if getattr(args, name) is None:
             setattr(args, name, [SHAPES[s] for s in sizes[name]])
 
@@ -618,6 +793,9 @@ def main(argv: list[str] | None = None) -> None:
         rows += sweep_prefill(args.prefill_shapes, args.seqs, args.masks, args.dtypes, run, args.out, env)
     if "decode" in args.part:
         rows += sweep_decode(args.decode_shapes, args.contexts, args.batches, args.dtypes, run, args.out, env)
+    if "verify" in args.part:
+        rows += sweep_verify(args.verify_shapes, args.verify_contexts, args.verify_batches, args.q_lens, args.dtypes,
+                             run, args.out, env)
     png = plot(read_jsonl(args.out), args.out.with_suffix(".png"), args.dtypes[0])
     print(f"wrote {shown(args.out)} and {shown(png)} ({args.dtypes[0]}) in {time.perf_counter() - start:.0f} s")
     print_summary(rows)

@@ -91,6 +91,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                              'requests name theirs with "adapter"')
     parser.add_argument("--max-loras", type=int, default=None, metavar="N",
                         help="LoRA adapters resident on the device at once, and in one step (default: 4)")
+    parser.add_argument("--draft-model", default=None, metavar="PATH",
+                        help="a smaller GGUF model of the same vocabulary (or a packaged name) for --speculative "
+                             "draft (implied when --speculative is not given); `realm draft` makes one from a model")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -103,6 +106,17 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop before this text (repeatable)")
+    parser.add_argument("--speculative", choices=("none", "ngram", "draft"), default=None,
+                        help="speculative decoding: ngram (proposals looked up in the text so far), draft (a draft "
+                             "model's proposals, --draft-model), none (default). Output is unchanged (greedy: token "
+                             "for token; sampled: in distribution)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                        help="proposals per step at most (4); with adaptive k, fewer where they are rejected or "
+                             "cost more than they save")
+    parser.add_argument("--ngram-min", type=int, default=1, metavar="N", help="shortest n-gram looked up (1)")
+    parser.add_argument("--ngram-max", type=int, default=4, metavar="N", help="longest n-gram looked up (4)")
+    parser.add_argument("--fixed-k", action="store_true",
+                        help="always propose K tokens (no adaptive k): to measure what adaptivity saves")
     parser.add_argument("--adapter", default=None, metavar="NAME",
                         help="the LoRA adapter (loaded with --lora) to generate with (default: none, or the only one "
                              "--lora loaded for generate and chat)")
@@ -116,7 +130,25 @@ def _sampling(args: argparse.Namespace):
         _check_text("--stop text", text)
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=tuple(args.stop), adapter=args.adapter)
+                          seed=args.seed, stop=tuple(args.stop), adapter=args.adapter, speculative=_speculative(args))
+
+
+def _speculative(args: argparse.Namespace):
+    """--speculative and its settings -> a SpeculativeConfig, or None (off); bad settings fail before the model
+    loads."""
+    from .runtime.speculative import SpeculativeConfig
+
+    method = args.speculative
+    draft = getattr(args, "draft_model", None)
+    if method is None:
+        method = "draft" if draft is not None else "none"
+    if method == "draft" and draft is None:
+        raise ValueError("--speculative draft needs --draft-model PATH (a smaller GGUF of the same vocabulary)")
+    if draft is not None and method != "draft":
+        raise ValueError(f"--draft-model is for --speculative draft, not {method}")
+    config = SpeculativeConfig(method, num_speculative_tokens=args.num_speculative_tokens, ngram_min=args.ngram_min,
+                               ngram_max=args.ngram_max, adaptive=not args.fixed_k)
+    return config if config.enabled else None
 
 
 def _loras(args: argparse.Namespace) -> dict:
@@ -181,7 +213,8 @@ def _load(args: argparse.Namespace):
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     lora = {"lora": _loras(args), "max_loras": args.max_loras or DEFAULT_MAX_LORAS} if args.lora or args.max_loras \
         else {}
-    return load(args.model, device=args.device, backend=args.backend, dtype=dtype, **lora)
+    draft = {"draft_model": args.draft_model} if args.draft_model is not None else {}
+    return load(args.model, device=args.device, backend=args.backend, dtype=dtype, **lora, **draft)
 
 
 def _interpret_triton_on_cpu(args: argparse.Namespace) -> None:
@@ -208,8 +241,10 @@ def _stream_to_terminal(model, prompt_ids, params, quiet: bool):
     c = stream.completion
     if not quiet:
         t = c.timings
+        spec = (f"{t.accepted_tokens}/{t.proposed_tokens} proposals accepted "
+                f"({t.mean_accepted_length:.2f} per verification); " if t.verifications else "")
         print(f"[{t.prompt_tokens} prompt tokens, {t.prefill_tokens_per_s:.1f} tok/s prefill; "
-              f"{t.generated_tokens} generated, {t.decode_tokens_per_s:.1f} tok/s decode; "
+              f"{t.generated_tokens} generated, {t.decode_tokens_per_s:.1f} tok/s decode; {spec}"
               f"finish: {c.finish_reason.value}]", file=sys.stderr)
     return c
 

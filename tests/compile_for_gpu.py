@@ -6,10 +6,11 @@ Run as a script in a process without TRITON_INTERPRET (the interpreter replaces 
 KIND is decode1 (1-row CUDA-core path), decode16 (16-row tl.dot path), prefill or dequantize, or decode1_lora,
 decode16_lora, prefill_lora (the matmul kernels with the fused multi-LoRA epilogue, at rank LORA_RANK); LAYER_KIND is
 one of the per-layer kernels (rms_norm, rms_norm_residual, rope, silu_mul), attention kernels (store_kv, flash,
-flash_causal, flash_paged, flash_paged_causal, paged_decode, paged_decode_split, paged_decode_combine) or the unfused
-LoRA kernels (lora_shrink, lora_expand), which take no weight format; attention kernels compile at head dims 64 and
-128 in one case. Prints one line per case (shared memory; registers and spill stack when cuobjdump is there) and
-exits 1 if any case failed to compile.
+flash_causal, flash_paged, flash_paged_causal, paged_decode, paged_decode_split, paged_decode_combine, paged_verify,
+paged_verify_split) or the unfused LoRA kernels (lora_shrink, lora_expand), which take no weight format; attention
+kernels compile at head dims 64 and 128 in one case (paged_verify at its largest tile, with its launch's warps).
+Prints one line per case (shared memory; registers and spill stack when cuobjdump is there) and exits 1 if any case
+failed to compile.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ rope_module = importlib.import_module("realm.kernels.rope")
 silu_mul_module = importlib.import_module("realm.kernels.silu_mul")
 flash_module = importlib.import_module("realm.kernels.flash_attention")
 paged_module = importlib.import_module("realm.kernels.paged_attention")
+verify_module = importlib.import_module("realm.kernels.verify_attention")
 store_kv_module = importlib.import_module("realm.kernels.store_kv")
 lora_module = importlib.import_module("realm.kernels.lora")
 POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
@@ -44,7 +46,8 @@ POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _compile(kernel, tensors: dict, constexprs: dict, arch: int, fp_fusion: bool = True, scalars: dict | None = None):
+def _compile(kernel, tensors: dict, constexprs: dict, arch: int, fp_fusion: bool = True, scalars: dict | None = None,
+             num_warps: int = 4, num_stages: int = 2):
     """Compiles kernel with tensors as pointers, constexprs as given, scalars with their given types ("fp32") and
     every other argument as an int32."""
     scalars = scalars or {}
@@ -52,7 +55,8 @@ def _compile(kernel, tensors: dict, constexprs: dict, arch: int, fp_fusion: bool
                  "constexpr" if name in constexprs else scalars.get(name, "i32") for name in kernel.arg_names}
     fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
     src = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2,
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
+                                                                                 "num_stages": num_stages,
                                                                                  "enable_fp_fusion": fp_fusion})
 
 
@@ -124,7 +128,7 @@ def compile_lora_case(kind: str, dtype: torch.dtype, arch: int):
 LAYER_KINDS = ("rms_norm", "rms_norm_residual", "rope", "silu_mul")
 LORA_KINDS = ("lora_shrink", "lora_expand")
 ATTENTION_KINDS = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_causal", "paged_decode",
-                   "paged_decode_split", "paged_decode_combine")
+                   "paged_decode_split", "paged_decode_combine", "paged_verify", "paged_verify_split")
 HEAD_DIMS = (64, 128)
 
 
@@ -167,6 +171,16 @@ def compile_attention_case(kind: str, dtype: torch.dtype, head_dim: int, arch: i
     if kind == "paged_decode_combine":
         return _compile(paged_module._combine_kernel, dict(out_ptr=act, part_o_ptr=f32, part_lse_ptr=f32),
                         {"BLOCK_S": 32, "BLOCK_D": head_dim}, arch)
+    if kind.startswith("paged_verify"):  # the largest tile (the most registers) with default_config's launch
+        split = kind == "paged_verify_split"
+        block_m = verify_module.max_block_m(head_dim, dtype)
+        cfg = verify_module.default_config(block_m, head_dim, dtype)
+        tensors = dict(out_ptr=act, part_o_ptr=f32 if split else act, part_lse_ptr=f32 if split else act, q_ptr=act,
+                       k_cache_ptr=act, v_cache_ptr=act, cu_q_ptr=idx, seq_lens_ptr=idx, block_table_ptr=idx)
+        constexprs = dict(BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim, SPLIT=split,
+                          DOT_PRECISION=dot_precision(dtype))
+        return _compile(verify_module._paged_verify_kernel, tensors, constexprs, arch, scalars={"qk_scale": "fp32"},
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     split = kind == "paged_decode_split"
     tensors = dict(out_ptr=act, part_o_ptr=f32 if split else act, part_lse_ptr=f32 if split else act, q_ptr=act,
                    k_cache_ptr=act, v_cache_ptr=act, seq_lens_ptr=idx, block_table_ptr=idx)

@@ -91,6 +91,10 @@ VALUES = {
     "ignore_eos": ([True, False], [], [1, 0, "true", None]),
     # no adapter is loaded in this batch: a name fails its line alone, with an error naming the adapter
     "adapter": ([None], ["pirate", "x" * 300, "\ud800"], ["", 3, True, ["a"], {"a": 1}]),
+    # no draft model is loaded: "draft" fails its line alone, naming speculative decoding
+    "speculative": ([None, "none", "ngram", {"method": "ngram", "num_speculative_tokens": 2}], ["draft"],
+                    ["medusa", 3, True, ["ngram"], {"k": 2}, {"num_speculative_tokens": 0},
+                     {"ngram_min": 3, "ngram_max": 2}]),
 }
 assert set(VALUES) == set(FIELDS), "a new SamplingParams field needs values here"
 

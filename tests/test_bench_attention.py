@@ -50,6 +50,21 @@ def decode_row(shape="gqa-d128", dtype="bfloat16", batch=16, context=4096, fract
     return {**row, **b.decode_rates(row)}
 
 
+def verify_row(shape="gqa-d128", dtype="bfloat16", batch=8, context=4096, q_len=4, fraction=0.6, speedup=2.0,
+               **extra):
+    """A verify row whose bytes move at `fraction` of the 3000 GB/s copy bandwidth, flash_attention_paged `speedup`
+    times slower."""
+    b = load_bench()
+    s = b.SHAPES[shape]
+    counts = b.verify_bytes([context] * batch, q_len, s.n_heads, s.n_kv_heads, s.head_dim, 2)
+    ms = counts["bytes_moved"] / (fraction * 3000e6)
+    row = {**ENV, **CEILINGS, "kind": "verify", "shape": shape, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads,
+           "head_dim": s.head_dim, "dtype": dtype, "causal": True, "seq_len": None, "batch": batch,
+           "context": context, "q_len": q_len, "num_splits": 1, "row_tiles": 1, **counts, "ms": ms,
+           "flash_ms": ms * speedup, "max_rel_err": 1e-3, "flash_max_rel_err": 1e-3, **extra}
+    return {**row, **b.verify_rates(row)}
+
+
 # ---- counts and rates --------------------------------------------------------------------------------------------
 
 def test_prefill_batch_keeps_about_16k_tokens_per_launch(bench):
@@ -73,6 +88,21 @@ def test_decode_bytes_read_kv_once_per_kv_head(bench):
     assert c["bytes_moved"] == c["kv_bytes"] + 2 * c["q_bytes"]
     ragged = bench.decode_bytes([1, 100, 27], 4, 2, 64, 4)  # the sum of the actual lengths, not max x batch
     assert ragged["kv_bytes"] == 128 * 2 * 64 * 2 * 4 and ragged["q_bytes"] == 3 * 4 * 64 * 4
+
+
+def test_verify_bytes_read_kv_once_per_kv_head_for_all_queries(bench):
+    c = bench.verify_bytes([4096] * 8, 4, 32, 8, 128, 2)
+    assert c["kv_bytes"] == bench.decode_bytes([4096] * 8, 32, 8, 128, 2)["kv_bytes"]  # what decode reads: once
+    assert c["q_bytes"] == c["out_bytes"] == 8 * 4 * 32 * 128 * 2
+    assert c["bytes_moved"] == c["kv_bytes"] + 2 * c["q_bytes"]
+    assert bench.verify_bytes([1, 100, 27], 1, 4, 2, 64, 4) == bench.decode_bytes([1, 100, 27], 4, 2, 64, 4)
+
+
+def test_verify_rates(bench):
+    r = verify_row(fraction=0.6, speedup=2.5)
+    assert r["gbs"] == pytest.approx(1800.0) and r["bw_fraction"] == pytest.approx(0.6)
+    assert r["flash_gbs"] == pytest.approx(720.0) and r["flash_bw_fraction"] == pytest.approx(0.24)
+    assert r["speedup"] == pytest.approx(2.5) and r["peak_bw_fraction"] == pytest.approx(1800 / 3350)
 
 
 def test_prefill_rates(bench):
@@ -115,6 +145,7 @@ def test_rotation_sets(bench):
 def test_describe(bench):
     assert bench.describe(prefill_row("gqa-d128", causal=False, seq=8192)) == "prefill gqa-d128 bfloat16 full S=8192 x2"
     assert bench.describe(decode_row(batch=64, context=32768)) == "decode gqa-d128 bfloat16 B=64 ctx=32768"
+    assert bench.describe(verify_row(batch=8, context=512, q_len=16)) == "verify gqa-d128 bfloat16 B=8 ctx=512 q=16"
 
 
 # ---- targets and latest run --------------------------------------------------------------------------------------
@@ -163,9 +194,12 @@ def test_targets_count_only_rows_in_scope(bench):
 def test_latest_keeps_the_newest_row_per_key(bench):
     rows = [prefill_row(ms=1.0, date=LATER), prefill_row(ms=2.0), prefill_row(ms=3.0, causal=False),
             prefill_row(ms=4.0, causal=False), prefill_row(ms=5.0, dtype="float16"),
-            decode_row(batch=16, fraction=0.1), decode_row(batch=16, fraction=0.2), decode_row(batch=64, fraction=0.3)]
+            decode_row(batch=16, fraction=0.1), decode_row(batch=16, fraction=0.2), decode_row(batch=64, fraction=0.3),
+            verify_row(q_len=4, fraction=0.1), verify_row(q_len=4, fraction=0.4), verify_row(q_len=16, fraction=0.5)]
     got = {bench.describe(r): r.get("tflops") or r["bw_fraction"] for r in bench.latest(rows, bench.KEY)}
-    assert len(got) == 5
+    assert len(got) == 7
+    assert got["verify gqa-d128 bfloat16 B=8 ctx=4096 q=4"] == pytest.approx(0.4)  # q_len is part of the key
+    assert got["verify gqa-d128 bfloat16 B=8 ctx=4096 q=16"] == pytest.approx(0.5)
     assert got["prefill mha-d128 bfloat16 causal S=4096 x4"] == prefill_row(ms=1.0)["tflops"]  # the later date
     assert got["prefill mha-d128 bfloat16 full S=4096 x4"] == prefill_row(ms=4.0, causal=False)["tflops"]  # later line
     assert got["decode gqa-d128 bfloat16 B=16 ctx=4096"] == pytest.approx(0.2)
@@ -249,6 +283,37 @@ def test_check_decode_accepts_the_kernel_and_rejects_a_wrong_result(bench, devic
         bench.check_decode(*inputs, tol)
 
 
+def _verify_inputs(bench, device, batch=3, context=40, q_len=3, heads=4, kv_heads=2, head_dim=32):
+    gen = torch.Generator().manual_seed(0)
+    blocks = -(-context // bench.BLOCK_SIZE)
+    table = bench.scattered_block_tables(1, batch, blocks, gen, device)[0]
+    k_cache, v_cache = (torch.randn(batch * blocks, bench.BLOCK_SIZE, kv_heads, head_dim, generator=gen)
+                        .to(device, torch.float16) for _ in range(2))
+    q = torch.randn(batch * q_len, heads, head_dim, generator=gen).to(device, torch.float16)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    cu = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, cu, seq_lens, table, q_len, context, torch.empty_like(q), torch.empty_like(q)
+
+
+def test_check_verify_accepts_both_kernels_and_rejects_a_wrong_result(bench, device, monkeypatch):
+    inputs, tol = _verify_inputs(bench, device), bench.TOLERANCE["float16"]
+    errs = bench.check_verify(*inputs, tol)
+    assert 0 < errs["max_rel_err"] <= 5e-3 and 0 < errs["flash_max_rel_err"] <= 5e-3
+    real = bench.paged_verify_attention
+    monkeypatch.setattr(bench, "paged_verify_attention", lambda *a, out, **kw: out.copy_(real(*a, **kw).flip(0)))
+    with pytest.raises(RuntimeError, match=r"paged_verify_attention is wrong for 4/2 heads x 32.*batch 3 x 3 queries"
+                                           r".*sequences \[0, 2\]"):
+        bench.check_verify(*inputs, tol)  # rows reversed: the first and last chunks are checked
+    monkeypatch.setattr(bench, "paged_verify_attention", lambda *a, out, **kw: out)
+    with pytest.raises(RuntimeError, match="= nan >"):
+        bench.check_verify(*inputs, tol)
+    monkeypatch.setattr(bench, "paged_verify_attention", real)
+    flash = bench.flash_attention_paged
+    monkeypatch.setattr(bench, "flash_attention_paged", lambda *a, out, **kw: out.copy_(flash(*a, **kw) * 1.1))
+    with pytest.raises(RuntimeError, match="flash_attention_paged disagrees with the reference"):
+        bench.check_verify(*inputs, tol)
+
+
 # ---- measurement and sweeps with a stand-in timer -----------------------------------------------------------------
 
 class FakeTimer:
@@ -316,24 +381,44 @@ def test_measure_decode_row(bench, monkeypatch, cpu_only):
     json.dumps(row)
 
 
+def test_measure_verify_row(bench, monkeypatch, cpu_only):
+    timer = FakeTimer(0.5, 2.0)  # the verification kernel, then flash_attention_paged
+    monkeypatch.setattr(bench, "time_gpu", timer)
+    shape = bench.AttnShape(*TINY_DECODE, "test")
+    row = bench.measure_verify(shape, 70, 2, 3, "float16", _run(bench))  # 70 tokens: a partial last block
+    assert row["sets"] == 1 and timer.sets == [1, 1]
+    assert (row["q_len"], row["tokens"], row["num_blocks"], row["causal"]) == (3, 6, 2 * 5, True)
+    assert row["kv_bytes"] == 2 * 70 * 2 * 32 * 2 * 2 and row["q_bytes"] == 2 * 3 * 4 * 32 * 2
+    plan = bench.plan_verify(2, 4, 2, 32, 3, 70, torch.float16, "cpu")
+    assert (row["num_splits"], row["block_m"], row["row_tiles"]) == (plan.num_splits, plan.block_m, plan.row_tiles)
+    assert row["ms"] == 0.5 and row["flash_ms"] == 2.0 and row["speedup"] == pytest.approx(4.0)
+    assert row["gbs"] == pytest.approx(row["bytes_moved"] / 0.5e-3 / 1e9)
+    assert row["flash_bw_fraction"] == pytest.approx(row["bw_fraction"] / 4)
+    assert 0 < row["max_rel_err"] <= 5e-3 and 0 < row["flash_max_rel_err"] <= 5e-3
+    json.dumps(row)
+
+
 def test_sweeps_append_rows_and_the_plot_reads_them(bench, monkeypatch, tmp_path, capsys, cpu_only):
-    """A two-row prefill sweep and a two-row decode sweep into a tmp JSONL, then --plot-only on it."""
+    """Two-row prefill, decode and verify sweeps into a tmp JSONL, then --plot-only on it."""
     monkeypatch.setattr(bench, "time_gpu", FakeTimer(1.0))
     prefill, decode = bench.AttnShape(*TINY_PREFILL, "test"), bench.AttnShape("tiny-dec", *TINY_DECODE[1:], "test")
     run, out = _run(bench, l2_bytes=1, tokens=32), tmp_path / "attention.jsonl"
     env = {**ENV, "device": "cpu"}
     rows = bench.sweep_prefill([prefill], [16, 32], ["causal"], ["float16"], run, out, env)
     rows += bench.sweep_decode([decode], [16, 40], [2], ["float16"], run, out, env)
+    rows += bench.sweep_verify([decode], [16], [2], [2, 5], ["float16"], run, out, env)
     written = bench.read_jsonl(out)
     assert [bench.describe(r) for r in written] == [bench.describe(r) for r in rows] == [
         "prefill tiny float16 causal S=16 x2", "prefill tiny float16 causal S=32 x1",
-        "decode tiny-dec float16 B=2 ctx=16", "decode tiny-dec float16 B=2 ctx=40"]
+        "decode tiny-dec float16 B=2 ctx=16", "decode tiny-dec float16 B=2 ctx=40",
+        "verify tiny-dec float16 B=2 ctx=16 q=2", "verify tiny-dec float16 B=2 ctx=16 q=5"]
     assert all(r["device"] == "cpu" and r["git_commit"] == "abc" for r in written)
     capsys.readouterr()
     bench.main(["--plot-only", "--out", str(out), "--dtypes", "float16"])
     assert (tmp_path / "attention.png").stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "n/a  (prefill)" in text and "n/a  (decode)" in text  # tiny shapes are outside the targets' scope
+    assert "\nverify\n" in text and "speedup" in text  # the verify table
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -356,13 +441,21 @@ def test_resolve_quick_full_and_explicit(bench):
     bench.resolve(args)
     assert args.seqs == list(bench.SEQS) and args.contexts == list(bench.CONTEXTS) and args.masks == ["causal", "full"]
     assert args.dtypes == ["bfloat16", "float16"] and [s.name for s in args.decode_shapes] == ["gqa-d128", "gqa-d64"]
-    assert args.part == ["prefill", "decode"] and args.tokens == 16384
+    assert args.part == ["prefill", "decode", "verify"] and args.tokens == 16384
+    assert [s.name for s in args.verify_shapes] == ["gqa-d128", "gqa-d64"] and args.verify_batches == [1, 8, 32]
+    assert args.q_lens == [2, 4, 8, 16] and args.verify_contexts == list(bench.CONTEXTS)
+    args = p.parse_args(["--quick"])  # the GPU suite's run: a small verify sweep (8 rows) with the other parts
+    bench.resolve(args)
+    assert "verify" in args.part and [s.name for s in args.verify_shapes] == ["gqa-d128"]
+    assert (args.verify_contexts, args.verify_batches, args.q_lens) == ([4096, 32768], [1, 32], [4, 16])
 
 
 @pytest.mark.parametrize("argv, message", [(["--seqs", "0"], "must be an integer >= 1"),
                                            (["--prefill-shapes", "mha-d96"], "unknown shape 'mha-d96'"),
                                            (["--dtypes", "float32"], "invalid choice"),
-                                           (["--part", "backward"], "invalid choice")])
+                                           (["--part", "backward"], "invalid choice"),
+                                           (["--q-lens", "17"], "q_len 17 is above MAX_VERIFY_QUERIES = 16"),
+                                           (["--verify-contexts", "0"], "must be an integer >= 1")])
 def test_bad_options_are_errors(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         bench.main(argv)
@@ -382,6 +475,8 @@ def test_plot_only_writes_the_png_tables_and_targets(bench, tmp_path, capsys):
             for causal in (True, False) for seq in (1024, 4096, 16384)]
     rows += [decode_row(shape, batch=b, context=c, fraction=0.6 if b == 64 else 0.8)
              for shape in ("gqa-d128", "gqa-d64") for b in (1, 16, 64) for c in (512, 4096, 32768)]
+    rows += [verify_row(batch=b, context=c, q_len=q, speedup=1.5) for b in (1, 32) for q in (4, 16)
+             for c in (512, 4096, 32768)]
     rows.append(prefill_row("mha-d128", seq=4096, sdpa_ms=0.1, date="2024-01-01T00:00:00+00:00"))  # older: ignored
     path = tmp_path / "attention.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -393,6 +488,7 @@ def test_plot_only_writes_the_png_tables_and_targets(bench, tmp_path, capsys):
     assert "MISS (decode)" in out and "4 of 8 rows below 0.7" in out and "B=64" in out  # batch 16, 64; ctx 4k, 32k
     lines = [line.split()[:2] for line in out.splitlines()]
     assert lines.count(["gqa-d64", "float16"]) == 6 and lines.count(["gqa-d64", "bfloat16"]) == 6 + 9  # both dtypes
+    assert lines.count(["gqa-d128", "bfloat16"]) == 9 + 12 and "\nverify\n" in out  # decode, then verify rows
     bench.main(["--plot-only", "--out", str(path), "--dtypes", "float16"])
     out = capsys.readouterr().out
     lines = [line.split()[:2] for line in out.splitlines()]

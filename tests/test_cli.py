@@ -492,7 +492,7 @@ def test_a_failed_forward_is_an_error_not_an_answer(capsys, monkeypatch, loads):
     contains the failure; a single request has nothing else to protect, so it is not passed off as text)."""
     from realm.runtime.runner import ModelRunner
 
-    def broken(self, plan):
+    def broken(self, plan, draft_probs=None):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(ModelRunner, "execute", broken)

@@ -187,7 +187,7 @@ def test_a_failing_step_fails_only_its_requests(tiny, alone, loop):
     calls = []
     original = engine.runner.execute
 
-    def flaky(plan):
+    def flaky(plan, draft_probs=None):
         calls.append(plan)
         if len(calls) == 3:
             raise RuntimeError("injected device fault")
@@ -331,7 +331,8 @@ def test_model_generate_raises_when_its_request_fails(tiny, alone, monkeypatch):
     from realm.runtime.runner import ModelRunner
 
     original = ModelRunner.execute
-    monkeypatch.setattr(ModelRunner, "execute", lambda self, plan: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(ModelRunner, "execute",
+                        lambda self, plan, draft_probs=None: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(GenerationError, match="generation failed: the step failed: RuntimeError: boom"):
         tiny.generate(PROMPTS[0], greedy(3))
     monkeypatch.setattr(ModelRunner, "execute", original)

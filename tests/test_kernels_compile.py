@@ -20,9 +20,10 @@ CASES += [f"{kind}:{dtype}" for kind in ("rms_norm", "rms_norm_residual", "rope"
 # Attention (each case at head dims 64 and 128): every kernel variant in both half-precision dtypes, and float32
 # (the exact path the CPU tests and the float32 model comparison use) for the ones the model runs.
 ATTENTION = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_causal", "paged_decode",
-             "paged_decode_split", "paged_decode_combine")
+             "paged_decode_split", "paged_decode_combine", "paged_verify", "paged_verify_split")
 CASES += [f"{kind}:{dtype}" for kind in ATTENTION for dtype in ("float16", "bfloat16")]
-CASES += [f"{kind}:float32" for kind in ("flash_causal", "flash_paged_causal", "paged_decode", "paged_decode_split")]
+CASES += [f"{kind}:float32" for kind in ("flash_causal", "flash_paged_causal", "paged_decode", "paged_decode_split",
+                                         "paged_verify", "paged_verify_split")]
 # Multi-LoRA: the unfused shrink and expand (each holds its one-adapter tl.dot path and its per-row gather path, a
 # run-time choice), and the matmul kernels with the fused LoRA epilogue: decode1 (gather only), decode16 and prefill
 # (tl.dot possible) for a few formats.

@@ -176,7 +176,7 @@ def test_step_output_says_which_lora_path_ran(tiny):
     engine = Engine(model, EngineConfig(kv_blocks=16))
     outputs = []
     execute = engine.runner.execute
-    engine.runner.execute = lambda plan: outputs.append(execute(plan)) or outputs[-1]
+    engine.runner.execute = lambda plan, draft_probs=None: outputs.append(execute(plan, draft_probs)) or outputs[-1]
     engine.add_request(IDS, SamplingParams(max_tokens=1))
     engine.run()
     engine.add_request(IDS, SamplingParams(max_tokens=1, adapter="a"))

@@ -9,9 +9,12 @@ context_lens[b] tokens its sequence has in the cache after this step (their K an
 path picks its kernels once per step (`AttentionMetadata`), not per layer:
 
 - no sequence has cached tokens (fresh prompts only): `flash_attention` on the step's own K and V;
-- otherwise the leading `num_decode` sequences, one query each (the engine puts decodes first), through
-  `paged_decode_attention`, which reads each K/V byte once per group of query heads, and the chunks after them
-  (prefill chunks after cached tokens, several queries to verify) through `flash_attention_paged`.
+- otherwise the engine orders the chunks decodes first, then chunks of 2 .. MAX_VERIFY_QUERIES queries (speculative
+  verification: k + 1 tokens), then the rest, and three launches serve the three runs: the leading `num_decode`
+  sequences, one query each, through `paged_decode_attention`, which reads each K/V byte once per group of query
+  heads; the following `num_verify` sequences of 2 .. MAX_VERIFY_QUERIES queries through `paged_verify_attention`,
+  which reads each K/V byte once per group for all of a chunk's queries; the chunks after them (longer prefill
+  chunks, and any short chunk after a long one) through `flash_attention_paged`.
 
 The reference runs torch's scaled_dot_product_attention per sequence on its keys gathered from the pages, causal
 within the chunk: op for op what HF transformers' llama does in float32 (`attn_implementation="sdpa"`), so the torch
@@ -33,6 +36,8 @@ from .paged import check_kv_cache
 from .paged_attention import PagedDecodePlan, plan_decode
 from .paged_attention import _launch as _decode_launch
 from .qdecode import check_runnable
+from .verify_attention import MAX_VERIFY_QUERIES, PagedVerifyPlan, plan_verify
+from .verify_attention import _launch as _verify_launch
 
 
 @dataclass
@@ -47,20 +52,32 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [batch, max_blocks]
     fresh: bool = False  # no sequence has cached tokens
     num_decode: int = 0  # leading sequences with one query each
-    chunk_cu_seqlens: torch.Tensor | None = None  # offsets of the chunks after the decodes; None: no such chunk
+    chunk_cu_seqlens: torch.Tensor | None = None  # offsets of the chunks after the decodes (0 first); None: none
+    # The run of sequences after the decodes with 2 .. MAX_VERIFY_QUERIES queries each (counted in fresh steps too,
+    # as num_decode is; those run flash_attention alone).
+    num_verify: int = 0
+    verify_cu_seqlens: torch.Tensor | None = None  # their chunks' offsets (0 first); None: none, or fresh
+    flash_cu_seqlens: torch.Tensor | None = None  # offsets of the chunks after those (0 first); None: no such chunk
     _decode_plans: dict = field(default_factory=dict, repr=False)
+    _verify_plans: dict = field(default_factory=dict, repr=False)
     _key_slots: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, query_lens, context_lens, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
               block_tables: torch.Tensor) -> AttentionMetadata:
         query_lens, context_lens = tuple(query_lens), tuple(context_lens)
-        d = next((b for b, q in enumerate(query_lens) if q != 1), len(query_lens))
+        batch = len(query_lens)
+        d = next((b for b, q in enumerate(query_lens) if q != 1), batch)
+        v = next((b for b in range(d, batch) if not 2 <= query_lens[b] <= MAX_VERIFY_QUERIES), batch) - d
         fresh = all(q == c for q, c in zip(query_lens, context_lens, strict=True))
-        chunk_cu = None
-        if d < len(query_lens) and not fresh:
+        chunk_cu = verify_cu = flash_cu = None
+        if d < batch and not fresh:
             chunk_cu = cu_seqlens_q[d:] - d if d else cu_seqlens_q
-        return cls(query_lens, context_lens, cu_seqlens_q, seq_lens, block_tables, fresh, d, chunk_cu)
+            verify_cu = chunk_cu[: v + 1] if v else None
+            if d + v < batch:
+                flash_cu = chunk_cu[v:] - sum(query_lens[d : d + v]) if v else chunk_cu
+        return cls(query_lens, context_lens, cu_seqlens_q, seq_lens, block_tables, fresh, d, chunk_cu, v, verify_cu,
+                   flash_cu)
 
     @property
     def max_seqlen_q(self) -> int:
@@ -71,8 +88,22 @@ class AttentionMetadata:
         return max(self.context_lens[: self.num_decode], default=0)
 
     @property
+    def verify_tokens(self) -> int:
+        """Query rows of the verify chunks (they follow the num_decode decode rows)."""
+        return sum(self.query_lens[self.num_decode : self.num_decode + self.num_verify])
+
+    @property
+    def verify_max_seq_len(self) -> int:
+        return max(self.context_lens[self.num_decode : self.num_decode + self.num_verify], default=0)
+
+    @property
+    def verify_max_seqlen_q(self) -> int:
+        return max(self.query_lens[self.num_decode : self.num_decode + self.num_verify], default=0)
+
+    @property
     def chunk_max_seqlen_q(self) -> int:
-        return max(self.query_lens[self.num_decode :], default=0)
+        """The longest chunk after the decodes and the verify chunks (the flash_attention_paged launch)."""
+        return max(self.query_lens[self.num_decode + self.num_verify :], default=0)
 
     def decode_plan(self, n_kv_heads: int, device: torch.device) -> PagedDecodePlan:
         """plan_decode for this step's decode rows, computed once and reused by every layer."""
@@ -80,6 +111,17 @@ class AttentionMetadata:
         if plan is None:
             plan = self._decode_plans[n_kv_heads] = plan_decode(self.num_decode, n_kv_heads,
                                                                 self.decode_max_seq_len, device)
+        return plan
+
+    def verify_plan(self, n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device) -> PagedVerifyPlan:
+        """plan_verify for this step's verify chunks, computed once per head layout and reused by every layer."""
+        key = (n_heads, n_kv_heads, head_dim, dtype)
+        plan = self._verify_plans.get(key)
+        if plan is None:
+            plan = self._verify_plans[key] = plan_verify(self.num_verify, n_heads, n_kv_heads, head_dim,
+                                                         self.verify_max_seqlen_q, self.verify_max_seq_len, dtype,
+                                                         device)
         return plan
 
     def key_slots(self, block_size: int) -> list[torch.Tensor]:
@@ -130,14 +172,19 @@ def paged_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _flash_launch(out, q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, None, causal=True, scale=scale,
                       max_seqlen_q=meta.max_seqlen_q, config=flash_config(q.shape[2], q.dtype))
         return out
-    d = meta.num_decode
+    d, v = meta.num_decode, meta.num_verify
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if d:
         plan = meta.decode_plan(k_cache.shape[2], q.device)
         _decode_launch(q[:d], k_cache, v_cache, meta.seq_lens[:d], meta.block_tables[:d], scale, plan, out[:d])
-    if meta.chunk_cu_seqlens is not None:
-        _flash_launch(out[d:], q[d:], k_cache, v_cache, meta.chunk_cu_seqlens, meta.seq_lens[d:],
-                      meta.block_tables[d:], causal=True, scale=scale, max_seqlen_q=meta.chunk_max_seqlen_q,
+    rest = d + meta.verify_tokens  # the first query row after the decodes and the verify chunks
+    if meta.verify_cu_seqlens is not None:
+        plan = meta.verify_plan(q.shape[1], k_cache.shape[2], q.shape[2], q.dtype, q.device)
+        _verify_launch(q[d:rest], k_cache, v_cache, meta.verify_cu_seqlens, meta.seq_lens[d : d + v],
+                       meta.block_tables[d : d + v], scale, plan, out[d:rest])
+    if meta.flash_cu_seqlens is not None:
+        _flash_launch(out[rest:], q[rest:], k_cache, v_cache, meta.flash_cu_seqlens, meta.seq_lens[d + v :],
+                      meta.block_tables[d + v :], causal=True, scale=scale, max_seqlen_q=meta.chunk_max_seqlen_q,
                       config=flash_config(q.shape[2], q.dtype))
     return out
 

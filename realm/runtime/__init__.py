@@ -12,7 +12,8 @@ epilogue), transformer (the llama-family forward, written once over ops), kv_cac
 torch), plan (the step plan: plain data), runner (plan -> forward -> sampled tokens), sampler (batched sampling),
 sampling (per-request parameters, the per-row reference sampler), generate (text, stop strings, completions),
 engine (the loop, its inbox and event queues), model (load(), Model), llm (the offline API), lora (a model's LoRA
-adapters and the device pool a step's rows take theirs from).
+adapters and the device pool a step's rows take theirs from), speculative (proposers, adaptive k, and the metrics of
+speculative decoding).
 
 Names are imported on first use, so `import realm.runtime.scheduler` does not import torch.
 """
@@ -39,6 +40,7 @@ _EXPORTS = {
     "sampling": ("Sampler", "SamplingParams"),
     "scheduler": ("Batching", "Scheduler", "SchedulerConfig"),
     "sequence": ("Sequence", "SequenceStatus"),
+    "speculative": ("SpecMethod", "SpeculativeConfig", "SpeculativeStats"),
     "tokenizer": ("IdTokenizer", "Tokenizer"),
     "torch_model": ("TorchModel",),
     "transformer": ("Transformer",),

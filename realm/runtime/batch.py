@@ -98,6 +98,11 @@ class ForwardBatch:
                                  f"pool [0, {lora_slots})")
             if c.sampling is not None and not c.logits:
                 raise ValueError(f"sequence {b} asks for sampling but for no logits rows to sample from")
+            if c.num_draft and (not 0 < c.num_draft < n or c.sampling is None
+                                or tuple(c.logits) != tuple(range(n - c.num_draft - 1, n))):
+                raise ValueError(f"sequence {b}: {c.num_draft} proposals to verify need a chunk of more tokens, "
+                                 f"sampling, and logits at its last {c.num_draft + 1} offsets; got {n} tokens, "
+                                 f"logits {c.logits}")
             first = len(tokens)
             tokens.extend(c.token_ids)
             positions.extend(range(start, end))

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from realm.kernels.verify_attention import MAX_VERIFY_QUERIES
+
 from .block_manager import BlockManager
 from .generate import Completion, FinishReason, OutputText, Timings, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
@@ -62,6 +64,17 @@ from .sampler import RowSampling
 from .sampling import SamplingParams
 from .scheduler import Batching, Chunk, Scheduler, SchedulerConfig, Step
 from .sequence import Sequence as Seq
+from .speculative import (
+    Candidate,
+    DraftProposer,
+    DraftRequest,
+    SpecMethod,
+    SpeculationController,
+    SpeculativeConfig,
+    SpeculativeStats,
+    propose_ngram,
+    speculative_config_of,
+)
 
 if TYPE_CHECKING:
     from .model import Model
@@ -81,10 +94,14 @@ class EngineConfig:
     prefix_caching: bool = True  # full blocks of identical prefixes are computed once and shared
     batching: Batching = Batching.CONTINUOUS  # STATIC: a baseline that refills only when all have finished
     lora_mode: LoraMode = LoraMode.FUSED  # how the Triton backend adds LoRA deltas (realm.runtime.lora)
+    # Speculative decoding for requests that do not choose (SamplingParams.speculative): a method name or a
+    # SpeculativeConfig (realm.runtime.speculative); None: off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "batching", self.scheduler_config().batching)  # validated, and an enum
         object.__setattr__(self, "lora_mode", lora_mode_of(self.lora_mode))
+        object.__setattr__(self, "speculative", speculative_config_of(self.speculative))
         for name in ("kv_blocks", "block_size"):
             value = getattr(self, name)
             if value is None and name == "kv_blocks":
@@ -127,6 +144,10 @@ def check_kv_memory(model: Model, config: EngineConfig, num_blocks: int) -> None
 
 
 _END = object()  # what a request's event queue gives once it has finished and every event was taken
+
+
+def _attention_group(chunk: Chunk) -> int:
+    return 0 if chunk.num_tokens == 1 else 1 if chunk.num_tokens <= MAX_VERIFY_QUERIES else 2
 
 
 class EventQueue:
@@ -223,6 +244,8 @@ class Request:
     on_event_failed: bool = False  # its callback raised: it is not called again
     adapter: str | None = None  # its LoRA adapter's name
     holds_adapter: bool = False  # the adapter cannot be removed from the model's registry until the request ends
+    speculative: SpeculativeConfig | None = None  # its speculative decoding (None: plain)
+    spec_stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
     @property
     def finished(self) -> bool:
@@ -266,6 +289,10 @@ class Engine:
         self._stopping = False
         self._delivering: deque[tuple[Request, TokenEvent | None]] | None = None  # a step's events, being emitted
         self._ended = threading.Condition()  # notified when a request's end is queued (`wait`)
+        self.speculation = SpeculationController()  # adaptive k: acceptance per sequence, the step-cost model
+        self.spec_stats = SpeculativeStats()  # every request's speculation, summed
+        self._draft: DraftProposer | None = None  # made at the first request that asks for the draft model
+        self._draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q of its proposals, until verified
 
     def __repr__(self) -> str:
         kv = self.runner.kv
@@ -297,6 +324,7 @@ class Engine:
         adapter = params.adapter if adapter is None else adapter
         ids = self.model.encode(prompt)
         self.model.check_prompt(ids)
+        speculative = self._speculative(params)
         max_new = min(params.max_tokens, self.model.config.context_length - len(ids))
         # The prefix-cache namespace: callers' salts and adapters' never meet (a caller's "lora:1" is not adapter 1's)
         salt = None if salt is None else f"salt:{salt}"
@@ -310,7 +338,8 @@ class Engine:
                 self.scheduler.check_fits(seq)  # reads only the cache's size: safe outside the lock
                 self._next_id = request_id + 1
                 request = Request(request_id, ids, params, seq, OutputText(self.model.tokenizer, params), on_event,
-                                  engine=self, adapter=adapter, holds_adapter=adapter is not None)
+                                  engine=self, adapter=adapter, holds_adapter=adapter is not None,
+                                  speculative=speculative)
                 self._live[request_id] = request
         except BaseException:
             if adapter is not None:
@@ -318,6 +347,16 @@ class Engine:
             raise
         self._submit("add", request)
         return request
+
+    def _speculative(self, params: SamplingParams) -> SpeculativeConfig | None:
+        """The request's speculation (its own, else the engine's); a draft is only there when the model has one."""
+        spec = params.speculative if params.speculative is not None else self.config.speculative
+        if spec is None or not spec.enabled:
+            return None
+        if spec.method is SpecMethod.DRAFT and getattr(self.model, "draft", None) is None:
+            raise ValueError("speculative method 'draft' needs a draft model: load the model with "
+                             "draft_model=PATH (realm.load, realm.LLM, --draft-model), or use 'ngram'")
+        return spec
 
     def cancel(self, request: Request | int) -> None:
         """Stop a request (finish reason "abort") and free its KV blocks; any thread. A finished one is left as it
@@ -385,13 +424,17 @@ class Engine:
 
     def _step(self) -> list[Request]:
         self._drain_inbox()
+        self._propose()
         step = self.scheduler.schedule()
+        self._keep_scheduled_proposals(step)
         if not step:
             if self.scheduler.has_work:
                 raise RuntimeError("the scheduler formed an empty step with requests waiting")
             return []
         now = time.perf_counter()
-        chunks = sorted(step.chunks, key=lambda c: c.num_tokens > 1)  # decodes first (stable: arrival order)
+        # decodes first, then short chunks (verifications), then the rest (stable: arrival order): the attention
+        # kernels take them in these three groups (realm.kernels.attention)
+        chunks = sorted(step.chunks, key=_attention_group)
         requests = [self.requests[c.seq.seq_id] for c in chunks]
         for request in requests:
             if request.scheduled_s is None:
@@ -402,7 +445,9 @@ class Engine:
         with self.loras.lock:
             try:
                 plan = self._plan(step, chunks, requests)
-                output = self.runner.execute(plan)
+                began = time.perf_counter()
+                output = self.runner.execute(plan, self._draft_probs)
+                self.speculation.observe_step(plan.num_tokens, time.perf_counter() - began)
             except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
                 failed_plan = e.failures
             except Exception as e:  # a step of one chunk, or the copies: these requests fail, the engine goes on
@@ -422,6 +467,7 @@ class Engine:
         failed = {r.seq.seq_id: (r, error) for r, error in zip(requests, output.errors or (), strict=False)
                   if error is not None}
         self.scheduler.complete(step, failed)
+        self._draft_probs.clear()
         now = time.perf_counter()
         # The engine's state first (every token appended, every finished request completed and its blocks freed),
         # user callbacks last: whatever a callback does (raise, cancel), no sequence is left half-updated.
@@ -439,14 +485,18 @@ class Engine:
                 if request.first_token_s is None:
                     request.first_token_s = now
                 try:
-                    reason, event = self._accept(request, tokens[0])
+                    if chunk.num_unverified:
+                        reason, events = self._accept_verified(chunk, request, tokens)
+                    else:
+                        reason, event = self._accept(request, tokens[0])
+                        events = [event]
                 except Exception as e:  # e.g. detokenizing: this request alone ends
                     log.exception("request %d: accepting its token failed", request.request_id)
-                    reason, event = FinishReason.ERROR, None
+                    reason, events = FinishReason.ERROR, []
                     error = f"the step failed for this request: {type(e).__name__}: {e}"
                 else:
                     error = None
-                self._delivering.append((request, event))
+                self._delivering.extend((request, event) for event in events)
                 if reason is not None:
                     self._delivering.extend(((request, self._finish(request, reason, now, error)), (request, _END)))
                     finished.append(request)
@@ -457,6 +507,112 @@ class Engine:
             for request, event in undelivered or ():  # an interrupt in a callback: the others' events still go out
                 self._emit(request, event, callback=False)
         return finished
+
+    # ------------------------------------------------------------------------------------- speculative decoding
+
+    def _propose(self) -> None:
+        """Proposals (Sequence.propose) for the running sequences about to decode whose requests speculate, k per
+        sequence from the controller (adaptive) or the request's k."""
+        candidates, found, fixed = [], {}, {}
+        decoding, base = 0, 0
+        for seq in self.scheduler.running:
+            if seq.num_draft:  # left by a step that did not run: proposed afresh
+                seq.drop_proposals()
+                self._draft_probs.pop(seq.seq_id, None)
+            base += seq.remaining
+            request = self.requests.get(seq.seq_id)
+            if seq.remaining != 1 or request is None:
+                continue
+            decoding += 1
+            spec = request.speculative
+            max_k = 0 if spec is None else min(spec.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1)
+            if max_k < 1:
+                continue
+            if spec.method is SpecMethod.NGRAM:
+                began = time.perf_counter()
+                proposal = propose_ngram(seq.token_ids, max_k, spec.ngram_min, spec.ngram_max)
+                self.spec_stats.propose_s += time.perf_counter() - began
+                if not proposal:
+                    continue
+                found[seq.seq_id] = proposal
+                max_k = len(proposal)
+            # A seeded sampled request keeps its k: adaptive k follows measured step times, and its draws (keyed by
+            # position, realm.runtime.sampler) depend on which positions were proposals; its output must not.
+            params = request.params
+            if spec.adaptive and (params.temperature == 0 or params.seed is None):
+                candidates.append((Candidate(seq.seq_id, max_k), spec.method))
+            else:
+                fixed[seq.seq_id] = max_k
+        if not candidates and not fixed:
+            return
+        base = min(base, self.config.max_batch_tokens) + sum(fixed.values())
+        uses_draft = any(method is SpecMethod.DRAFT for _, method in candidates)
+        chosen = self.speculation.choose([c for c, _ in candidates], base, decoding,
+                                         self._draft.costs if uses_draft and self._draft is not None else None)
+        chosen.update(fixed)
+        self._apply_proposals(chosen, found)
+
+    def _apply_proposals(self, chosen: dict[int, int], found: dict[int, list[int]]) -> None:
+        wants = []
+        for seq_id, k in chosen.items():
+            request = self.requests[seq_id]
+            if seq_id in found:
+                request.seq.propose(found[seq_id][:k])
+            else:
+                wants.append(DraftRequest(seq_id, request.seq.token_ids, k, request.params))
+        if not wants:
+            return
+        began = time.perf_counter()
+        draft = self._draft_proposer()
+        steps = draft.steps
+        for seq_id, proposal in draft.propose(wants).items():
+            self.requests[seq_id].seq.propose(proposal.tokens)
+            if proposal.probs is not None:
+                self._draft_probs[seq_id] = proposal.probs
+        self.spec_stats.draft_steps += draft.steps - steps
+        self.spec_stats.propose_s += time.perf_counter() - began
+
+    def _draft_proposer(self) -> DraftProposer:
+        if self._draft is None:
+            self._draft = DraftProposer(self.model.draft, self.model, self.runner.kv.num_blocks, self.runner.block_size,
+                                        seed=None)
+        return self._draft
+
+    def _keep_scheduled_proposals(self, step: Step) -> None:
+        """Proposals the step found no room for are dropped (the scheduler ran them only as far as it could)."""
+        scheduled = {c.seq.seq_id: c for c in step.chunks}
+        for seq in self.scheduler.running:
+            if not seq.num_draft:
+                continue
+            chunk = scheduled.get(seq.seq_id)
+            keep = chunk.num_unverified if chunk is not None else 0
+            if keep < seq.num_draft:
+                seq.drop_proposals(keep)
+                probs = self._draft_probs.pop(seq.seq_id, None)
+                if probs is not None and keep:
+                    self._draft_probs[seq.seq_id] = probs[:keep]
+
+    def _accept_verified(self, chunk: Chunk, request: Request,
+                         tokens: list[int]) -> tuple[FinishReason | None, list[TokenEvent | None]]:
+        """A verified chunk: its rejected proposals and their KV go; the accepted ones and the token after them are
+        accepted one by one, exactly as plain decoding would have produced them (a stop string or max_tokens ends the
+        run where it would have ended it); the verified tokens' full blocks enter the prefix cache."""
+        seq = chunk.seq
+        k, accepted = chunk.num_unverified, len(tokens) - 1
+        keep = chunk.start + chunk.num_tokens - k + accepted  # the token before the proposals, and the accepted
+        self.scheduler.truncate(seq, keep)
+        seq.drop_proposals()  # their KV stays: the tokens are appended again below, one by one
+        request.spec_stats.add(k, accepted)
+        self.spec_stats.add(k, accepted)
+        self.speculation.observe_verification(seq.seq_id, k, accepted)
+        events = []
+        for token in tokens:
+            reason, event = self._accept(request, token)
+            events.append(event)
+            if reason is not None:
+                return reason, events
+        self.scheduler.commit(seq, keep)
+        return None, events
 
     def _plan(self, step: Step, chunks: list[Chunk], requests: list[Request]) -> StepPlan:
         plans, failures = [], []
@@ -480,13 +636,14 @@ class Engine:
     def _chunk_plan(chunk: Chunk, request: Request, adapter: int) -> ChunkPlan:
         seq = chunk.seq
         n = chunk.num_tokens
+        k = chunk.num_unverified  # proposals: verified by the logits of the token before each, and of the last
         sampling = None
         if chunk.completes:
             params = request.params
             history = seq.token_ids[: chunk.start] if params.repetition_penalty != 1.0 else ()
             sampling = RowSampling.of(params, position=chunk.start + n, history=history)
         return ChunkPlan(seq.seq_id, chunk.start, tuple(chunk.token_ids), tuple(seq.kv.blocks),
-                         (n - 1,) if chunk.completes else (), sampling, adapter)
+                         tuple(range(n - 1 - k, n)) if chunk.completes else (), sampling, adapter, num_draft=k)
 
     def _fail_step(self, step: Step, requests: list[Request], message: str) -> list[Request]:
         self.scheduler.abort(step)
@@ -669,9 +826,16 @@ class Engine:
             cached_tokens=seq.num_cached_tokens,
             preemptions=seq.num_preemptions,
         )
+        spec = request.spec_stats
+        timings.proposed_tokens, timings.accepted_tokens, timings.verifications = (spec.proposed, spec.accepted,
+                                                                                   spec.verifications)
         request.completion = Completion(request.output.text, seq.output_ids, reason, request.prompt_ids, timings,
                                         error)
         self._release_adapter(request)
+        self.speculation.forget(seq.seq_id)
+        self._draft_probs.pop(seq.seq_id, None)
+        if self._draft is not None:
+            self._draft.release(seq.seq_id)
         del self.requests[request.request_id]
         with self._id_lock:
             self._live.pop(request.request_id, None)

@@ -47,6 +47,19 @@ class Timings:
     queue_s: float = 0.0  # batched: from arrival to the first step it was scheduled in
     cached_tokens: int = 0  # batched: tokens found in the prefix cache at its (last) admission
     preemptions: int = 0  # batched: times its KV blocks were taken back (its tokens were then recomputed)
+    proposed_tokens: int = 0  # speculative decoding: proposals verified
+    accepted_tokens: int = 0  # of those, accepted
+    verifications: int = 0  # steps that verified proposals of it
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed tokens (nan without speculation)."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else float("nan")
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted proposals per verification (nan without speculation)."""
+        return self.accepted_tokens / self.verifications if self.verifications else float("nan")
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -6,6 +6,7 @@
     llm = realm.LLM("smollm2", lora={"pirate": "realm/data/lora/pirate"})       # requests name their adapter
     llm.generate(["Hi", "Hi"], [SamplingParams(adapter="pirate"), SamplingParams()])   # one batch, two models
     for i, completion in llm.completions(prompts): ...        # as each finishes (realm batch writes them so)
+    llm = realm.LLM("smollm2", speculative="ngram")           # speculative decoding: same output, faster
 
 A request that cannot run (empty prompt, prompt over the context, more tokens than the KV cache holds, bad ids)
 gets a Completion with finish reason "error" and the reason in `error`; the other prompts run as if it were not
@@ -30,6 +31,7 @@ from .lora import DEFAULT_MAX_LORAS, LoraMode, parse_lora_specs
 from .model import Backend, Model, load
 from .sampling import SamplingParams
 from .scheduler import Batching
+from .speculative import SpeculativeConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,18 @@ class LLM:
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True,
                  batching: Batching | str = Batching.CONTINUOUS, lora: Mapping[str, str | os.PathLike] | None = None,
                  max_loras: int | None = None, max_lora_rank: int | None = None,
-                 lora_mode: LoraMode | str = LoraMode.FUSED):
+                 lora_mode: LoraMode | str = LoraMode.FUSED, speculative: SpeculativeConfig | str | None = None,
+                 draft_model: str | os.PathLike | Model | None = None):
         """model: a packaged model name, a GGUF path, or a loaded Model (then device and dtype must be left out, and
         backend, if given, be the model's); backend: None is the torch reference; lora: LoRA adapters to load,
         {name: PEFT directory or GGUF LoRA file}, that requests name in SamplingParams(adapter=...); max_loras,
-        max_lora_rank: the device pool (realm.runtime.lora; default 4 slots; a loaded Model has its own); the rest
-        configures the engine (EngineConfig)."""
+        max_lora_rank: the device pool (realm.runtime.lora; default 4 slots; a loaded Model has its own);
+        speculative: the requests' default speculative decoding ("ngram", "draft", or a SpeculativeConfig; requests
+        may choose their own in SamplingParams); draft_model: the draft model for "draft" (a path, a packaged name, or a
+        loaded Model of the same vocabulary); the rest configures the engine (EngineConfig)."""
         config = EngineConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, kv_blocks=kv_blocks,
                               block_size=block_size, prefix_caching=prefix_caching, batching=batching,
-                              lora_mode=lora_mode)
+                              lora_mode=lora_mode, speculative=speculative)
         if isinstance(model, Model):
             if device is not None or dtype is not None or (backend is not None and Backend(backend) is not
                                                             model.backend):
@@ -65,9 +70,12 @@ class LLM:
                                  f"{pool.max_rank}): pass max_loras and max_lora_rank to realm.load instead")
             for name, source in parse_lora_specs(lora).items():
                 model.add_lora(name, source)
+            if draft_model is not None:
+                model.set_draft_model(draft_model)
         else:
             model = load(model, device=device, backend=Backend.TORCH if backend is None else backend, dtype=dtype,
-                         lora=lora, max_loras=max_loras or DEFAULT_MAX_LORAS, max_lora_rank=max_lora_rank)
+                         lora=lora, max_loras=max_loras or DEFAULT_MAX_LORAS, max_lora_rank=max_lora_rank,
+                         draft_model=draft_model)
         self.model = model
         self.engine = Engine(model, config)
 

@@ -23,6 +23,7 @@ from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from .lora import DEFAULT_MAX_LORAS, LoraAdapter, LoraRegistry, parse_lora_specs
 from .ops import Backend, backend_of
 from .sampling import SamplingParams
+from .speculative import check_same_vocabulary
 from .tokenizer import Tokenizer
 from .transformer import Transformer, indexed_device
 from .weights import ModelWeights, load_weights
@@ -80,6 +81,7 @@ class Model:
             self.loras.add(name, source)
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self.draft: Model | None = None  # what speculative decoding's "draft" method proposes with (set_draft_model)
 
     def __repr__(self) -> str:
         return (f"Model({self.config.name or self.weights.path.name!r}, {self.config.arch.name}, "
@@ -134,6 +136,19 @@ class Model:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+
+    def set_draft_model(self, draft: Model | str | os.PathLike | None) -> Model | None:
+        """The draft model for speculative decoding (SamplingParams(speculative="draft")): a loaded Model, or a
+        packaged name or GGUF path loaded on this model's backend, device and dtype; None removes it. Its vocabulary
+        must be this model's (ValueError otherwise). Returns it."""
+        if draft is not None:
+            if not isinstance(draft, Model):
+                draft = load(draft, device=self.device, backend=self.backend, dtype=self.dtype)
+            check_same_vocabulary(draft, self)
+            if draft.device != self.device:
+                raise ValueError(f"the draft model is on {draft.device}, this model on {self.device}")
+        self.draft = draft
+        return draft
 
     def add_lora(self, name: str, source: str | os.PathLike | LoraAdapter) -> LoraAdapter:
         """Load a LoRA adapter (PEFT directory, GGUF LoRA file, or LoraAdapter) for requests to name."""
@@ -220,13 +235,14 @@ def default_dtype(backend: Backend | str, device: torch.device) -> torch.dtype:
 def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None = None,
          backend: Backend | str = Backend.TORCH, dtype: torch.dtype | None = None, *,
          lora: Mapping[str, str | os.PathLike] | None = None, max_loras: int = DEFAULT_MAX_LORAS,
-         max_lora_rank: int | None = None) -> Model:
+         max_lora_rank: int | None = None, draft_model: str | os.PathLike | Model | None = None) -> Model:
     """Load a GGUF model (a packaged name such as "smollm2", the default, or a path) for generation.
 
     device: "cpu", "cuda" or None (CUDA when present); backend: "torch" (the reference) or "triton" (realm's
     kernels; on CPU they run under Triton's interpreter, which needs TRITON_INTERPRET=1 set before Triton is
     imported); dtype: the compute dtype, None for the backend's default (`default_dtype`; float32 is the exact
-    reference); lora, max_loras, max_lora_rank: LoRA adapters to load and the device pool (see Model).
+    reference); lora, max_loras, max_lora_rank: LoRA adapters to load and the device pool (see Model);
+    draft_model: a smaller model of the same vocabulary for speculative decoding (Model.set_draft_model).
     """
     backend = backend_of(backend)
     device = resolve_device(device)
@@ -239,8 +255,10 @@ def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None
         _check_triton_device(device, dtype)  # before the weights load: a wrong setup fails at once
     weights = load_weights(model)
     tokenizer = Tokenizer.from_metadata(weights.metadata)
-    return Model(weights, tokenizer, backend, device, dtype, lora=lora, max_loras=max_loras,
-                 max_lora_rank=max_lora_rank)
+    model = Model(weights, tokenizer, backend, device, dtype, lora=lora, max_loras=max_loras,
+                  max_lora_rank=max_lora_rank)
+    model.set_draft_model(draft_model)
+    return model
 
 
 class GenerationStream:

@@ -5,8 +5,11 @@ sent to other processes (tensor-parallel ranks run the same plan).
         ChunkPlan(seq_id=0, start=0, token_ids=(1, 2, 3), block_table=(4,), logits=(2,), sampling=RowSampling()),
         ChunkPlan(seq_id=1, start=7, token_ids=(9,), block_table=(0, 5), logits=(0,), sampling=RowSampling(...),
                   adapter=2),                  # rows of this chunk add the LoRA delta of the adapter in slot 2
+        ChunkPlan(seq_id=2, start=30, token_ids=(5, 8, 8), block_table=(6, 7), logits=(0, 1, 2),
+                  sampling=RowSampling(), num_draft=2),   # token 5, then two proposals (8, 8) to verify
     ))
     out = runner.execute(plan)        # StepOutput: sampled tokens per chunk, optionally probabilities and logits
+    out = runner.execute(plan, draft_probs={2: q})   # a draft model's distributions [num_draft, vocab] per sequence
 
 A chunk is a run of new tokens of one sequence after the `start` tokens it already has in the KV cache: a whole
 prompt, a prefill chunk, one decode token, or a token and the draft tokens to verify after it. Its logits rows are
@@ -36,6 +39,10 @@ class ChunkPlan:
     # history is that plus the chunk's tokens up to the row.
     sampling: RowSampling | None = None
     adapter: int = -1  # the LoRA pool slot of the sequence's adapter (realm.runtime.lora); -1: none
+    # Speculative decoding: the chunk's last num_draft tokens are proposals to verify. Its logits rows are then its last
+    # num_draft + 1 offsets, verified (BatchSampler.verify) instead of sampled one by one: the step's tokens for the
+    # chunk are the accepted proposals followed by one more token (the correction, or the bonus when all pass).
+    num_draft: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -66,10 +73,13 @@ class StepPlan:
 
 @dataclass
 class StepOutput:
-    tokens: list[list[int]] = field(default_factory=list)  # per chunk: one sampled token per logits row (or none)
+    # Per chunk: one sampled token per logits row (or none); for a chunk with proposals (num_draft), the accepted
+    # proposals followed by the token sampled after them.
+    tokens: list[list[int]] = field(default_factory=list)
     logits: object | None = None  # torch.Tensor [num_logits, vocab] when return_logits
     probs: object | None = None  # torch.Tensor float32 [sampled rows, vocab] when return_probs
     # Per chunk: None, or why it failed (its logits are not finite; the forward or sampling raised with it alone).
     # A failed chunk has no tokens and NaN logits and probability rows; its sequence must not go on.
     errors: list[str | None] = field(default_factory=list)
     lora: str | None = None  # how LoRA deltas were added when a row had an adapter: "reference", "fused", "separate"
+    accepted: list[int] = field(default_factory=list)  # per chunk: proposals accepted (0 for a chunk without any)

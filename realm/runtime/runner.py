@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 import torch
 
@@ -62,9 +63,12 @@ class ModelRunner:
     def block_size(self) -> int:
         return self.kv.block_size
 
-    def execute(self, plan: StepPlan) -> StepOutput:
+    def execute(self, plan: StepPlan, draft_probs: Mapping[int, torch.Tensor] | None = None) -> StepOutput:
         """Run the plan. A chunk that cannot be computed fails alone: `StepOutput.errors` names why, per chunk (its
-        logits are not finite, or the forward or sampling raised with it in the batch and again with it alone)."""
+        logits are not finite, or the forward or sampling raised with it in the batch and again with it alone).
+        draft_probs: {seq_id: float32 [num_draft, vocab]}, the draft model's distributions of a chunk's proposals
+        (sampled requests); a chunk with proposals and none here was proposed with q = one-hot (n-gram, greedy)."""
+        draft_probs = draft_probs or {}
         if plan.block_size != self.kv.block_size:
             raise ValueError(f"the plan's blocks hold {plan.block_size} tokens, this runner's {self.kv.block_size}")
         self._check_copies(plan.copies)
@@ -73,27 +77,28 @@ class ModelRunner:
         except Exception as e:
             raise BlockCopyError(plan.copies, e) from e
         if len(plan.chunks) == 1:
-            return self._run(plan)
+            return self._run(plan, draft_probs)
         try:
-            return self._run(plan)
+            return self._run(plan, draft_probs)
         except Exception:
             log.exception("a step of %d chunks failed; running each alone to find the failing ones", len(plan.chunks))
         # Each chunk writes only its own positions' KV, so running it again alone recomputes exactly what the failed
         # batch would have; the copies ran above.
-        return self._merge(plan, [self._run_alone(dataclasses.replace(plan, chunks=(c,), copies=()))
+        return self._merge(plan, [self._run_alone(dataclasses.replace(plan, chunks=(c,), copies=()), draft_probs)
                                   for c in plan.chunks])
 
-    def _run_alone(self, plan: StepPlan) -> StepOutput:
+    def _run_alone(self, plan: StepPlan, draft_probs: Mapping[int, torch.Tensor]) -> StepOutput:
         try:
-            return self._run(plan)
+            return self._run(plan, draft_probs)
         except Exception as e:
             log.exception("chunk of sequence %d failed alone", plan.chunks[0].seq_id)
-            return StepOutput(tokens=[[]], errors=[f"{type(e).__name__}: {e}"])
+            return StepOutput(tokens=[[]], errors=[f"{type(e).__name__}: {e}"], accepted=[0])
 
     def _merge(self, plan: StepPlan, outputs: list[StepOutput]) -> StepOutput:
         """One StepOutput from the chunks' own, in plan order; a failed chunk's logits and probability rows are NaN."""
         out = StepOutput(tokens=[o.tokens[0] for o in outputs], errors=[o.errors[0] for o in outputs],
-                         lora=next((o.lora for o in outputs if o.lora is not None), None))
+                         lora=next((o.lora for o in outputs if o.lora is not None), None),
+                         accepted=[o.accepted[0] for o in outputs])
         if plan.return_logits:
             width = next((o.logits.shape[1] for o in outputs if o.logits is not None), self.config.vocab_size)
             out.logits = torch.cat([o.logits if o.logits is not None else self._nan_rows(len(c.logits), width)
@@ -107,34 +112,80 @@ class ModelRunner:
     def _nan_rows(self, n: int, width: int) -> torch.Tensor:
         return torch.full((n, width), float("nan"), dtype=torch.float32, device=self.device)
 
-    def _run(self, plan: StepPlan) -> StepOutput:
+    def _run(self, plan: StepPlan, draft_probs: Mapping[int, torch.Tensor]) -> StepOutput:
         batch = ForwardBatch.build(plan, self.kv.num_blocks, self.device, self.config.context_length,
                                    self.lora_slots, self.lora_mode)
         logits = self.transformer.forward(batch, self.kv)  # [plan.num_logits, vocab]
         out = StepOutput(logits=logits if plan.return_logits else None, lora=self._lora_path(batch))
         rows, index = [], []  # the sampled logits rows and their sampling
+        checks, check_index, proposed = [], [], []  # the rows verifying proposals, and what each judges
         row = 0
         for chunk in plan.chunks:
-            if chunk.sampling is not None:
+            span = range(row, row + len(chunk.logits))
+            if chunk.sampling is not None and chunk.num_draft:
+                checks.extend(_row_samplings(chunk))
+                check_index.extend(span)
+                proposed.extend(chunk.token_ids[-chunk.num_draft :])
+                proposed.append(-1)  # the last row draws the bonus token
+            elif chunk.sampling is not None:
                 rows.extend(_row_samplings(chunk))
-                index.extend(range(row, row + len(chunk.logits)))
+                index.extend(span)
             row += len(chunk.logits)
         # NaN or inf anywhere in a row makes its sum non-finite (a cheap test; `_finite` looks again at what it flags)
         flags = torch.isfinite(logits[:, : self.vocab_size].sum(-1, dtype=torch.float32)).long()
+        parts = []
         if rows:
-            sampled = logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=self.device)]
-            sample = self.sampler(sampled, rows, return_probs=plan.return_probs)
+            sample = self.sampler(self._rows(logits, index), rows, return_probs=plan.return_probs)
             out.probs = sample.probs
-            host = torch.cat([sample.tokens, flags]).tolist()  # the step's one device-to-host sync
-            tokens, flags = host[: len(rows)], host[len(rows) :]
-        else:
-            tokens, flags = [], flags.tolist()
+            parts.append(sample.tokens)
+        if checks:
+            verdict = self.sampler.verify(self._rows(logits, check_index), checks, proposed,
+                                          self._draft_rows(plan, draft_probs, len(checks)))
+            parts += [verdict.tokens, verdict.accept.long()]
+        host = torch.cat([*parts, flags]).tolist()  # the step's one device-to-host sync
+        tokens, host = host[: len(rows)], host[len(rows) :]
+        verified, accepts, flags = host[: len(checks)], host[len(checks) : 2 * len(checks)], host[2 * len(checks) :]
         finite = iter(self._finite(logits, flags))
-        drawn = iter(tokens)
-        out.tokens = [[next(drawn) for _ in c.logits] if c.sampling is not None else [] for c in plan.chunks]
+        drawn, checked = iter(tokens), iter(zip(verified, accepts, strict=True))
+        out.tokens, out.accepted = [], []
+        for c in plan.chunks:
+            if c.sampling is not None and c.num_draft:
+                emitted = _emitted(c.token_ids[-c.num_draft :], [next(checked) for _ in c.logits])
+                out.tokens.append(emitted)
+                out.accepted.append(len(emitted) - 1)
+            else:
+                out.tokens.append([next(drawn) for _ in c.logits] if c.sampling is not None else [])
+                out.accepted.append(0)
         out.errors = [None if all([next(finite) for _ in c.logits]) else NON_FINITE for c in plan.chunks]
         out.tokens = [t if e is None else [] for t, e in zip(out.tokens, out.errors, strict=True)]
+        out.accepted = [a if e is None else 0 for a, e in zip(out.accepted, out.errors, strict=True)]
         return out
+
+    def _rows(self, logits: torch.Tensor, index: list[int]) -> torch.Tensor:
+        return logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=self.device)]
+
+    def _draft_rows(self, plan: StepPlan, draft_probs: Mapping[int, torch.Tensor], rows: int) -> torch.Tensor | None:
+        """q for every verifying row: a chunk's draft distributions, one-hot rows for proposals that came without one
+        (n-gram), zeros for bonus rows; None when no chunk brought distributions (then q is one-hot for all)."""
+        if not any(c.seq_id in draft_probs for c in plan.chunks if c.num_draft):
+            return None
+        q = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        at = 0
+        for c in plan.chunks:
+            if c.sampling is None or not c.num_draft:
+                continue
+            k = c.num_draft
+            given = draft_probs.get(c.seq_id)
+            if given is None:
+                ids = torch.tensor(c.token_ids[-k:], device=self.device)
+                q[at + torch.arange(k, device=self.device), ids] = 1.0
+            else:
+                if tuple(given.shape) != (k, self.vocab_size):
+                    raise ValueError(f"draft_probs of sequence {c.seq_id} must be [{k}, {self.vocab_size}], got "
+                                     f"{list(given.shape)}")
+                q[at : at + k] = given
+            at += k + 1
+        return q
 
     def _lora_path(self, batch: ForwardBatch) -> str | None:
         if batch.lora is None:
@@ -163,6 +214,17 @@ class ModelRunner:
         dsts = [d for _, d in copies]
         if len(set(dsts)) != len(dsts) or set(dsts) & {s for s, _ in copies}:
             raise ValueError(f"block copies {list(copies)} write a block twice, or read a block they write")
+
+
+def _emitted(proposals, verdicts: list[tuple[int, int]]) -> list[int]:
+    """The tokens a verified chunk emits: its proposals up to the first one rejected, then that row's token (the
+    correction; the bonus token when every proposal passed). verdicts: per logits row, (token, accepted)."""
+    out = []
+    for proposal, (token, accepted) in zip(proposals, verdicts, strict=False):
+        if not accepted:
+            return [*out, token]
+        out.append(proposal)
+    return [*out, verdicts[len(out)][0]]
 
 
 def _row_samplings(chunk: ChunkPlan) -> list[RowSampling]:

@@ -98,6 +98,31 @@ class SampleOutput:
     probs: torch.Tensor | None  # float32 [rows, vocab]: what each token was drawn from (greedy: one-hot); if asked
 
 
+@dataclass
+class VerifyOutput:
+    """A speculative step's verification, per logits row (BatchSampler.verify)."""
+
+    tokens: torch.Tensor  # int64 [rows]: the token the row emits if its proposal is rejected (or it is a bonus row)
+    accept: torch.Tensor  # bool [rows]: the row accepts its proposal (False for bonus rows)
+
+
+# Mixed into a seeded row's key for its acceptance uniform, so that it never reuses the stream of the token draw.
+_ACCEPT_SALT = 0x5EC0_DEC0_DE5A_17ED
+# Mixed into a request's seed for the draft model's own draws (they must be independent of the target's).
+DRAFT_SALT = 0x0D8A_F7ED_0D8A_F7ED
+
+
+def _accepts(u: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The rejection rule: a proposal drawn from q passes with probability min(1, p / q) (u ~ U[0, 1)), written
+    without dividing by a q of 0."""
+    return u * q < p
+
+
+def draft_seed(seed: int | None) -> int | None:
+    """The seed a draft model samples a seeded request's proposals with: independent of the target's draws."""
+    return None if seed is None else _splitmix64(seed ^ DRAFT_SALT) >> 1
+
+
 def _splitmix64(z: int) -> int:
     """One step of splitmix64 (Steele, Lea & Flood, OOPSLA 2014): a bijection of 64-bit ints that mixes every bit."""
     z = (z + 0x9E3779B97F4A7C15) & _MASK64
@@ -164,6 +189,62 @@ class BatchSampler:
         out = self._one_hot(tokens)
         out[index] = probs
         return SampleOutput(tokens, out)
+
+    def verify(self, logits: torch.Tensor, rows: Sequence[RowSampling], proposed: Sequence[int],
+               draft_probs: torch.Tensor | None = None) -> VerifyOutput:
+        """Speculative verification of proposed tokens, one logits row per proposal plus a bonus row per sequence.
+
+        logits: [len(rows), >= vocab]; rows: each row's sampling (the row draws the token at `position`);
+        proposed: per row, the draft token that row judges (the token at its position), or -1 for a sequence's last
+        row (nothing left to judge: its draw is the bonus token); draft_probs: float32 [len(rows), vocab], per row the
+        draft's distribution q it drew `proposed` from, or None: every proposal came with q = one-hot (n-gram).
+
+        Per row: greedy, the proposal is accepted iff it is the argmax and the row's token is the argmax; sampled, the
+        rule of Leviathan et al. 2023 / Chen et al. 2023: accepted with probability min(1, p(d) / q(d)), and the row's
+        token drawn from norm(max(p - q, 0)) (the residual, used when the proposal is rejected) or, for a bonus row,
+        from p. The caller takes the proposals up to the first rejected one, then that row's token: every emitted token
+        is then distributed exactly as p (greedy: exactly the argmax plain decoding would take). Seeded rows draw their
+        acceptance uniform and their token from generators keyed by (seed, position), as __call__ does."""
+        self._check(logits, rows)
+        if len(proposed) != len(rows):
+            raise ValueError(f"proposed: got {len(proposed)} tokens for {len(rows)} rows")
+        vocab = self.vocab_size
+        if any(not -1 <= t < vocab for t in proposed):
+            raise ValueError(f"proposed tokens must be in [0, {vocab}) (or -1 for a bonus row)")
+        if draft_probs is not None and tuple(draft_probs.shape) != (len(rows), vocab):
+            raise ValueError(f"draft_probs must be [{len(rows)}, {vocab}], got {list(draft_probs.shape)}")
+        x = _penalize(logits[:, :vocab].float(), rows)
+        tokens = x.argmax(-1)
+        draft = torch.tensor(proposed, device=x.device)
+        accept = tokens == draft
+        sampled = [i for i, r in enumerate(rows) if not r.greedy]
+        if not sampled:
+            return VerifyOutput(tokens, accept)
+        index = torch.tensor(sampled, device=x.device)
+        chosen = [rows[i] for i in sampled]
+        p = self._distribution(x[index], chosen)  # [S, vocab]
+        d = draft[index]
+        judged = d >= 0
+        if draft_probs is None:  # q = one-hot at the proposal (bonus rows: q = 0, the residual is p itself)
+            q = torch.zeros_like(p).scatter_(1, d.clamp_min(0)[:, None], judged[:, None].float())
+        else:
+            q = draft_probs[index].float() * judged[:, None]
+        p_d = p.gather(1, d.clamp_min(0)[:, None])[:, 0]
+        q_d = q.gather(1, d.clamp_min(0)[:, None])[:, 0]
+        u = self._uniform(chosen, p.device)
+        accept[index] = judged & _accepts(u, p_d, q_d)
+        tokens[index] = self._draw((p - q).clamp_min_(0), chosen)  # unnormalised: the race needs no sum
+        return VerifyOutput(tokens, accept)
+
+    def _uniform(self, rows: Sequence[RowSampling], device) -> torch.Tensor:
+        """One U[0, 1) per row: from the sampler's own generator, or keyed by (seed, position) for seeded rows (on a
+        different stream than the token's draw at that position)."""
+        u = torch.rand(len(rows), generator=self._own, device=device)
+        for i, r in enumerate(rows):
+            if r.seed is not None:
+                self._keyed.manual_seed(_draw_seed(r.seed ^ _ACCEPT_SALT, r.position))
+                u[i] = torch.rand(1, generator=self._keyed, device=device)[0]
+        return u
 
     def _check(self, logits: torch.Tensor, rows: Sequence[RowSampling]) -> None:
         if logits.dim() != 2:

@@ -33,6 +33,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these (finish reason "stop")
     ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
     adapter: str | None = None  # the LoRA adapter (a name loaded in the model's registry); None: the base model
+    # Speculative decoding (realm.runtime.speculative): "ngram", "draft" (the model's draft model), "none", or a
+    # SpeculativeConfig (k, n-gram bounds, adaptivity); None: the engine's default. Output is the same either way
+    # (greedy: token for token; sampled: in distribution), only faster where proposals are accepted.
+    speculative: object = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # a single string is one stop string, not a tuple of characters
@@ -72,6 +76,9 @@ class SamplingParams:
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
             raise ValueError(f"adapter must be the name of a loaded LoRA adapter (a non-empty string) or None, got "
                              f"{self.adapter!r}")
+        from .speculative import speculative_config_of
+
+        object.__setattr__(self, "speculative", speculative_config_of(self.speculative))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         for s in self.stop:

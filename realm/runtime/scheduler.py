@@ -15,6 +15,10 @@ of the prefix cache. After verification the engine drops the rejected drafts and
     seq.append(token)                  # the token sampled after the last accepted one
     scheduler.commit(seq, n)           # the first n tokens are verified: their full blocks enter the prefix cache
 
+Proposals (`seq.propose`, speculative decoding) ride along with their sequence's decode when the step has room for
+them: after pass 1, from the budget and free blocks left (older sequences first), never by preempting anyone; the
+engine drops those that found no room (`seq.drop_proposals`). Their chunk's `num_unverified` counts them.
+
 A step is formed in two passes, older sequences first:
 1. Running sequences, in arrival order, each get min(its remaining tokens, the budget left): one token for a
    decode, a chunk of the prompt for a prefill in progress (shrunk to the free blocks, if they are short). When
@@ -165,10 +169,11 @@ class Scheduler:
             if not self._adapter_fits(step, seq):  # its adapter would be one too many: it waits a step
                 i += 1
                 continue
-            n = self._fit(seq, min(seq.remaining, budget))
+            need = seq.remaining - seq.num_draft  # proposals are optional: they take what is left (below)
+            n = self._fit(seq, min(need, budget))
             while not self.blocks.can_allocate(seq.kv, seq.num_computed + n) and self.running[-1] is not seq:
                 step.preempted.append(self._preempt(self.running[-1]))
-                n = self._fit(seq, min(seq.remaining, budget))  # a prefill chunk takes the room the preemption made
+                n = self._fit(seq, min(need, budget))  # a prefill chunk takes the room the preemption made
             if not self.blocks.can_allocate(seq.kv, seq.num_computed + n):
                 step.preempted.append(self._preempt(seq))  # the newest running one: it waits for the others
                 break
@@ -176,6 +181,7 @@ class Scheduler:
             step.chunks.append(Chunk(seq, seq.num_computed, n))
             budget -= n
             i += 1
+        budget = self._add_proposals(step, budget)
         if self.config.batching is Batching.CONTINUOUS:
             self._admit(step, budget)
         elif static_refill:  # a whole batch at once: what the budget leaves out of this step is prefilled later
@@ -184,6 +190,23 @@ class Scheduler:
             step.copies = self.blocks.take_copies()
         self.stats.steps += bool(step)
         return step
+
+    def _add_proposals(self, step: Step, budget: int) -> int:
+        """Speculative decoding: the decodes of the step take their sequences' proposals along, older sequences
+        first, as far as the budget left and the free blocks go, never preempting. Returns the budget left."""
+        for i, chunk in enumerate(step.chunks):
+            seq = chunk.seq
+            if budget <= 0:
+                break
+            if not seq.num_draft or chunk.start + chunk.num_tokens != seq.num_verified:
+                continue
+            room = (len(seq.kv.blocks) + self.blocks.num_free) * self.blocks.block_size - seq.num_verified
+            extra = min(seq.num_draft, budget, room)
+            if extra > 0:
+                self.blocks.allocate(seq.kv, seq.num_verified + extra)
+                step.chunks[i] = Chunk(seq, chunk.start, chunk.num_tokens + extra, num_unverified=extra)
+                budget -= extra
+        return budget
 
     def _adapter_fits(self, step: Step, seq: Sequence) -> bool:
         """At most max_loras distinct adapters per step: the pool holds that many at once."""
@@ -229,6 +252,7 @@ class Scheduler:
         """Drop seq's KV blocks and send it back to wait; it recomputes its tokens when it is resumed."""
         self.running.remove(seq)
         self.blocks.free(seq.kv)
+        seq.drop_proposals()  # it recomputes what it has when resumed: proposals are not part of that
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.stats.preemptions += 1

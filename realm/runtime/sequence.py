@@ -5,6 +5,8 @@ Plain Python: the scheduler and block manager never touch tensors.
     seq.remaining          # 3: tokens not yet in the KV cache (computed by the next forward steps)
     seq.append(42)         # a sampled token; it enters the cache in the next step
     seq.truncate(4)        # drop the tokens past the 4th (rejected draft tokens); Scheduler.truncate drops their KV
+    seq.propose([7, 8])    # speculative decoding: proposals after the last token, run with it and verified
+    seq.drop_proposals()   # the proposals not (or no longer) scheduled go
 
 `seq_id` is the arrival order: the scheduler serves older sequences first, preempts the newest, and resumes the
 preempted in arrival order.
@@ -36,6 +38,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached_tokens: int = 0  # tokens found in the prefix cache at its (last) admission
     num_preemptions: int = 0
+    num_draft: int = 0  # trailing tokens that are proposals (speculative decoding), not yet verified
 
     def __post_init__(self):
         self.token_ids = list(self.token_ids)
@@ -80,9 +83,41 @@ class Sequence:
         return self.num_prompt_tokens + self.max_tokens - 1
 
     def append(self, token: int) -> None:
+        if self.num_draft:
+            raise ValueError(f"sequence {self.seq_id} holds {self.num_draft} unverified proposals: verify them first")
         if self.num_output_tokens >= self.max_tokens:
             raise ValueError(f"sequence {self.seq_id} already has its {self.max_tokens} tokens")
         self.token_ids.append(token)
+
+    @property
+    def num_verified(self) -> int:
+        """Tokens that are not proposals."""
+        return self.num_tokens - self.num_draft
+
+    @property
+    def draft_ids(self) -> list[int]:
+        return self.token_ids[self.num_verified :]
+
+    def propose(self, tokens: list[int]) -> None:
+        """Append proposals after the last token (a decode's): the step runs them with it and verifies them. They
+        must leave room for the token sampled after them within max_tokens."""
+        if self.num_draft:
+            raise ValueError(f"sequence {self.seq_id} already holds {self.num_draft} proposals")
+        if self.remaining != 1:
+            raise ValueError(f"sequence {self.seq_id} has {self.remaining} tokens to compute; proposals follow a "
+                             "decode's one token")
+        if self.num_output_tokens + len(tokens) >= self.max_tokens:
+            raise ValueError(f"{len(tokens)} proposals leave sequence {self.seq_id} no room within max_tokens "
+                             f"{self.max_tokens} ({self.num_output_tokens} generated)")
+        self.token_ids.extend(tokens)
+        self.num_draft = len(tokens)
+
+    def drop_proposals(self, keep: int = 0) -> None:
+        """Keep only the first `keep` proposals (those a step runs); the tokens of the others go."""
+        if not 0 <= keep <= self.num_draft:
+            raise ValueError(f"sequence {self.seq_id} holds {self.num_draft} proposals, cannot keep {keep}")
+        del self.token_ids[self.num_verified + keep :]
+        self.num_draft = keep
 
     def truncate(self, num_tokens: int) -> None:
         """Keep only the first num_tokens tokens (never fewer than the prompt). The KV cache is not touched:
@@ -90,4 +125,5 @@ class Sequence:
         if not self.num_prompt_tokens <= num_tokens <= self.num_tokens:
             raise ValueError(f"sequence {self.seq_id} can keep {self.num_prompt_tokens} to {self.num_tokens} tokens "
                              f"(its prompt, up to all it has), not {num_tokens}")
+        self.num_draft = max(0, num_tokens - self.num_verified)  # proposals kept, if it keeps any
         del self.token_ids[num_tokens:]

@@ -1,0 +1,423 @@
+"""Speculative decoding: cheap proposals for a sequence's next tokens, verified by the target model in one forward.
+
+    SamplingParams(speculative="ngram")                        # per request (or EngineConfig(speculative=...))
+    SamplingParams(speculative=SpeculativeConfig("draft", num_speculative_tokens=4))   # load(..., draft_model=path)
+
+Each step, for every running sequence about to decode, a proposer guesses up to k tokens (`Sequence.propose`); the
+scheduler runs them with the decode's token as one chunk of k + 1 tokens (never preempting for them); the target's
+logits at those k + 1 positions verify them (`BatchSampler.verify`: greedy, the proposals equal to the argmax;
+sampled, the rejection rule of Leviathan et al. 2023 / Chen et al. 2023); the engine keeps the accepted ones and the
+token drawn after them, and drops the rejected ones with their KV (`Scheduler.truncate`). Greedy output is token for
+token the plain output; sampled output has exactly the target's distribution.
+
+Proposers:
+- n-gram (prompt lookup, Saxena 2023): the longest suffix n-gram of the sequence (n from ngram_max down to
+  ngram_min) found earlier in its own tokens proposes the (up to k) tokens that followed it there. No model, no
+  state: it pays where the output quotes its input (summaries, edits, code).
+- draft model (`DraftProposer`): a smaller model of the same vocabulary runs k autoregressive steps for all
+  speculating sequences at once, on its own paged KV cache, before the target's step.
+
+Adaptive k (`SpeculationController`): from each sequence's recent acceptance rate alpha (the expected tokens of
+k proposals are (1 - alpha^(k+1)) / (1 - alpha)) and a cost model measured online (the target's step time as a
+linear function of its tokens, fitted on the last steps; the draft's likewise), it gives each sequence the k that
+maximises the step's expected tokens per second, 0 where a proposal costs more than it is expected to earn: with
+large batches the forward stops being memory-bound, each verified token costs nearly a decoded one, and speculation
+switches itself off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import heapq
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import Model
+    from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_SPECULATIVE_TOKENS = 15  # k + 1 <= 16 queries per sequence: the verification attention kernel's tile
+
+
+class SpecMethod(str, enum.Enum):
+    NONE = "none"  # plain decoding
+    NGRAM = "ngram"  # prompt lookup in the sequence's own tokens
+    DRAFT = "draft"  # a smaller model of the same vocabulary (the model's `draft`)
+
+
+def spec_method_of(value: SpecMethod | str) -> SpecMethod:
+    try:
+        return SpecMethod(value)
+    except ValueError:
+        raise ValueError(f"unknown speculative method {value!r}; choose one of: "
+                         f"{', '.join(m.value for m in SpecMethod)}") from None
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: SpecMethod = SpecMethod.NGRAM
+    num_speculative_tokens: int = 4  # k: proposals per sequence and step, at most
+    ngram_min: int = 1  # shortest suffix n-gram looked up
+    ngram_max: int = 4  # longest (tried first)
+    adaptive: bool = True  # k per sequence and step from the measured acceptance and step costs; False: always k
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", spec_method_of(self.method))
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be <= {MAX_SPECULATIVE_TOKENS} (k + 1 queries per "
+                             f"sequence fit one verification tile), got {self.num_speculative_tokens}")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) is above ngram_max ({self.ngram_max}): the n-gram bounds "
+                             "are reversed")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"adaptive must be True or False, got {self.adaptive!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not SpecMethod.NONE
+
+
+def speculative_config_of(value: SpeculativeConfig | SpecMethod | str | None) -> SpeculativeConfig | None:
+    """None stays None (the default applies); a method name is that method with the default settings."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, (str, SpecMethod)):
+        return SpeculativeConfig(method=value)
+    if isinstance(value, dict):  # a JSON request's {"method": "ngram", "num_speculative_tokens": 3}
+        known = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        try:
+            return SpeculativeConfig(**value)
+        except ValueError as e:
+            raise ValueError(f"speculative: {e}") from None
+    raise ValueError(f"speculative must be None, a method name ({', '.join(m.value for m in SpecMethod)}), a "
+                     f"SpeculativeConfig or a dict of its fields, got {type(value).__name__}")
+
+
+# ---- n-gram proposals --------------------------------------------------------------------------------------------
+
+def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 1, ngram_max: int = 4) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of token_ids
+    (ngram_max >= n >= ngram_min); [] when no suffix of ngram_min tokens occurred before."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    total = len(ids)
+    for n in range(min(ngram_max, total - 1), ngram_min - 1, -1):
+        # windows starting at 0 .. total - n - 1: every occurrence except the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(ids[: total - 1], n)
+        hits = np.flatnonzero((windows == ids[total - n :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return ids[start : start + k].tolist()
+    return []
+
+
+# ---- the draft model ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DraftRequest:
+    """What the draft model is asked for one sequence: up to k proposals after its (verified) tokens."""
+
+    seq_id: int
+    token_ids: list[int]
+    k: int
+    params: SamplingParams
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    probs: torch.Tensor | None = None  # float32 [len(tokens), vocab]: q, for sampled requests
+
+
+def check_same_vocabulary(draft: Model, target: Model) -> None:
+    """A draft must speak the target's token ids: same size, and the same pieces where both tokenizers have them."""
+    a, b = draft.tokenizer, target.tokenizer
+    if a.vocab_size != b.vocab_size:
+        raise ValueError(f"the draft model's vocabulary has {a.vocab_size} tokens, the target's {b.vocab_size}: a "
+                         "draft must use the target's vocabulary")
+    pieces_a, pieces_b = getattr(a, "_tokens", None), getattr(b, "_tokens", None)
+    if pieces_a is not None and pieces_b is not None and pieces_a != pieces_b:
+        i = next(i for i, (x, y) in enumerate(zip(pieces_a, pieces_b, strict=True)) if x != y)
+        raise ValueError(f"the draft model's vocabulary differs from the target's (token {i}: {pieces_a[i]!r} vs "
+                         f"{pieces_b[i]!r}): a draft must use the target's vocabulary")
+
+
+class DraftProposer:
+    """A draft model proposing for many sequences at once, on its own paged KV cache: each call runs one step for
+    every sequence's tokens it has not seen (its prompt at first; later the accepted proposals and the new token),
+    then k - 1 single-token steps, sampling each proposal as the request samples (greedy stays greedy; a seeded
+    request draws from a seed derived from its own). What the target rejected is dropped from the draft's cache at
+    the next call (its tokens no longer match)."""
+
+    def __init__(self, draft: Model, target: Model, num_blocks: int, block_size: int, seed: int | None = None):
+        from .block_manager import BlockManager
+        from .runner import ModelRunner
+
+        check_same_vocabulary(draft, target)
+        self.model = draft
+        self.vocab_size = target.tokenizer.vocab_size
+        self.runner = ModelRunner(draft.transformer, num_blocks, block_size, self.vocab_size, seed)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=False)
+        self.context_length = draft.config.context_length
+        self._held: dict[int, tuple] = {}  # seq_id -> (SequenceKV, token ids in the draft's cache)
+        self.costs = CostModel()  # the draft's step time by tokens
+        self.steps = 0
+
+    def release(self, seq_id: int) -> None:
+        held = self._held.pop(seq_id, None)
+        if held is not None:
+            self.blocks.free(held[0])
+
+    def propose(self, requests: Sequence[DraftRequest]) -> dict[int, Proposal]:
+        """Proposals by seq_id (a sequence that found no room in the draft's cache gets none). A failing draft
+        forward is logged and proposes nothing: speculation must never fail a request."""
+        try:
+            return self._propose(requests)
+        except Exception:
+            log.exception("the draft model failed; this step proposes nothing")
+            for r in requests:
+                self.release(r.seq_id)
+            return {}
+
+    def _propose(self, requests: Sequence[DraftRequest]) -> dict[int, Proposal]:
+        from .block_manager import CacheFullError, SequenceKV
+        from .plan import ChunkPlan, StepPlan
+        from .sampler import RowSampling, draft_seed
+
+        states = []
+        for r in requests:
+            kv, have = self._held.get(r.seq_id) or (SequenceKV(), [])
+            n = len(r.token_ids)
+            if n + r.k - 1 > self.context_length:
+                continue
+            common = _common_prefix(have, r.token_ids, limit=n - 1)  # the last token is fed again: its logits
+            self.blocks.truncate(kv, min(kv.length, common))
+            del have[common:]
+            try:
+                self.blocks.allocate(kv, n + r.k - 1)
+            except CacheFullError:
+                self.blocks.free(kv)
+                self._held.pop(r.seq_id, None)
+                continue
+            self._held[r.seq_id] = (kv, have)
+            states.append((r, kv, have, [], []))
+        out: dict[int, Proposal] = {}
+        for j in range(max((s[0].k for s in states), default=0)):
+            live = [s for s in states if s[0].k > j]
+            chunks = []
+            for r, kv, have, drawn, _ in live:
+                fed = r.token_ids[len(have) :] if j == 0 else drawn[-1:]
+                start = len(have) if j == 0 else len(r.token_ids) + j - 1
+                position = len(r.token_ids) + j
+                history = (*r.token_ids, *drawn) if r.params.repetition_penalty != 1.0 else ()
+                sampling = RowSampling.of(r.params, position, history)
+                if sampling.seed is not None:
+                    sampling = dataclasses.replace(sampling, seed=draft_seed(sampling.seed))
+                chunks.append(ChunkPlan(r.seq_id, start, tuple(fed), tuple(kv.blocks), (len(fed) - 1,), sampling))
+            plan = StepPlan(self.runner.block_size, tuple(chunks),
+                            return_probs=any(r.params.temperature > 0 for r, *_ in live))
+            began = time.perf_counter()
+            result = self.runner.execute(plan)
+            self.costs.add(plan.num_tokens, time.perf_counter() - began)
+            self.steps += 1
+            for i, ((r, kv, have, drawn, probs), chunk, tokens, error) in enumerate(
+                    zip(live, chunks, result.tokens, result.errors, strict=True)):
+                if error is not None:
+                    raise RuntimeError(f"draft step failed for sequence {r.seq_id}: {error}")
+                have.extend(chunk.token_ids)
+                kv.length = chunk.end
+                drawn.append(tokens[0])
+                if result.probs is not None and r.params.temperature > 0:
+                    probs.append(result.probs[i])
+        for r, kv, have, drawn, probs in states:
+            del have[len(r.token_ids) + len(drawn) - 1 :]  # the last proposal was never fed
+            kv.length = len(have)
+            if drawn:
+                import torch
+
+                out[r.seq_id] = Proposal(drawn, torch.stack(probs) if probs else None)
+        return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+# ---- adaptivity --------------------------------------------------------------------------------------------------
+
+COST_WINDOW = 48  # steps the cost model is fitted on: recent enough to follow the batch size
+ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per verification
+PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 1/2
+
+
+class CostModel:
+    """Seconds of a forward step as a + b * tokens, least squares over the last COST_WINDOW steps."""
+
+    def __init__(self, window: int = COST_WINDOW):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+
+    @property
+    def distinct(self) -> int:
+        return len({n for n, _ in self.samples})
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b); b = 0 (the mean) with a single token count measured; None before any step."""
+        if not self.samples:
+            return None
+        n = np.array([s[0] for s in self.samples], dtype=np.float64)
+        t = np.array([s[1] for s in self.samples], dtype=np.float64)
+        if self.distinct < 2:
+            return float(t.mean()), 0.0
+        b, _a = np.polyfit(n, t, 1)
+        b = max(float(b), 0.0)  # noise must not make tokens look free-er than free
+        return max(float(t.mean() - b * n.mean()), 0.0), b
+
+    def predict(self, tokens: int) -> float | None:
+        fit = self.fit()
+        return None if fit is None else fit[0] + fit[1] * tokens
+
+
+@dataclass
+class Acceptance:
+    """A sequence's recent per-token acceptance: verified proposals as Bernoulli trials up to the first rejection,
+    decayed so that it follows the text (a quoted passage ends, a list starts)."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + PRIOR_ACCEPTED) / (self.accepted + self.rejected + PRIOR_ACCEPTED + PRIOR_REJECTED)
+
+    def update(self, proposed: int, accepted: int) -> None:
+        self.accepted = self.accepted * ACCEPT_DECAY + accepted
+        self.rejected = self.rejected * ACCEPT_DECAY + (accepted < proposed)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a verification of k proposals yields on average when each passes with probability alpha: the
+    accepted run plus the token drawn after it, (1 - alpha^(k+1)) / (1 - alpha)."""
+    return k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class Candidate:
+    seq_id: int
+    max_k: int  # proposals it may get: its request's k, what max_tokens leaves, what an n-gram found
+
+
+class SpeculationController:
+    """Chooses each step's k per sequence (see the module docstring). `choose` maximises expected tokens per
+    second, adding proposals greedily, the likeliest first: the j-th proposal of a sequence with acceptance alpha
+    adds alpha^j tokens and costs the verification of one more token (the target's fitted b), plus one more draft
+    step when it is the deepest so far (the draft's fitted step time). Before two different step sizes were measured
+    it alternates between full speculation and none, so that the cost model sees both."""
+
+    def __init__(self):
+        self.acceptance: dict[int, Acceptance] = {}
+        self.target = CostModel()
+        self._explore_plain = False
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        self.target.add(tokens, seconds)
+
+    def observe_verification(self, seq_id: int, proposed: int, accepted: int) -> None:
+        self.acceptance.setdefault(seq_id, Acceptance()).update(proposed, accepted)
+
+    def forget(self, seq_id: int) -> None:
+        self.acceptance.pop(seq_id, None)
+
+    def rate(self, seq_id: int) -> float:
+        a = self.acceptance.get(seq_id)
+        return a.rate if a is not None else Acceptance().rate
+
+    def choose(self, candidates: Iterable[Candidate], base_tokens: int, decoding: int,
+               draft: CostModel | None = None) -> dict[int, int]:
+        """k per candidate's seq_id. base_tokens: the step's tokens without proposals; decoding: sequences that
+        will emit a token in it (each yields one without speculation); draft: the draft model's costs (None for
+        n-gram, whose proposals cost nothing measurable)."""
+        candidates = [c for c in candidates if c.max_k > 0]
+        if not candidates:
+            return {}
+        if self.target.distinct < 2:  # explore: measure a step with proposals and one without
+            self._explore_plain = not self._explore_plain and bool(self.target.samples)
+            return {} if self._explore_plain else {c.seq_id: c.max_k for c in candidates}
+        a, b = self.target.fit()
+        draft_fit = draft.fit() if draft is not None and draft.samples else None
+        k = {c.seq_id: 0 for c in candidates}
+        depth = [0] * (max(c.max_k for c in candidates) + 1)  # depth[j]: sequences with k >= j
+        tokens, gain, cost = base_tokens, float(decoding), a + b * base_tokens
+        heap = [(-self.rate(c.seq_id), c.seq_id, c.max_k, 1) for c in candidates]  # next proposal's expected gain
+        heapq.heapify(heap)
+        while heap:
+            neg, seq_id, max_k, j = heapq.heappop(heap)
+            more = -neg
+            extra = b
+            if draft_fit is not None:  # one more sequence in draft step j (a new step when it is the first)
+                extra += draft_fit[1] + (draft_fit[0] if depth[j] == 0 else 0.0)
+            if (gain + more) / (cost + extra) <= gain / cost:
+                continue  # not worth it for this sequence; a likelier one may still be (none is: gains only fall)
+            k[seq_id] = j
+            depth[j] += 1
+            tokens += 1
+            gain += more
+            cost += extra
+            if j < max_k:
+                heapq.heappush(heap, (neg * self.rate(seq_id), seq_id, max_k, j + 1))
+        return {s: n for s, n in k.items() if n}
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class SpeculativeStats:
+    """Counts of an engine's (or a request's) speculation."""
+
+    proposed: int = 0  # proposals verified
+    accepted: int = 0  # of those, accepted
+    verifications: int = 0  # chunks verified (a sequence's proposals, once per step)
+    draft_steps: int = 0  # the draft model's forward steps
+    propose_s: float = 0.0  # time spent proposing (n-gram lookups, draft forwards)
+    by_k: dict[int, list[int]] = field(default_factory=dict)  # k -> [verifications, accepted]
+
+    def add(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+        self.verifications += 1
+        row = self.by_k.setdefault(proposed, [0, 0])
+        row[0] += 1
+        row[1] += accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted proposals / proposals verified (nan before any)."""
+        return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted proposals per verification (nan before any); each verification also yields one more token."""
+        return self.accepted / self.verifications if self.verifications else float("nan")

@@ -1,0 +1,451 @@
+"""Speculative decoding (realm.runtime.speculative): proposers, the acceptance rule, the engine's verification.
+
+The acceptance tests: greedy speculative output is token for token the plain output (both proposers, both backends,
+mixed batches with preemption and prefix caching, stop strings and max_tokens inside an accepted run); sampled
+speculative output has the target's distribution (a chi-square test against the exact distribution of a tiny model
+with a 6-token vocabulary, which a wrong acceptance rule fails); a seeded run is reproducible; truncating rejected
+proposals never leaks a block nor puts an unverified token in the prefix cache (a property test on the scheduler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chi2
+from tiny_gguf import StubTokenizer, write_tiny_llama
+
+from realm.runtime import (
+    LLM,
+    Backend,
+    BlockManager,
+    Engine,
+    EngineConfig,
+    FinishReason,
+    Model,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+    load_weights,
+)
+from realm.runtime import sampler as sampler_module
+from realm.runtime.block_manager import block_hashes
+from realm.runtime.sampler import BatchSampler, RowSampling
+from realm.runtime.speculative import (
+    MAX_SPECULATIVE_TOKENS,
+    Candidate,
+    CostModel,
+    SpeculationController,
+    SpeculativeConfig,
+    expected_tokens,
+    propose_ngram,
+)
+
+P_VALUE = 1e-4  # the chi-square tests' level: runs are seeded, so a pass is deterministic; a wrong rule fails by far
+
+
+def fixed(method: str, k: int = 4, **kw) -> SpeculativeConfig:
+    """Speculation at a fixed k (adaptive k may decide not to speculate on tiny models, where nothing is costly)."""
+    return SpeculativeConfig(method, num_speculative_tokens=k, adaptive=False, **kw)
+
+
+# ---- n-gram proposals and settings -------------------------------------------------------------------------------
+
+def test_ngram_proposes_what_followed_the_longest_latest_match():
+    ids = [5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 2, 3]
+    # suffix (2, 3): latest earlier occurrence at 7..8, followed by 7, 8, 4
+    assert propose_ngram(ids, 3, 1, 2) == [7, 8, 4]
+    assert propose_ngram(ids, 2, 1, 2) == [7, 8]
+    # the longest n first: (4, 2, 3) never occurred before, (2, 3) did
+    assert propose_ngram(ids, 5, 1, 3) == [7, 8, 4, 2, 3]
+    assert propose_ngram(ids, 5, 3, 3) == []  # only 3-grams allowed: none matches
+    assert propose_ngram([1, 2, 3], 4) == []  # nothing repeats
+    assert propose_ngram([1], 4) == []
+    assert propose_ngram([7, 7], 4) == [7]  # the continuation may run into the suffix itself
+    assert propose_ngram([1, 2, 1, 2, 1], 4, 1, 2) == [2, 1]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(num_speculative_tokens=0), "num_speculative_tokens must be an integer >= 1"),
+    (dict(num_speculative_tokens=MAX_SPECULATIVE_TOKENS + 1), "must be <= 15"),
+    (dict(ngram_min=3, ngram_max=2), "n-gram bounds are reversed"),
+    (dict(ngram_min=0), "ngram_min must be an integer >= 1"),
+    (dict(method="medusa"), "unknown speculative method 'medusa'"),
+    (dict(adaptive="yes"), "adaptive must be True or False"),
+])
+def test_bad_settings_get_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig(**kwargs)
+    with pytest.raises(ValueError, match="speculative must be None, a method name"):
+        SamplingParams(speculative=4)
+    assert SamplingParams(speculative="ngram").speculative == SpeculativeConfig("ngram")
+    assert EngineConfig(speculative="none").speculative.enabled is False
+
+
+# ---- the acceptance rule -----------------------------------------------------------------------------------------
+
+def test_verify_greedy_keeps_the_proposals_equal_to_the_argmax():
+    sampler = BatchSampler("cpu", 5, seed=0)
+    logits = torch.tensor([[0, 3, 0, 0, 0], [0, 0, 0, 4, 0], [1, 0, 0, 0, 0], [0, 0, 2, 0, 0]], dtype=torch.float32)
+    out = sampler.verify(logits, [RowSampling()] * 4, [1, 3, 4, -1])
+    assert out.tokens.tolist() == [1, 3, 0, 2]
+    assert out.accept.tolist() == [True, True, False, False]
+
+
+def _first_token_histogram(rule, p_logits, q, draws, monkeypatch, seeded=False) -> torch.Tensor:
+    """Counts of the first emitted token over `draws` verifications of one proposal drawn from q (one-hot q when
+    None: n-gram), under `rule` (None: realm's)."""
+    if rule is not None:
+        monkeypatch.setattr(sampler_module, "_accepts", rule)
+    vocab = p_logits.shape[0]
+    g = torch.Generator().manual_seed(1)
+    proposals = torch.full((draws,), 2) if q is None else torch.multinomial(q, draws, replacement=True, generator=g)
+    rows, proposed, logits = [], [], []
+    for i, d in enumerate(proposals.tolist()):
+        rows += [RowSampling(temperature=1.0, seed=i if seeded else None, position=10),
+                 RowSampling(temperature=1.0, seed=i if seeded else None, position=11)]
+        proposed += [d, -1]
+        logits += [p_logits, p_logits]
+    draft_probs = None if q is None else torch.stack([q, torch.zeros(vocab)] * draws)
+    out = BatchSampler("cpu", vocab, seed=2).verify(torch.stack(logits), rows, proposed, draft_probs)
+    accept, tokens = out.accept.view(draws, 2)[:, 0], out.tokens.view(draws, 2)[:, 0]
+    first = torch.where(accept, proposals, tokens)
+    return torch.bincount(first, minlength=vocab).double()
+
+
+def _chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs.double() * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was emitted"
+    stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    return float(chi2.sf(stat, int(keep.sum()) - 1))
+
+
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+def test_verify_sampled_emits_exactly_the_target_distribution(draft, monkeypatch):
+    """The token a verification emits first (the accepted proposal, or the residual's draw) is distributed as p, for
+    a draft distribution q far from p; accepting only when p >= q (a plausible mistake) is caught by the same test."""
+    p_logits = torch.tensor([1.0, 0.2, -0.5, 0.8, -2.0, 0.0])
+    p = p_logits.softmax(-1)
+    q = None if draft == "ngram" else torch.tensor([0.05, 0.4, 0.3, 0.05, 0.15, 0.05])
+    counts = _first_token_histogram(None, p_logits, q, 20000, monkeypatch)
+    assert _chi2_p(counts, p) > P_VALUE
+    seeded = _first_token_histogram(None, p_logits, q, 4000, monkeypatch, seeded=True)
+    assert _chi2_p(seeded, p) > P_VALUE  # keyed draws (one generator per seed) are as good
+    wrong = _first_token_histogram(lambda u, p_d, q_d: p_d >= q_d, p_logits, q, 20000, monkeypatch)
+    assert _chi2_p(wrong, p) < P_VALUE
+
+
+# ---- tiny models -------------------------------------------------------------------------------------------------
+
+DIMS = dict(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=48)
+PROMPTS = [[3, 17, 42, 8, 8, 0, 3, 17, 42, 21, 5, 30, 11], [40, 41], [1, 2, 3, 1, 2, 3, 1, 2], [9], [7, 7, 7, 7],
+           [12, 30, 12, 30, 12, 30, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+MAX_TOKENS = [20, 14, 24, 9, 17, 12]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Target models (both backends) and two drafts of the same vocabulary: another random model and the target."""
+    root = tmp_path_factory.mktemp("spec")
+    write_tiny_llama(root / "target.gguf", dims=DIMS, formats={"attn_q": "Q8_0", "ffn_down": "Q4_0"},
+                     context_length=96)
+    write_tiny_llama(root / "draft.gguf", dims={**DIMS, "layers": 1}, seed=5, context_length=96)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = {b: Model(load_weights(root / "target.gguf"), StubTokenizer(DIMS["vocab"]), b, device, torch.float32)
+              for b in Backend}
+    other = {b: Model(load_weights(root / "draft.gguf"), StubTokenizer(DIMS["vocab"]), b, device, torch.float32)
+             for b in Backend}
+    return target, other
+
+
+def greedy(n: int, spec=None, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, ignore_eos=True, speculative=spec, **kw)
+
+
+def plain_outputs(model, prompts=PROMPTS, max_tokens=MAX_TOKENS):
+    return [model.generate(p, greedy(n)).token_ids for p, n in zip(prompts, max_tokens, strict=True)]
+
+
+@pytest.mark.parametrize(("method", "draft", "kv_blocks", "prefix_caching"), [
+    ("ngram", None, None, True),
+    ("ngram", None, 14, True),   # preemption
+    ("ngram", None, 14, False),
+    ("draft", "other", None, True),
+    ("draft", "self", 14, True),  # every proposal accepted: long runs, preemption
+])
+def test_greedy_speculation_equals_plain_decoding(tiny, method, draft, kv_blocks, prefix_caching):
+    """Many prompts in one batch; max_batch_tokens=10 chunks the long prompts beside other sequences'
+    verifications and cuts some proposal runs short; 14 blocks of 4 force preemptions."""
+    target, other = tiny
+    model = target[Backend.TORCH]
+    model.set_draft_model({"other": other[Backend.TORCH], "self": model, None: None}[draft])
+    try:
+        want = plain_outputs(model)
+        for adaptive in (False, True):
+            spec = SpeculativeConfig(method, num_speculative_tokens=4, adaptive=adaptive)
+            llm = LLM(model, max_batch_tokens=10, kv_blocks=kv_blocks, block_size=4, prefix_caching=prefix_caching)
+            outs = llm.generate(PROMPTS * 2, [greedy(n, spec) for n in MAX_TOKENS * 2])
+            assert [o.token_ids for o in outs] == want * 2
+            assert all(o.finish_reason is FinishReason.LENGTH for o in outs)
+            stats = llm.engine.spec_stats
+            if not adaptive:
+                assert stats.proposed > 0 and stats.verifications > 0
+                assert stats.proposed == sum(o.timings.proposed_tokens for o in outs)
+                assert stats.accepted == sum(o.timings.accepted_tokens for o in outs)
+            if draft == "self" and not adaptive:
+                assert stats.accepted == stats.proposed  # a draft equal to the target is always right
+            if kv_blocks is not None and not adaptive:
+                assert llm.engine.scheduler.stats.preemptions > 0
+            llm.engine.blocks.check([])
+            assert llm.engine.blocks.num_used == 0
+    finally:
+        model.set_draft_model(None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_speculation_equals_plain_on_the_triton_backend(tiny, method):
+    """The Triton kernels (interpreter on CPU), verification chunks through the verification attention path."""
+    target, other = tiny
+    model = target[Backend.TRITON]
+    model.set_draft_model(other[Backend.TRITON] if method == "draft" else None)
+    try:
+        prompts, max_tokens = PROMPTS[:3], [10, 6, 12]
+        want = plain_outputs(model, prompts, max_tokens)
+        llm = LLM(model, max_batch_tokens=12, block_size=4)
+        outs = llm.generate(prompts, [greedy(n, fixed(method, 3)) for n in max_tokens])
+        assert [o.token_ids for o in outs] == want
+        assert llm.engine.spec_stats.verifications > 0
+    finally:
+        model.set_draft_model(None)
+
+
+def test_stop_strings_and_max_tokens_cut_an_accepted_run_where_plain_decoding_stops(tiny):
+    """The draft is the target itself: every proposal passes, so stops fall inside accepted runs."""
+    model = tiny[0][Backend.TORCH]
+    model.set_draft_model(model)
+    try:
+        prompt = PROMPTS[2]
+        full = model.generate(prompt, greedy(24)).token_ids
+        stop = "".join(f"<{t}>" for t in full[6:8])  # the text of tokens 6..7
+        for params in (greedy(24, stop=stop), greedy(5), greedy(7), greedy(1)):
+            want = model.generate(prompt, params)
+            for spec in (fixed("draft", 4), fixed("ngram", 4), fixed("draft", 15)):
+                got = model.generate(prompt, dataclasses.replace(params, speculative=spec))
+                assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text,
+                                                                        want.finish_reason)
+    finally:
+        model.set_draft_model(None)
+
+
+def test_sampled_speculation_is_seeded_reproducible(tiny):
+    target, other = tiny
+    model = target[Backend.TORCH]
+    model.set_draft_model(other[Backend.TORCH])
+    try:
+        for method in ("ngram", "draft"):
+            params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=s, ignore_eos=True,
+                                     speculative=SpeculativeConfig(method)) for s in range(4)]
+            runs = [[o.token_ids for o in LLM(model, max_batch_tokens=16).generate(PROMPTS[:4], params)]
+                    for _ in range(2)]
+            assert runs[0] == runs[1]
+            assert len({tuple(r) for r in runs[0]}) > 1
+    finally:
+        model.set_draft_model(None)
+
+
+# ---- the sampled distribution, end to end ------------------------------------------------------------------------
+
+STAT_DIMS = dict(hidden=32, n_heads=2, n_kv_heads=1, head_dim=16, ffn=48, vocab=6, layers=1)
+STAT_DRAWS = 1500  # requests per run (the torch reference attends sequence by sequence: ~5 ms per 1000 rows)
+STAT_PROMPT = [1, 2, 1, 2, 1]
+STAT_TOKENS = 4  # t1 sampled after the prompt; t2..t4 verified (k = 2 proposals, then the bonus)
+
+
+@pytest.fixture(scope="module")
+def stat_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stat")
+    write_tiny_llama(root / "t.gguf", dims=STAT_DIMS, seed=11, context_length=16)
+    write_tiny_llama(root / "d.gguf", dims=STAT_DIMS, seed=12, context_length=16)
+    make = lambda p: Model(load_weights(p), StubTokenizer(6), Backend.TORCH, torch.device("cpu"), torch.float32)  # noqa: E731
+    target, draft = make(root / "t.gguf"), make(root / "d.gguf")
+    target.set_draft_model(draft)
+    return target
+
+
+def _exact_marginals(model: Model, temperature: float) -> list[torch.Tensor]:
+    """P(t_i = v) for i = 1..STAT_TOKENS, by enumerating every continuation (6^3 prefixes)."""
+    vocab = STAT_DIMS["vocab"]
+    tails = list(itertools.product(range(vocab), repeat=STAT_TOKENS - 1))
+    tokens = torch.tensor([STAT_PROMPT + list(t) for t in tails])
+    with torch.no_grad():
+        probs = (model.forward(tokens).double() / temperature).softmax(-1)  # [tails, len, vocab]
+    n = len(STAT_PROMPT)
+    marginals = [probs[0, n - 1]]
+    joint = torch.ones(len(tails), dtype=torch.float64)  # P(t_1 .. t_i) of each tail's first i tokens
+    for i in range(1, STAT_TOKENS):
+        prev = torch.tensor([t[i - 1] for t in tails])
+        joint = joint * probs[torch.arange(len(tails)), n - 2 + i, prev]
+        # each prefix t_1..t_i appears vocab^(STAT_TOKENS - 1 - i) times among the tails
+        weight = joint / vocab ** (STAT_TOKENS - 1 - i)
+        marginals.append((weight[:, None] * probs[:, n - 1 + i]).sum(0))
+    return marginals
+
+
+def _sampled_marginals(model: Model, spec, draws: int, temperature: float) -> list[torch.Tensor]:
+    engine = Engine(model, EngineConfig(max_batch_tokens=4096, max_num_seqs=512, kv_blocks=2048, block_size=4),
+                    seed=3)
+    params = SamplingParams(max_tokens=STAT_TOKENS, temperature=temperature, ignore_eos=True, speculative=spec)
+    requests = [engine.add_request(STAT_PROMPT, params) for _ in range(draws)]
+    engine.run()
+    outs = torch.tensor([r.completion.token_ids for r in requests])
+    # every request verified proposals (the draft always proposes; n-gram where t1 continues a repeat)
+    assert engine.spec_stats.verifications >= (draws if spec.method.value == "draft" else draws // 2)
+    return [torch.bincount(outs[:, i], minlength=STAT_DIMS["vocab"]).double() for i in range(STAT_TOKENS)]
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_sampled_speculation_has_the_target_distribution(stat_models, method, monkeypatch):
+    """Each generated position's token distribution equals the exact one (chi-square, 6 tokens), through the
+    engine; with the draft model, the same test fails when proposals are accepted only where p >= q (the rule
+    itself is tested for both proposers, with more draws, in test_verify_sampled_emits_exactly_the_target_...)."""
+    model = stat_models
+    exact = _exact_marginals(model, 1.0)
+    spec = fixed(method, 2)
+    counts = _sampled_marginals(model, spec, STAT_DRAWS, 1.0)
+    assert min(_chi2_p(c, p) for c, p in zip(counts, exact, strict=True)) > P_VALUE / STAT_TOKENS
+    if method == "draft":
+        monkeypatch.setattr(sampler_module, "_accepts", lambda u, p, q: p >= q)
+        wrong = _sampled_marginals(model, spec, STAT_DRAWS, 1.0)
+        assert min(_chi2_p(c, p) for c, p in zip(wrong, exact, strict=True)) < P_VALUE
+
+
+# ---- adaptivity --------------------------------------------------------------------------------------------------
+
+def test_expected_tokens_and_the_cost_model():
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert math.isclose(expected_tokens(0.5, 2), 1.75)
+    cost = CostModel()
+    assert cost.fit() is None
+    for n in (1, 5, 9):
+        cost.add(n, 0.010 + 0.002 * n)
+    a, b = cost.fit()
+    assert math.isclose(a, 0.010, abs_tol=1e-9) and math.isclose(b, 0.002, abs_tol=1e-9)
+
+
+def test_controller_speculates_when_cheap_and_stops_when_each_token_costs():
+    """Memory-bound steps (a large fixed cost, tokens nearly free) get the full k for sequences that accept;
+    compute-bound ones (time proportional to tokens) get none: speculation would only slow them down."""
+    cheap, dear = SpeculationController(), SpeculationController()
+    for n in range(1, 40, 3):
+        cheap.observe_step(n, 0.050 + 0.0001 * n)
+        dear.observe_step(n, 0.0001 + 0.010 * n)
+    for c in (cheap, dear):
+        for _ in range(6):
+            c.observe_verification(1, 4, 3)  # sequence 1 accepts most of its proposals
+            c.observe_verification(2, 4, 0)  # sequence 2 none
+    candidates = [Candidate(1, 4), Candidate(2, 4)]
+    k = cheap.choose(candidates, base_tokens=2, decoding=2)
+    assert k.get(1) == 4 and k.get(2, 0) < 4
+    assert dear.choose(candidates, base_tokens=32, decoding=32) == {}
+
+
+def test_controller_explores_before_it_has_a_cost_model():
+    c = SpeculationController()
+    candidates = [Candidate(1, 3)]
+    assert c.choose(candidates, 1, 1) == {1: 3}  # nothing measured: speculate
+    c.observe_step(4, 0.01)
+    assert c.choose(candidates, 1, 1) == {}  # one size measured: measure a plain step too
+    c.observe_step(1, 0.01)
+    assert c.choose(candidates, 1, 1) == {1: 3}  # flat cost: speculation is free
+
+
+def test_draft_model_errors(tiny, tmp_path):
+    target, _ = tiny
+    model = target[Backend.TORCH]
+    engine = Engine(model, EngineConfig(kv_blocks=32))
+    with pytest.raises(ValueError, match="needs a draft model"):
+        engine.add_request([1, 2, 3], SamplingParams(speculative="draft"))
+    write_tiny_llama(tmp_path / "other_vocab.gguf", dims={**DIMS, "vocab": 40})
+    other = Model(load_weights(tmp_path / "other_vocab.gguf"), StubTokenizer(40), Backend.TORCH, model.device,
+                  torch.float32)
+    with pytest.raises(ValueError, match="vocabulary has 40 tokens, the target's 48"):
+        model.set_draft_model(other)
+    assert model.draft is None
+
+
+# ---- truncation and the prefix cache (no model) ------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_truncating_proposals_never_leaks_blocks_nor_caches_unverified_tokens(data):
+    """The engine's protocol on the scheduler alone: proposals appended to decoding sequences, scheduled as far as
+    the step has room, verified with a random number accepted, the rest truncated. Small vocabularies make rejected
+    proposals look like verified text elsewhere; every full block in the prefix cache must hold a verified prefix."""
+    draw = data.draw
+    block_size = draw(st.sampled_from([1, 2, 4]), label="block_size")
+    blocks = BlockManager(draw(st.integers(6, 30), label="num_blocks"), block_size, prefix_caching=True)
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=draw(st.integers(2, 16), label="budget"),
+                                          max_num_seqs=4), blocks)
+    rng = random.Random(draw(st.integers(0, 2**16), label="seed"))
+    sequences = []
+    for i in range(draw(st.integers(1, 4), label="sequences")):
+        prompt = [rng.randrange(3) for _ in range(rng.randint(1, 9))]
+        seq = Sequence(i, prompt, max_tokens=rng.randint(1, 12), salt=rng.choice([None, "a"]))
+        try:
+            scheduler.add(seq)
+        except ValueError:  # does not fit the cache even alone
+            continue
+        sequences.append(seq)
+    verified: set[bytes] = set()  # hashes of every full block of verified tokens ever (prompts are verified)
+    for seq in sequences:
+        verified.update(block_hashes(seq.token_ids, block_size, seq.salt))
+    for _ in range(200):
+        if not scheduler.has_work:
+            break
+        for seq in scheduler.running:
+            room = seq.max_tokens - seq.num_output_tokens - 1
+            if seq.remaining == 1 and room > 0 and rng.random() < 0.7:
+                seq.propose([rng.randrange(3) for _ in range(rng.randint(1, min(room, 4)))])
+        step = scheduler.schedule()
+        scheduled = {c.seq.seq_id: c for c in step.chunks}
+        for seq in scheduler.running:  # the engine's _keep_scheduled_proposals
+            chunk = scheduled.get(seq.seq_id)
+            seq.drop_proposals(min(seq.num_draft, chunk.num_unverified if chunk is not None else 0))
+        assert all(s.num_draft == 0 for s in scheduler.waiting)
+        scheduler.complete(step)
+        for chunk in step.chunks:
+            seq = chunk.seq
+            if not chunk.completes:
+                continue
+            k = chunk.num_unverified
+            accepted = rng.randint(0, k)
+            keep = chunk.start + chunk.num_tokens - k + accepted
+            scheduler.truncate(seq, keep)
+            run = seq.draft_ids
+            seq.drop_proposals()
+            for token in [*run, rng.randrange(3)]:
+                seq.append(token)
+                verified.update(block_hashes(seq.token_ids, block_size, seq.salt))
+                if seq.num_output_tokens == seq.max_tokens:
+                    break
+            if seq.num_output_tokens == seq.max_tokens:
+                scheduler.finish(seq)
+            else:
+                scheduler.commit(seq, keep)
+        blocks.check([s.kv for s in scheduler.running])
+        assert set(blocks.cached) <= verified, "a block of unverified tokens entered the prefix cache"
+        for seq in scheduler.running:
+            assert seq.num_computed <= seq.num_tokens
+    for seq in list(scheduler.running) + list(scheduler.waiting):
+        scheduler.finish(seq)
+    blocks.check([])
+    assert blocks.num_used == 0
