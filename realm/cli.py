@@ -434,6 +434,18 @@ def _batch_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _draft_args(parser: argparse.ArgumentParser) -> None:
+    from .draft_file import draft_args
+
+    draft_args(parser)
+
+
+def _draft_run(args: argparse.Namespace) -> int:
+    from .draft_file import draft_run
+
+    return draft_run(args)
+
+
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
@@ -445,6 +457,8 @@ COMMANDS: dict[str, Command] = {
         Command("batch", "run many JSONL requests, continuously batched; one JSONL result per request", _batch_args,
                 _batch_run),
         Command("lora", lora_cli.HELP, lora_cli.add_arguments, lora_cli.run),
+        Command("draft", "make a draft model for speculative decoding from some of a model's layers",
+                _draft_args, _draft_run),
     )
 }
 

@@ -449,3 +449,42 @@ def test_truncating_proposals_never_leaks_blocks_nor_caches_unverified_tokens(da
         scheduler.finish(seq)
     blocks.check([])
     assert blocks.num_used == 0
+
+
+# ---- SmolLM2 -----------------------------------------------------------------------------------------------------
+
+QUOTE = ("Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived in "
+         "Liberty, and dedicated to the proposition that all men are created equal.")
+
+
+def test_smollm2_greedy_speculation_equals_plain_decoding(smollm2):
+    """A real model, mixed prompts in one batch (quoting, open questions, code), prefix caching and chunked prefill:
+    n-gram speculation, fixed k and adaptive, gives the plain tokens, and accepts proposals where the answer quotes."""
+    prompts = [smollm2.chat_prompt(f"Repeat this sentence exactly: {QUOTE}"), "The capital of France is",
+               smollm2.chat_prompt("What is the capital of France?"), "def fibonacci(n):\n    if n < 2:"]
+    want = [smollm2.generate(p, greedy(24)).token_ids for p in prompts]
+    for spec in (fixed("ngram", 4), SpeculativeConfig("ngram", num_speculative_tokens=6)):
+        llm = LLM(smollm2, max_batch_tokens=64, kv_blocks=128, block_size=16)
+        outs = llm.generate(prompts, greedy(24, spec))
+        assert [o.token_ids for o in outs] == want
+        quote = outs[0].timings
+        if not spec.adaptive:
+            assert quote.accepted_tokens >= 12 and quote.mean_accepted_length > 2
+        llm.engine.blocks.check([])
+
+
+def test_controller_prices_each_step_size_as_measured():
+    """Costs need not be linear: on a CPU a verification of 2 or 3 tokens can cost more than one of 5. With those
+    measured, a sequence that accepts most proposals gets 4 of them, not 1 or 2."""
+    c = SpeculationController()
+    for _ in range(3):
+        for n, t in ((1, 0.050), (2, 0.090), (3, 0.100), (5, 0.060)):
+            c.observe_step(n, t)
+    for _ in range(6):
+        c.observe_verification(1, 4, 4, kind=3)
+    assert c.choose([Candidate(1, 4, kind=3)], base_tokens=1, decoding=1) == {1: 4}
+    # a sequence whose 1-gram proposals are rarely right gets none, while its 3-gram ones still pass
+    for _ in range(20):
+        c.observe_verification(1, 4, 0, kind=1)  # alpha -> 1/7 (the decayed evidence against the prior)
+    assert c.choose([Candidate(1, 4, kind=1)], base_tokens=1, decoding=1) == {}
+    assert c.choose([Candidate(1, 4, kind=3)], base_tokens=1, decoding=1) == {1: 4}

@@ -72,7 +72,7 @@ from .speculative import (
     SpeculationController,
     SpeculativeConfig,
     SpeculativeStats,
-    propose_ngram,
+    match_ngram,
     speculative_config_of,
 )
 
@@ -293,6 +293,7 @@ class Engine:
         self.spec_stats = SpeculativeStats()  # every request's speculation, summed
         self._draft: DraftProposer | None = None  # made at the first request that asks for the draft model
         self._draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q of its proposals, until verified
+        self._proposal_kind: dict[int, object] = {}  # seq_id -> what proposed its last proposals (n-gram length)
 
     def __repr__(self) -> str:
         kv = self.runner.kv
@@ -528,19 +529,21 @@ class Engine:
             max_k = 0 if spec is None else min(spec.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1)
             if max_k < 1:
                 continue
+            kind = "draft"
             if spec.method is SpecMethod.NGRAM:
                 began = time.perf_counter()
-                proposal = propose_ngram(seq.token_ids, max_k, spec.ngram_min, spec.ngram_max)
+                proposal, kind = match_ngram(seq.token_ids, max_k, spec.ngram_min, spec.ngram_max)
                 self.spec_stats.propose_s += time.perf_counter() - began
                 if not proposal:
                     continue
                 found[seq.seq_id] = proposal
                 max_k = len(proposal)
+            self._proposal_kind[seq.seq_id] = kind
             # A seeded sampled request keeps its k: adaptive k follows measured step times, and its draws (keyed by
             # position, realm.runtime.sampler) depend on which positions were proposals; its output must not.
             params = request.params
             if spec.adaptive and (params.temperature == 0 or params.seed is None):
-                candidates.append((Candidate(seq.seq_id, max_k), spec.method))
+                candidates.append((Candidate(seq.seq_id, max_k, kind), spec.method))
             else:
                 fixed[seq.seq_id] = max_k
         if not candidates and not fixed:
@@ -604,7 +607,7 @@ class Engine:
         seq.drop_proposals()  # their KV stays: the tokens are appended again below, one by one
         request.spec_stats.add(k, accepted)
         self.spec_stats.add(k, accepted)
-        self.speculation.observe_verification(seq.seq_id, k, accepted)
+        self.speculation.observe_verification(seq.seq_id, k, accepted, self._proposal_kind.get(seq.seq_id))
         events = []
         for token in tokens:
             reason, event = self._accept(request, token)
@@ -833,6 +836,7 @@ class Engine:
                                         error)
         self._release_adapter(request)
         self.speculation.forget(seq.seq_id)
+        self._proposal_kind.pop(seq.seq_id, None)
         self._draft_probs.pop(seq.seq_id, None)
         if self._draft is not None:
             self._draft.release(seq.seq_id)

@@ -116,6 +116,13 @@ def speculative_config_of(value: SpeculativeConfig | SpecMethod | str | None) ->
 def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 1, ngram_max: int = 4) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of token_ids
     (ngram_max >= n >= ngram_min); [] when no suffix of ngram_min tokens occurred before."""
+    return match_ngram(token_ids, k, ngram_min, ngram_max)[0]
+
+
+def match_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 1,
+                ngram_max: int = 4) -> tuple[list[int], int]:
+    """propose_ngram's proposal and the length n of the n-gram that matched (0: none). Longer matches are right more
+    often: the controller keeps an acceptance rate per n."""
     ids = np.asarray(token_ids, dtype=np.int64)
     total = len(ids)
     for n in range(min(ngram_max, total - 1), ngram_min - 1, -1):
@@ -124,8 +131,8 @@ def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int 
         hits = np.flatnonzero((windows == ids[total - n :]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return ids[start : start + k].tolist()
-    return []
+            return ids[start : start + k].tolist(), n
+    return [], 0
 
 
 # ---- the draft model ---------------------------------------------------------------------------------------------
@@ -272,7 +279,9 @@ PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 
 
 
 class CostModel:
-    """Seconds of a forward step as a + b * tokens, least squares over the last COST_WINDOW steps."""
+    """Seconds of a forward step by its tokens, from the last COST_WINDOW steps: the mean of the steps measured at
+    that token count where there are some (step time need not be linear nor even monotone in the tokens: on a CPU,
+    torch's float32 matmul of 2 or 3 rows takes longer than of 4), else a + b * tokens fitted by least squares."""
 
     def __init__(self, window: int = COST_WINDOW):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
@@ -296,9 +305,25 @@ class CostModel:
         b = max(float(b), 0.0)  # noise must not make tokens look free-er than free
         return max(float(t.mean() - b * n.mean()), 0.0), b
 
-    def predict(self, tokens: int) -> float | None:
+    def table(self) -> dict[int, float]:
+        """Mean seconds per measured token count."""
+        sums: dict[int, list[float]] = {}
+        for n, t in self.samples:
+            sums.setdefault(n, []).append(t)
+        return {n: sum(ts) / len(ts) for n, ts in sums.items()}
+
+    def predictor(self):
+        """A function tokens -> predicted seconds (None before any step), fixed for one decision."""
         fit = self.fit()
-        return None if fit is None else fit[0] + fit[1] * tokens
+        if fit is None:
+            return None
+        table = self.table()
+        a, b = fit
+        return lambda tokens: table.get(tokens, a + b * tokens)
+
+    def predict(self, tokens: int) -> float | None:
+        predict = self.predictor()
+        return None if predict is None else predict(tokens)
 
 
 @dataclass
@@ -328,31 +353,36 @@ def expected_tokens(alpha: float, k: int) -> float:
 class Candidate:
     seq_id: int
     max_k: int  # proposals it may get: its request's k, what max_tokens leaves, what an n-gram found
+    kind: object = None  # what proposes (the n-gram's length, "draft"): acceptance is kept per sequence and kind
 
 
 class SpeculationController:
     """Chooses each step's k per sequence (see the module docstring). `choose` maximises expected tokens per
-    second, adding proposals greedily, the likeliest first: the j-th proposal of a sequence with acceptance alpha
-    adds alpha^j tokens and costs the verification of one more token (the target's fitted b), plus one more draft
-    step when it is the deepest so far (the draft's fitted step time). Before two different step sizes were measured
+    second: the j-th proposal of a sequence with acceptance alpha adds alpha^j tokens; proposals are ranked by that,
+    and the step takes the best prefix of the ranking, priced by the measured step costs (the target's at the step's
+    token count, plus the draft's steps with one more sequence each). Before two different step sizes were measured
     it alternates between full speculation and none, so that the cost model sees both."""
 
     def __init__(self):
-        self.acceptance: dict[int, Acceptance] = {}
+        self.acceptance: dict[tuple[int, object], Acceptance] = {}  # (seq_id, kind)
+        self.by_kind: dict[object, Acceptance] = {}  # every sequence's, per kind: a new sequence's prior
         self.target = CostModel()
         self._explore_plain = False
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         self.target.add(tokens, seconds)
 
-    def observe_verification(self, seq_id: int, proposed: int, accepted: int) -> None:
-        self.acceptance.setdefault(seq_id, Acceptance()).update(proposed, accepted)
+    def observe_verification(self, seq_id: int, proposed: int, accepted: int, kind: object = None) -> None:
+        self.acceptance.setdefault((seq_id, kind), Acceptance()).update(proposed, accepted)
+        self.by_kind.setdefault(kind, Acceptance()).update(proposed, accepted)
 
     def forget(self, seq_id: int) -> None:
-        self.acceptance.pop(seq_id, None)
+        for key in [key for key in self.acceptance if key[0] == seq_id]:
+            del self.acceptance[key]
 
-    def rate(self, seq_id: int) -> float:
-        a = self.acceptance.get(seq_id)
+    def rate(self, seq_id: int, kind: object = None) -> float:
+        """The sequence's recent acceptance for proposals of this kind; before it has any, every sequence's."""
+        a = self.acceptance.get((seq_id, kind)) or self.by_kind.get(kind)
         return a.rate if a is not None else Acceptance().rate
 
     def choose(self, candidates: Iterable[Candidate], base_tokens: int, decoding: int,
@@ -366,29 +396,35 @@ class SpeculationController:
         if self.target.distinct < 2:  # explore: measure a step with proposals and one without
             self._explore_plain = not self._explore_plain and bool(self.target.samples)
             return {} if self._explore_plain else {c.seq_id: c.max_k for c in candidates}
-        a, b = self.target.fit()
-        draft_fit = draft.fit() if draft is not None and draft.samples else None
-        k = {c.seq_id: 0 for c in candidates}
-        depth = [0] * (max(c.max_k for c in candidates) + 1)  # depth[j]: sequences with k >= j
-        tokens, gain, cost = base_tokens, float(decoding), a + b * base_tokens
-        heap = [(-self.rate(c.seq_id), c.seq_id, c.max_k, 1) for c in candidates]  # next proposal's expected gain
+        target = self.target.predictor()
+        draft_cost = draft.predictor() if draft is not None and draft.samples else None
+        # Every possible proposal in the order of its expected gain (a sequence's j-th after its (j-1)-th: gains only
+        # fall along a sequence); the best choice is a prefix of this order. Costs need not be convex, so every
+        # prefix is priced, not just the next proposal.
+        rates = {c.seq_id: self.rate(c.seq_id, c.kind) for c in candidates}
+        heap = [(-rates[c.seq_id], c.seq_id, c.max_k, 1) for c in candidates]
         heapq.heapify(heap)
+        order = []
         while heap:
             neg, seq_id, max_k, j = heapq.heappop(heap)
-            more = -neg
-            extra = b
-            if draft_fit is not None:  # one more sequence in draft step j (a new step when it is the first)
-                extra += draft_fit[1] + (draft_fit[0] if depth[j] == 0 else 0.0)
-            if (gain + more) / (cost + extra) <= gain / cost:
-                continue  # not worth it for this sequence; a likelier one may still be (none is: gains only fall)
-            k[seq_id] = j
-            depth[j] += 1
-            tokens += 1
-            gain += more
-            cost += extra
+            order.append((seq_id, j, -neg))
             if j < max_k:
-                heapq.heappush(heap, (neg * self.rate(seq_id), seq_id, max_k, j + 1))
-        return {s: n for s, n in k.items() if n}
+                heapq.heappush(heap, (neg * rates[seq_id], seq_id, max_k, j + 1))
+        depth = [0] * (max(c.max_k for c in candidates) + 2)  # depth[j]: sequences given a j-th proposal so far
+        gain, drafting = float(decoding), 0.0
+        best, best_rate = 0, gain / target(base_tokens)
+        for m, (_, j, more) in enumerate(order, 1):
+            gain += more
+            if draft_cost is not None:  # the draft's step j grows by a sequence
+                drafting += draft_cost(depth[j] + 1) - (draft_cost(depth[j]) if depth[j] else 0.0)
+            depth[j] += 1
+            rate = gain / (target(base_tokens + m) + drafting)
+            if rate > best_rate:
+                best, best_rate = m, rate
+        k: dict[int, int] = {}
+        for seq_id, j, _ in order[:best]:
+            k[seq_id] = j
+        return k
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
