@@ -488,3 +488,45 @@ def test_controller_prices_each_step_size_as_measured():
         c.observe_verification(1, 4, 0, kind=1)  # alpha -> 1/7 (the decayed evidence against the prior)
     assert c.choose([Candidate(1, 4, kind=1)], base_tokens=1, decoding=1) == {}
     assert c.choose([Candidate(1, 4, kind=3)], base_tokens=1, decoding=1) == {1: 4}
+
+
+def test_speculation_with_lora_adapters_equals_plain(tiny):
+    """Verification chunks carry their request's adapter like any chunk: a batch mixing two adapters and none, with
+    n-gram and draft proposals (the draft runs the base model), gives each request its plain greedy tokens."""
+    from test_lora_runtime import random_adapter
+
+    target, other = tiny
+    model = target[Backend.TORCH]
+    for i in range(2):
+        model.add_lora(f"a{i}", random_adapter(model.config, f"a{i}", rank=4, seed=i))
+    model.set_draft_model(other[Backend.TORCH])
+    try:
+        adapters = ["a0", "a1", None] * 2
+        params = [greedy(n, adapter=a) for n, a in zip(MAX_TOKENS, adapters, strict=True)]
+        want = [model.generate(p, sp).token_ids for p, sp in zip(PROMPTS, params, strict=True)]
+        for method in ("ngram", "draft"):
+            llm = LLM(model, max_batch_tokens=12, block_size=4)
+            outs = llm.generate(PROMPTS, [dataclasses.replace(p, speculative=fixed(method, 3)) for p in params])
+            assert [o.token_ids for o in outs] == want
+            assert llm.engine.spec_stats.verifications > 0
+    finally:
+        model.set_draft_model(None)
+        for i in range(2):
+            model.remove_lora(f"a{i}")
+
+
+def test_controller_prices_a_draft_catching_up_on_a_prompt():
+    """A draft model that must first run a sequence's 300-token prompt does not pay for one step's proposals; once
+    it holds the sequence, the same proposals do."""
+    c = SpeculationController()
+    draft = CostModel()
+    for n in (1, 2, 5, 9):
+        c.observe_step(n, 0.050)  # memory-bound target: verification is nearly free
+    for n, t in ((1, 0.010), (4, 0.011), (300, 0.400)):
+        draft.add(n, t)
+    for _ in range(6):
+        c.observe_verification(1, 4, 3, kind="draft")
+    fresh = Candidate(1, 4, "draft", setup_tokens=300)
+    held = Candidate(1, 4, "draft", setup_tokens=2)
+    assert c.choose([fresh], base_tokens=1, decoding=1, draft=draft) == {}
+    assert c.choose([held], base_tokens=1, decoding=1, draft=draft).get(1, 0) >= 2

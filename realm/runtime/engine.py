@@ -530,6 +530,8 @@ class Engine:
             if max_k < 1:
                 continue
             kind = "draft"
+            if spec.method is SpecMethod.DRAFT and getattr(self.model, "draft", None) is None:
+                continue  # the model's draft was removed after the request came: it decodes plainly
             if spec.method is SpecMethod.NGRAM:
                 began = time.perf_counter()
                 proposal, kind = match_ngram(seq.token_ids, max_k, spec.ngram_min, spec.ngram_max)
@@ -543,7 +545,9 @@ class Engine:
             # position, realm.runtime.sampler) depend on which positions were proposals; its output must not.
             params = request.params
             if spec.adaptive and (params.temperature == 0 or params.seed is None):
-                candidates.append((Candidate(seq.seq_id, max_k, kind), spec.method))
+                setup = 1 if spec.method is SpecMethod.NGRAM else self._draft_proposer().setup_tokens(
+                    seq.seq_id, seq.token_ids)
+                candidates.append((Candidate(seq.seq_id, max_k, kind, setup), spec.method))
             else:
                 fixed[seq.seq_id] = max_k
         if not candidates and not fixed:
@@ -576,6 +580,10 @@ class Engine:
         self.spec_stats.propose_s += time.perf_counter() - began
 
     def _draft_proposer(self) -> DraftProposer:
+        """The draft model's proposer, on its own KV cache of this engine's size; made anew when the model's draft
+        changed (Model.set_draft_model)."""
+        if self._draft is not None and self._draft.model is not self.model.draft:
+            self._draft = None  # its cache goes with it: the next call catches every sequence up
         if self._draft is None:
             self._draft = DraftProposer(self.model.draft, self.model, self.runner.kv.num_blocks, self.runner.block_size,
                                         seed=None)

@@ -187,6 +187,12 @@ class DraftProposer:
         self.costs = CostModel()  # the draft's step time by tokens
         self.steps = 0
 
+    def setup_tokens(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Tokens the draft must run for this sequence before proposing: those its cache does not hold yet."""
+        held = self._held.get(seq_id)
+        have = held[1] if held is not None else []
+        return len(token_ids) - _common_prefix(have, token_ids, limit=len(token_ids) - 1)
+
     def release(self, seq_id: int) -> None:
         held = self._held.pop(seq_id, None)
         if held is not None:
@@ -354,6 +360,7 @@ class Candidate:
     seq_id: int
     max_k: int  # proposals it may get: its request's k, what max_tokens leaves, what an n-gram found
     kind: object = None  # what proposes (the n-gram's length, "draft"): acceptance is kept per sequence and kind
+    setup_tokens: int = 1  # tokens a draft model must run before its first proposal (its prompt, the first time)
 
 
 class SpeculationController:
@@ -396,8 +403,11 @@ class SpeculationController:
         if self.target.distinct < 2:  # explore: measure a step with proposals and one without
             self._explore_plain = not self._explore_plain and bool(self.target.samples)
             return {} if self._explore_plain else {c.seq_id: c.max_k for c in candidates}
+        if draft is not None and not draft.samples:  # measure the draft on one sequence, the cheapest to catch up
+            first = min(candidates, key=lambda c: c.setup_tokens)
+            return {first.seq_id: first.max_k}
         target = self.target.predictor()
-        draft_cost = draft.predictor() if draft is not None and draft.samples else None
+        draft_cost = draft.predictor() if draft is not None else None
         # Every possible proposal in the order of its expected gain (a sequence's j-th after its (j-1)-th: gains only
         # fall along a sequence); the best choice is a prefix of this order. Costs need not be convex, so every
         # prefix is priced, not just the next proposal.
@@ -410,14 +420,17 @@ class SpeculationController:
             order.append((seq_id, j, -neg))
             if j < max_k:
                 heapq.heappush(heap, (neg * rates[seq_id], seq_id, max_k, j + 1))
-        depth = [0] * (max(c.max_k for c in candidates) + 2)  # depth[j]: sequences given a j-th proposal so far
+        # depth[j]: the tokens of the draft's step j so far (step 1 catches each sequence up: its setup tokens)
+        depth = [0] * (max(c.max_k for c in candidates) + 2)
+        setup = {c.seq_id: max(c.setup_tokens, 1) for c in candidates}
         gain, drafting = float(decoding), 0.0
         best, best_rate = 0, gain / target(base_tokens)
-        for m, (_, j, more) in enumerate(order, 1):
+        for m, (seq_id, j, more) in enumerate(order, 1):
             gain += more
-            if draft_cost is not None:  # the draft's step j grows by a sequence
-                drafting += draft_cost(depth[j] + 1) - (draft_cost(depth[j]) if depth[j] else 0.0)
-            depth[j] += 1
+            tokens = setup[seq_id] if j == 1 else 1
+            if draft_cost is not None:  # the draft's step j grows by this sequence's tokens
+                drafting += draft_cost(depth[j] + tokens) - (draft_cost(depth[j]) if depth[j] else 0.0)
+            depth[j] += tokens
             rate = gain / (target(base_tokens + m) + drafting)
             if rate > best_rate:
                 best, best_rate = m, rate
