@@ -18,8 +18,9 @@ Proposers:
   speculating sequences at once, on its own paged KV cache, before the target's step.
 
 Adaptive k (`SpeculationController`): from each sequence's recent acceptance rate alpha (the expected tokens of
-k proposals are (1 - alpha^(k+1)) / (1 - alpha)) and a cost model measured online (the target's step time as a
-linear function of its tokens, fitted on the last steps; the draft's likewise), it gives each sequence the k that
+k proposals are (1 - alpha^(k+1)) / (1 - alpha)) and a cost model measured online (the target's step time by its
+tokens, as measured at each token count, else fitted linearly; the draft's likewise, its catch-up on a sequence's
+prompt included), it gives each sequence the k that
 maximises the step's expected tokens per second, 0 where a proposal costs more than it is expected to earn: with
 large batches the forward stops being memory-bound, each verified token costs nearly a decoded one, and speculation
 switches itself off.
@@ -32,7 +33,7 @@ import enum
 import heapq
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -279,25 +280,37 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 
 # ---- adaptivity --------------------------------------------------------------------------------------------------
 
-COST_WINDOW = 48  # steps the cost model is fitted on: recent enough to follow the batch size
+COST_SAMPLES = 8  # steps kept per token count: recent enough to follow the machine's load
+COST_SIZES = 64  # token counts kept: the batch sizes and proposal counts of recent steps
 ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per verification
 PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 1/2
 
 
 class CostModel:
-    """Seconds of a forward step by its tokens, from the last COST_WINDOW steps: the mean of the steps measured at
-    that token count where there are some (step time need not be linear nor even monotone in the tokens: on a CPU,
-    torch's float32 matmul of 2 or 3 rows takes longer than of 4), else a + b * tokens fitted by least squares."""
+    """Seconds of a forward step by its tokens, from the last COST_SAMPLES steps measured at each token count (at
+    most COST_SIZES counts, the least recently measured forgotten first): the mean at that count where there are
+    some (step time need not be linear nor even monotone in the tokens: on a CPU, torch's float32 matmul of 2 or 3
+    rows takes longer than of 4), else a + b * tokens fitted by least squares. Kept per count, so that a size measured
+    once (a step with proposals, among many without) is not forgotten and measured again at a cost."""
 
-    def __init__(self, window: int = COST_WINDOW):
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+    def __init__(self, samples: int = COST_SAMPLES, sizes: int = COST_SIZES):
+        self._by_size: OrderedDict[int, deque[float]] = OrderedDict()
+        self._samples, self._sizes = samples, sizes
 
     def add(self, tokens: int, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
+        times = self._by_size.pop(tokens, None) or deque(maxlen=self._samples)
+        times.append(seconds)
+        self._by_size[tokens] = times  # the most recently measured last
+        if len(self._by_size) > self._sizes:
+            self._by_size.popitem(last=False)
+
+    @property
+    def samples(self) -> list[tuple[int, float]]:
+        return [(n, t) for n, times in self._by_size.items() for t in times]
 
     @property
     def distinct(self) -> int:
-        return len({n for n, _ in self.samples})
+        return len(self._by_size)
 
     def fit(self) -> tuple[float, float] | None:
         """(a, b); b = 0 (the mean) with a single token count measured; None before any step."""
@@ -313,10 +326,7 @@ class CostModel:
 
     def table(self) -> dict[int, float]:
         """Mean seconds per measured token count."""
-        sums: dict[int, list[float]] = {}
-        for n, t in self.samples:
-            sums.setdefault(n, []).append(t)
-        return {n: sum(ts) / len(ts) for n, ts in sums.items()}
+        return {n: sum(times) / len(times) for n, times in self._by_size.items()}
 
     def predictor(self):
         """A function tokens -> predicted seconds (None before any step), fixed for one decision."""
