@@ -530,3 +530,16 @@ def test_controller_prices_a_draft_catching_up_on_a_prompt():
     held = Candidate(1, 4, "draft", setup_tokens=2)
     assert c.choose([fresh], base_tokens=1, decoding=1, draft=draft) == {}
     assert c.choose([held], base_tokens=1, decoding=1, draft=draft).get(1, 0) >= 2
+
+
+def test_cost_model_interpolates_between_measured_sizes():
+    """An unmeasured size is priced from its measured neighbours, not from a line that prefill steps of hundreds of
+    tokens pull below the measured small steps."""
+    cost = CostModel()
+    for n, t in ((32, 0.190), (300, 0.400), (500, 0.600), (1, 0.060)):
+        cost.add(n, t)
+    predict = cost.predictor()
+    assert predict(32) == 0.190
+    assert 0.190 < predict(33) < 0.200  # between 32's and 300's
+    assert predict(600) > 0.600
+    assert math.isclose(predict(16), 0.060 + (0.190 - 0.060) * 15 / 31)

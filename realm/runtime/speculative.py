@@ -28,6 +28,7 @@ switches itself off.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import heapq
@@ -290,8 +291,8 @@ class CostModel:
     """Seconds of a forward step by its tokens, from the last COST_SAMPLES steps measured at each token count (at
     most COST_SIZES counts, the least recently measured forgotten first): the mean at that count where there are
     some (step time need not be linear nor even monotone in the tokens: on a CPU, torch's float32 matmul of 2 or 3
-    rows takes longer than of 4), else a + b * tokens fitted by least squares. Kept per count, so that a size measured
-    once (a step with proposals, among many without) is not forgotten and measured again at a cost."""
+    rows takes longer than of 4), else interpolated between measured counts (`predictor`). Kept per count, so that a
+    size measured once (a step with proposals, among many without) is not forgotten and measured again at a cost."""
 
     def __init__(self, samples: int = COST_SAMPLES, sizes: int = COST_SIZES):
         self._by_size: OrderedDict[int, deque[float]] = OrderedDict()
@@ -329,13 +330,31 @@ class CostModel:
         return {n: sum(times) / len(times) for n, times in self._by_size.items()}
 
     def predictor(self):
-        """A function tokens -> predicted seconds (None before any step), fixed for one decision."""
+        """A function tokens -> predicted seconds (None before any step), fixed for one decision: the measured mean
+        at a measured count, linear interpolation between the nearest measured counts, and beyond them the nearest
+        one's time plus the fitted b per token (never a fitted line alone, which prefill steps of hundreds of tokens
+        would pull below the measured times of small steps)."""
         fit = self.fit()
         if fit is None:
             return None
         table = self.table()
-        a, b = fit
-        return lambda tokens: table.get(tokens, a + b * tokens)
+        sizes = sorted(table)
+        times = [table[n] for n in sizes]
+        slope = fit[1]
+
+        def predict(tokens: int) -> float:
+            at = bisect.bisect_left(sizes, tokens)
+            if at < len(sizes) and sizes[at] == tokens:
+                return times[at]
+            if at == 0:
+                return max(times[0] - slope * (sizes[0] - tokens), 0.0)
+            if at == len(sizes):
+                return times[-1] + slope * (tokens - sizes[-1])
+            lo, hi = sizes[at - 1], sizes[at]
+            w = (tokens - lo) / (hi - lo)
+            return times[at - 1] * (1 - w) + times[at] * w
+
+        return predict
 
     def predict(self, tokens: int) -> float | None:
         predict = self.predictor()
