@@ -447,7 +447,10 @@ class Engine:
             try:
                 plan = self._plan(step, chunks, requests)
                 began = time.perf_counter()
-                output = self.runner.execute(plan, self._draft_probs)
+                # draft distributions only when a draft model proposed for sampled requests: wrappers of execute(plan)
+                # written before speculation stay valid
+                output = (self.runner.execute(plan, self._draft_probs) if self._draft_probs
+                          else self.runner.execute(plan))
                 self.speculation.observe_step(plan.num_tokens, time.perf_counter() - began)
             except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
                 failed_plan = e.failures
