@@ -50,8 +50,10 @@ on the CPU the torch backend computes on dequantized float32 weights, so only dr
 acceptance of layer subsets of SmolLM2-135M-Instruct (30 layers), measured on a 2-core AMD EPYC with torch float32, one
 thread, two grounded prompts (the Gettysburg Address to summarise, Alice's opening with 'Alice' to be replaced),
 SpeculativeConfig("draft", num_speculative_tokens=4, adaptive=False), Timings.acceptance_rate over both requests,
-max_tokens 48 for the first three rows and 32 for the rest (a throwaway script on realm.Engine; the same
-measurement on this benchmark's prompts: the command below):
+max_tokens 48 for the first three rows and 32 for the rest. Measured with an ad-hoc script while this benchmark was
+written, before commit f5954ea; bench/speculative_draft_layers.py is that script, kept so the table can be reproduced
+(`python bench/speculative_draft_layers.py 32 0-3,8-29 0-7 ...`), but the table was not re-measured on the final
+commit. The same measurement on this benchmark's prompts: the command below:
 
     layers kept              n   acceptance         layers kept              n   acceptance
     0-5,28-29                8   0.000 (0/356)      0-3,16-29               18   0.024 (5/209)
@@ -64,8 +66,8 @@ measurement on this benchmark's prompts: the command below):
 
 A model this small does not survive losing layers: any draft of 8 or 9 layers proposes almost nothing the target
 accepts, and acceptance only recovers with 24 or more of the 30 layers, where a draft step costs most of a target
-step (0-3,8-29: 0.098 s a draft step against 0.155 s a target step, the engines' fitted step times in that run on a
-shared CPU). The default --draft-layers is 0-3,8-29, the highest acceptance of those tried short of the whole model.
+step (notebooks/speculative.ipynb times it: the 26-layer draft at fixed k runs at 0.51-0.58x plain). The default
+--draft-layers is 0-3,8-29, the highest acceptance of those tried short of the whole model.
 On this benchmark's first two grounded prompts (the Gettysburg Address to summarise and to quote; the command below,
 k=4 fixed, 32 tokens, one thread) it was accepted 30 of 116 times (0.26) at 0.47x plain's output tok/s; 0-3,8-11,14-29
 24 of 138 times (0.17) at 0.42x. On this CPU a layer draft does not pay; the adaptive draft mode shows whether
