@@ -382,7 +382,7 @@ def measure_step(transformer: Transformer, modes: Sequence[LoraMode | None], swe
             slot_of = registry.activate(names)
             plan = bench.plan([slot_of[names[s]] for s in row_slots(batch, n)])
             out = bench.execute(plan)
-            expected = "reference" if transformer.backend is Backend.TORCH else mode.value
+            expected = mode.value if transformer.ops.lora_kernels else "reference"
             if out.lora != expected:
                 raise RuntimeError(f"the step ran LoRA as {out.lora!r}, expected {expected!r}")
             run = bench.execute

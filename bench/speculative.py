@@ -10,7 +10,7 @@ Workloads (bench/speculative_texts.py), every prompt through the model's chat te
 
 Modes (realm.runtime.speculative; one Engine per mode on the same loaded model):
 - plain: no speculation, the baseline of every speedup;
-- ngram: SpeculativeConfig("ngram", num_speculative_tokens=--k (8), adaptive=True): prompt lookup, k chosen per
+- ngram: SpeculativeConfig("ngram", num_speculative_tokens=--k (15), adaptive=True): prompt lookup, k chosen per
   sequence and step from its measured acceptance and the step costs (0 where proposals do not pay);
 - draft: the same with a draft model (`--draft`, default: a copy of the target keeping --draft-layers, made with
   realm.draft_file.make_layer_draft into a temporary directory);
@@ -37,23 +37,29 @@ outputs_match, stopped (requests that ended at their end-of-text), at N=1 decode
 after each request's first over the time after its first token: decoding alone, without the prefill all modes share;
 the targets judge output_tok_s, prefill included), kind_tok_s and kind_speedup (by kind of
 prompt: summary, quote, edit, chat; each request's tokens over its own wall time), the draft's file and layers,
-threads, and the CPUs other processes kept busy at the start and end. speculative.png: output tok/s, speedup and
-acceptance against N.
+threads, and the CPUs other processes kept busy at the start and end; plain rows at N=1 also carry prompt lookup's
+ceiling on their outputs (`lookup_steps`, `lookup_tokens_per_step`, `lookup_bound_speedup`: the speedup n-gram
+speculation could reach if every step verified the full k=15 tokens of its match and a verification cost a decode
+step, the prefill unchanged). speculative.png: output tok/s, speedup and acceptance against N.
+
+Backend: on the CPU, onednn by default (the reference's ops with the linear layers through oneDNN on weights packed
+once): on this project's CPU its float32 matmul of 2-16 rows costs about what one row costs (bench/cpu_linear.py),
+where F.linear's (the torch backend) costs 1.5-1.9x as much, which priced verification out at batch 1.
 
 Targets (the issue's): the best adaptive method >= 1.8x plain's output tok/s at batch 1 on grounded work; every
 adaptive mode >= 0.95x plain at every workload and N (adaptivity must switch speculation off where it does not pay).
 The fixed modes are reported, not judged.
 
-The draft. No second model of SmolLM2's vocabulary ships with realm, so the draft is the target with fewer layers;
-on the CPU the torch backend computes on dequantized float32 weights, so only dropping layers makes a draft cheaper
-(a draft step's cost is roughly its layers plus the output head, a fifth of SmolLM2-135M's weights). Greedy
+The draft. No second model of SmolLM2's vocabulary ships with realm, so the draft is the target with fewer layers; on
+the CPU the torch and onednn backends compute on dequantized float32 weights, so only dropping layers makes a draft
+cheaper (a draft step's cost is roughly its layers plus the output head, a fifth of SmolLM2-135M's weights). Greedy
 acceptance of layer subsets of SmolLM2-135M-Instruct (30 layers), measured on a 2-core AMD EPYC with torch float32, one
 thread, two grounded prompts (the Gettysburg Address to summarise, Alice's opening with 'Alice' to be replaced),
 SpeculativeConfig("draft", num_speculative_tokens=4, adaptive=False), Timings.acceptance_rate over both requests,
 max_tokens 48 for the first three rows and 32 for the rest. Measured with an ad-hoc script while this benchmark was
 written, before commit f5954ea; bench/speculative_draft_layers.py is that script, kept so the table can be reproduced
-(`python bench/speculative_draft_layers.py 32 0-3,8-29 0-7 ...`), but the table was not re-measured on the final
-commit. The same measurement on this benchmark's prompts: the command below:
+(`python bench/speculative_draft_layers.py 32 0-3,8-29 0-7 ...`), but the table was not re-measured on the final commit.
+The same measurement on this benchmark's prompts: the command below:
 
     layers kept              n   acceptance         layers kept              n   acceptance
     0-5,28-29                8   0.000 (0/356)      0-3,16-29               18   0.024 (5/209)
@@ -82,7 +88,7 @@ quiet cores, most of it batch 1 (12 prompts per workload, one after another, per
 prompts per workload, N 1 and 4, 16 tokens, modes plain, ngram, draft) took 77 s with one thread on the shared
 2-core CPU, a third of it loading the model and making the draft.
 
-    python bench/speculative.py                      # CPU (torch float32), or CUDA (triton float16) when present
+    python bench/speculative.py                      # CPU (onednn float32), or CUDA (triton float16) when present
     python bench/speculative.py --quick
     python bench/speculative.py --modes plain,ngram,ngram-fixed --concurrency 1 8 --workloads grounded
     python bench/speculative.py --draft my-draft.gguf
@@ -127,7 +133,7 @@ from realm.models import resolve_model
 from realm.runtime.engine import Engine, EngineConfig
 from realm.runtime.generate import FinishReason
 from realm.runtime.sampling import SamplingParams
-from realm.runtime.speculative import SpeculativeConfig
+from realm.runtime.speculative import MAX_SPECULATIVE_TOKENS, SpeculativeConfig, match_ngram
 
 JSONL = RESULTS / "speculative.jsonl"
 WORKLOADS = ("grounded", "chat")
@@ -135,12 +141,12 @@ MODES = ("plain", "ngram", "draft", "ngram-fixed", "draft-fixed")
 DEFAULT_MODES = ("plain", "ngram", "draft", "ngram-fixed")
 CONCURRENCY = (1, 8, 32)
 MAX_TOKENS = 96
-# Proposals per sequence and step at most (SpeculativeConfig.num_speculative_tokens): 8, because prompt lookup's
-# runs of copied tokens are long. Adaptive n-gram on the CPU at batch 1, one thread, 64 tokens (same process, k=4 then
-# k=8): the Constitution edit prompt 1.62x then 1.94x plain's decode tok/s, the Gettysburg edit 2.15x then 2.72x; the
-# first 6 grounded prompts (--prompts 6 --max-tokens 64 --concurrency 1 --modes plain,ngram) 1.03x with --k 4 and 1.23x
-# with --k 8 (separate runs on a shared CPU).
-K = 8
+# Proposals per sequence and step at most (SpeculativeConfig.num_speculative_tokens): 15, the most a verification
+# takes (MAX_SPECULATIVE_TOKENS), since adaptive k picks each step's own and prompt lookup's runs of copied tokens are
+# long. All 12 grounded prompts at N=1, adaptive n-gram, onednn, 2 threads, one run each on the same code: 1.50x with
+# --k 8, 1.70x with --k 15 (in 564 and 566 steps: most of the gap is this machine's run-to-run noise, ~6% in plain's
+# own tok/s between the two runs). Earlier, on the torch backend: --k 4 1.03x, --k 8 1.23x (6 prompts, 64 tokens).
+K = MAX_SPECULATIVE_TOKENS
 DRAFT_LAYERS = "0-3,8-29"  # of SmolLM2-135M's 30: the highest acceptance of the subsets tried (docstring)
 BLOCK_SIZE = 16
 WARMUP_TOKENS = 8
@@ -332,6 +338,37 @@ def build_row(runs: Sequence[Run], fields: dict, kinds: Sequence[str] | None = N
     return row
 
 
+def lookup_steps(prompt: Sequence[int], output: Sequence[int], k: int = MAX_SPECULATIVE_TOKENS) -> int:
+    """Steps prompt lookup needs to produce `output` after `prompt` (greedy) if every step verified the full k
+    tokens its n-gram match proposes (SpeculativeConfig's default n-gram bounds): its first token from the prefill,
+    then one step per accepted run and the token after it. No cost model, no step budget: the most tokens per step
+    n-gram proposals can give this output."""
+    if not output:
+        return 0
+    spec = SpeculativeConfig("ngram")
+    context, steps, at = [*prompt, output[0]], 1, 1
+    while at < len(output):
+        proposal, _ = match_ngram(context, min(k, len(output) - at - 1), spec.ngram_min, spec.ngram_max)
+        run = next((i for i, (a, b) in enumerate(zip(proposal, output[at:], strict=False)) if a != b), len(proposal))
+        context += output[at : at + run + 1]
+        at += run + 1
+        steps += 1
+    return steps
+
+
+def lookup_ceiling(plain: Run, requests: Sequence[Prompt]) -> dict:
+    """Plain rows at N=1: prompt lookup's ceiling on the plain outputs (`lookup_steps`), as decode tokens per step,
+    and the speedup it would give if a verification step cost what a plain decode step costs (the plain run's
+    decoding time scaled by its steps; the prefill unchanged): an upper bound for n-gram speculation on this work."""
+    steps = sum(lookup_steps(p.ids, out) for p, out in zip(requests, plain.token_ids, strict=True))
+    decode_steps = steps - sum(1 for out in plain.token_ids if out)
+    if not plain.decode_tokens or not plain.decode_s:
+        return {}
+    wall = plain.wall_s - plain.decode_s + plain.decode_s * decode_steps / plain.decode_tokens
+    return {"lookup_steps": steps, "lookup_tokens_per_step": plain.decode_tokens / max(decode_steps, 1),
+            "lookup_bound_speedup": plain.wall_s / wall}
+
+
 def mark_best(rows: list[dict]) -> list[dict]:
     """Sets best_at_batch1 on the adaptive row of the highest speedup at batch 1 on grounded work, per (device,
     backend, model, date): the row the batch-1 target judges. Returns rows."""
@@ -395,6 +432,8 @@ def measure(runners: Sequence[ModeRunner], prompts: dict[str, list[Prompt]], con
                                                   "prompt_tokens": sum(len(p.ids) for p in requests)},
                                 kinds)
                 row["speedup"] = row["output_tok_s"] / base["output_tok_s"]
+                if mode.method is None and n == 1:
+                    row.update(lookup_ceiling(plain, requests))
                 if row.get("decode_tok_s") and base.get("decode_tok_s"):
                     row["decode_speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
                 if row["kind_tok_s"] is not None:
@@ -489,6 +528,11 @@ def print_summary(rows: list[dict]) -> None:
         for r in kinds:
             print(f"  {r['workload']:8s} {r['mode']:12s} " + "  ".join(f"{k} {v:.2f}x" for k, v in
                                                                     r["kind_speedup"].items()))
+    for r in rows:
+        if r.get("lookup_bound_speedup") is not None:
+            print(f"prompt lookup's ceiling on {r['workload']} at N=1 (k={MAX_SPECULATIVE_TOKENS} every step, the "
+                  f"plain outputs): {r['lookup_tokens_per_step']:.2f} decode tokens per step, at most "
+                  f"{r['lookup_bound_speedup']:.2f}x plain if a verification cost a decode step")
     print()
     for line in target_lines(rows):
         print(line)
@@ -500,8 +544,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="a packaged model name or a .gguf path (default smollm2)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when torch sees one, else cpu")
-    p.add_argument("--backend", choices=("torch", "triton"), help="default: torch on cpu (float32), triton on cuda "
-                   "(float16)")
+    p.add_argument("--backend", choices=("torch", "onednn", "triton"), help="default: onednn on cpu (float32: the "
+                   "reference's ops with oneDNN-packed linear layers), triton on cuda (float16)")
     p.add_argument("--workloads", type=comma_list("workloads", WORKLOADS), default=list(WORKLOADS),
                    help="comma list of grounded, chat (default both)")
     p.add_argument("--modes", type=comma_list("modes", MODES), help=f"comma list of {', '.join(MODES)}; plain is "
@@ -539,7 +583,7 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[torch
     args.device = args.device or ("cuda" if cuda else "cpu")
     if args.device == "cuda" and not cuda:
         p.error("--device cuda: torch sees no CUDA device")
-    args.backend = args.backend or ("triton" if args.device == "cuda" else "torch")
+    args.backend = args.backend or ("triton" if args.device == "cuda" else "onednn")
     if args.backend == "triton" and args.device != "cuda":
         p.error("--backend triton needs --device cuda: on CPU Triton's interpreter runs the kernels, which checks "
                 "them but measures nothing worth comparing")

@@ -81,7 +81,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="GGUF file, or a packaged model: "
                         f"{', '.join(MODELS)} (default: smollm2)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
-    parser.add_argument("--backend", default="torch", help="torch (the reference forward) or triton (realm's "
+    parser.add_argument("--backend", default="torch", help="torch (the reference forward), onednn (the reference "
+                        "with oneDNN-packed linear layers: faster on CPUs, not bit-exact with HF) or triton (realm's "
                         "kernels; on CPU under Triton's interpreter, slow)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                         help="compute dtype (default: float32, the exact reference; float16 for triton on a GPU)")

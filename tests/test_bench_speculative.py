@@ -95,6 +95,24 @@ def test_build_row_and_kinds(bench):
         bench.build_row([], {})
 
 
+def test_lookup_steps_counts_verifications_of_full_matches(bench):
+    prompt = [1, 2, 3, 4, 5, 6]
+    # 3 comes from the prefill; its 1-gram occurred at index 2, proposing 4 5 6 (all right), then 9 is drawn
+    assert bench.lookup_steps(prompt, [3, 4, 5, 6, 9]) == 2
+    assert bench.lookup_steps(prompt, [7, 8, 9]) == 3  # nothing to look up: one token per step
+    assert bench.lookup_steps(prompt, []) == 0
+    assert bench.lookup_steps(prompt, [3, 4, 5, 6, 9], k=1) == 3  # 3 | 4 5 | 6 9 (k caps each run)
+
+
+def test_lookup_ceiling_scales_the_decode_time_by_steps(bench):
+    requests = [bench.Prompt("a", "edit", (1, 2, 3, 4, 5, 6))]
+    plain = a_run(bench, 10.0, [[3, 4, 5, 6, 9]], decode_tokens=4, decode_s=8.0)
+    c = bench.lookup_ceiling(plain, requests)
+    # 1 decode step instead of 4: 2 s of prefill + 8 s * 1/4
+    assert c == {"lookup_steps": 2, "lookup_tokens_per_step": 4.0, "lookup_bound_speedup": pytest.approx(10 / 4)}
+    assert bench.lookup_ceiling(a_run(bench, 1.0, [[3]]), requests) == {}
+
+
 def test_mismatches_name_the_request_and_position(bench):
     assert bench.mismatches([[1, 2, 3], [4]], [[1, 2, 3], [4]], ["a", "b"]) == []
     lines = bench.mismatches([[1, 2, 3, 5], [4]], [[1, 2, 9, 5], [4, 7]], ["a", "b"])
@@ -215,14 +233,16 @@ def test_quick_run_writes_rows_and_a_plot(bench, quick, tmp_path, capsys):
         assert r["outputs_match"] == 1.0  # greedy speculation: plain's tokens exactly
         assert r["requests"] == (2 if r["concurrency"] == 1 else 4) and 0 < r["output_tokens"] <= 24 * r["requests"]
         assert r["output_tok_s"] > 0 and r["output_tok_s_p20"] <= r["output_tok_s"] <= r["output_tok_s_p80"]
-        assert r["steps"] > 0 and r["quick"] is True and r["max_tokens"] == 24 and r["k_max"] == 8
+        assert r["steps"] > 0 and r["quick"] is True and r["max_tokens"] == 24 and r["k_max"] == 15
         assert r["model"] == "tiny.gguf" and r["draft_layers"] == "1" and r["draft_n_layers"] == 1
-        assert r["device_kind"] == "cpu" and r["backend"] == "torch" and r["threads"] == 1 and r["git_commit"]
+        assert r["device_kind"] == "cpu" and r["backend"] == "onednn" and r["threads"] == 1 and r["git_commit"]
         assert (r["kind_tok_s"] is not None) == (r["concurrency"] == 1)
         if r["mode"] == "plain":
             assert r["speedup"] == 1.0 and r["proposed"] == 0 and r["acceptance_rate"] is None
+            if r["concurrency"] == 1:  # prompt lookup's ceiling on the plain outputs
+                assert r["lookup_tokens_per_step"] >= 1 and r["lookup_bound_speedup"] >= 1
         else:
-            assert r["speedup"] > 0 and r["k"] == 8 and r["adaptive"] == (not r["mode"].endswith("fixed"))
+            assert r["speedup"] > 0 and r["k"] == 15 and r["adaptive"] == (not r["mode"].endswith("fixed"))
         if r["mode"].endswith("fixed"):  # always k proposals: the repeated prompts give n-grams from the start
             assert r["proposed"] > 0 and 0 <= r["acceptance_rate"] <= 1 and r["verifications"] > 0
             assert r["accepted"] == pytest.approx(r["mean_accepted_length"] * r["verifications"])

@@ -278,7 +278,7 @@ def test_chat_interactive_keeps_the_conversation(loads, capsys, monkeypatch, smo
     (["generate", "x", "--top-p", "2"], r"top_p must be in (0, 1]"),
     (["generate", "x", "--max-tokens", "0"], "max_tokens must be >= 1"),
     (["generate", "x", "--model", "/no/such.gguf"], "/no/such.gguf: no such model file"),
-    (["chat", "x", "--backend", "tensorrt"], "unknown backend 'tensorrt'; choose one of: torch, triton"),
+    (["chat", "x", "--backend", "tensorrt"], "unknown backend 'tensorrt'; choose one of: torch, triton, onednn"),
 ])
 def test_generate_errors(argv, message, capsys):
     rc, out, err = run(argv, capsys)

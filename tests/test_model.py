@@ -313,7 +313,7 @@ def test_bfloat16_backend_agrees_with_float32(smollm2):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; choose one of: torch, triton"),
+    ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; choose one of: torch, triton, onednn"),
     ({"device": "tpu"}, "invalid device 'tpu'|device 'tpu' is not supported"),
     ({"dtype": torch.float64}, "dtype must be float32, float16 or bfloat16"),
 ])

@@ -32,13 +32,16 @@ from realm.runtime import (
     Scheduler,
     SchedulerConfig,
     Sequence,
+    backends_for,
     load_weights,
 )
 from realm.runtime import sampler as sampler_module
 from realm.runtime.block_manager import block_hashes
 from realm.runtime.sampler import BatchSampler, RowSampling
 from realm.runtime.speculative import (
+    ACCEPT_DECAY,
     MAX_SPECULATIVE_TOKENS,
+    Acceptance,
     Candidate,
     CostModel,
     SpeculationController,
@@ -161,9 +164,9 @@ def tiny(tmp_path_factory):
     write_tiny_llama(root / "draft.gguf", dims={**DIMS, "layers": 1}, seed=5, context_length=96)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     target = {b: Model(load_weights(root / "target.gguf"), StubTokenizer(DIMS["vocab"]), b, device, torch.float32)
-              for b in Backend}
+              for b in backends_for(device)}
     other = {b: Model(load_weights(root / "draft.gguf"), StubTokenizer(DIMS["vocab"]), b, device, torch.float32)
-             for b in Backend}
+             for b in backends_for(device)}
     return target, other
 
 
@@ -175,19 +178,23 @@ def plain_outputs(model, prompts=PROMPTS, max_tokens=MAX_TOKENS):
     return [model.generate(p, greedy(n)).token_ids for p, n in zip(prompts, max_tokens, strict=True)]
 
 
-@pytest.mark.parametrize(("method", "draft", "kv_blocks", "prefix_caching"), [
-    ("ngram", None, None, True),
-    ("ngram", None, 14, True),   # preemption
-    ("ngram", None, 14, False),
-    ("draft", "other", None, True),
-    ("draft", "self", 14, True),  # every proposal accepted: long runs, preemption
+@pytest.mark.parametrize(("method", "draft", "kv_blocks", "prefix_caching", "backend"), [
+    ("ngram", None, None, True, Backend.TORCH),
+    ("ngram", None, 14, True, Backend.TORCH),   # preemption
+    ("ngram", None, 14, False, Backend.TORCH),
+    ("draft", "other", None, True, Backend.TORCH),
+    ("draft", "self", 14, True, Backend.TORCH),  # every proposal accepted: long runs, preemption
+    ("ngram", None, 14, True, Backend.ONEDNN),
+    ("draft", "other", None, True, Backend.ONEDNN),
 ])
-def test_greedy_speculation_equals_plain_decoding(tiny, method, draft, kv_blocks, prefix_caching):
+def test_greedy_speculation_equals_plain_decoding(tiny, method, draft, kv_blocks, prefix_caching, backend):
     """Many prompts in one batch; max_batch_tokens=10 chunks the long prompts beside other sequences'
     verifications and cuts some proposal runs short; 14 blocks of 4 force preemptions."""
     target, other = tiny
-    model = target[Backend.TORCH]
-    model.set_draft_model({"other": other[Backend.TORCH], "self": model, None: None}[draft])
+    if backend not in target:
+        pytest.skip(f"the {backend.value} backend does not run on {next(iter(target.values())).device}")
+    model = target[backend]
+    model.set_draft_model({"other": other[backend], "self": model, None: None}[draft])
     try:
         want = plain_outputs(model)
         for adaptive in (False, True):
@@ -347,7 +354,7 @@ def test_controller_speculates_when_cheap_and_stops_when_each_token_costs():
     compute-bound ones (time proportional to tokens) get none: speculation would only slow them down."""
     cheap, dear = SpeculationController(), SpeculationController()
     for n in range(1, 40, 3):
-        cheap.observe_step(n, 0.050 + 0.0001 * n)
+        cheap.observe_step(n, 0.050 + 0.001 * n)
         dear.observe_step(n, 0.0001 + 0.010 * n)
     for c in (cheap, dear):
         for _ in range(6):
@@ -357,6 +364,37 @@ def test_controller_speculates_when_cheap_and_stops_when_each_token_costs():
     k = cheap.choose(candidates, base_tokens=2, decoding=2)
     assert k.get(1) == 4 and k.get(2, 0) < 4
     assert dear.choose(candidates, base_tokens=32, decoding=32) == {}
+
+
+def test_acceptance_counts_first_and_following_proposals_apart():
+    a = Acceptance()
+    assert a.first == a.then == 0.5  # the prior
+    a.update(4, 0)  # the first proposal rejected: one first trial, no following one tried
+    assert (a.first_accepted, a.first_rejected, a.then_accepted, a.then_rejected) == (0, 1, 0, 0)
+    a.update(4, 2)  # first passed; of the following, one passed and the next was rejected
+    assert (a.first_accepted, a.first_rejected) == (1, ACCEPT_DECAY)
+    assert (a.then_accepted, a.then_rejected) == (1, 1)
+    a.update(3, 3)  # all passed: no rejection
+    assert a.then_accepted == 1 * ACCEPT_DECAY + 2 and a.then_rejected == ACCEPT_DECAY
+    assert math.isclose(a.gain(3), a.first * a.then**2)
+
+
+def test_controller_gives_copying_sequences_long_proposals():
+    """Prompt lookup's proposals are right for many tokens or wrong at once. A sequence that rejects its first
+    proposal three times, then accepts all 8, gets two rates: under half for first proposals, nearly all for the
+    following ones. One per-token rate (~0.85 here) would count the rejected first proposals against every position,
+    so that each further proposal looks 15% less likely to pass: at these costs it stops at 5 (checked while writing
+    this test); the two rates take all 8."""
+    c = SpeculationController()
+    for n in range(1, 40, 3):
+        c.observe_step(n, 0.050 + 0.010 * n)
+    for _ in range(4):
+        for _ in range(3):
+            c.observe_verification(1, 8, 0)
+        c.observe_verification(1, 8, 8)
+    est = c.estimate(1)
+    assert est.first < 0.5 and est.then > 0.9
+    assert c.choose([Candidate(1, 8)], base_tokens=1, decoding=1) == {1: 8}
 
 
 def test_controller_explores_before_it_has_a_cost_model():

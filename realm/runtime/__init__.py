@@ -33,7 +33,7 @@ _EXPORTS = {
     "llm": ("LLM",),
     "lora": ("LoraMode", "LoraRegistry"),
     "model": ("GenerationStream", "Model", "load", "resolve_device"),
-    "ops": ("Backend", "Ops", "ops_for"),
+    "ops": ("Backend", "Ops", "backends_for", "ops_for"),
     "plan": ("ChunkPlan", "StepOutput", "StepPlan"),
     "runner": ("ModelRunner",),
     "sampler": ("BatchSampler", "RowSampling"),

@@ -30,7 +30,7 @@ import torch
 
 from realm.quant import QTensor
 
-from .ops import Backend, Ops
+from .ops import Ops
 
 Delta = Callable[[torch.Tensor, torch.Tensor, Any], None]  # (x, y, batch) -> None, adds into y
 
@@ -56,7 +56,7 @@ class Linear:
         if any(w.shape[1] != k for w in weights):
             raise ValueError(f"{name}: weights read inputs of different sizes {[w.shape[1] for w in weights]}")
         if dense is not None:
-            parts = (dense,)
+            parts = (ops.prepare_dense(dense),)
         else:
             parts = tuple(ops.prepare_linear(group, device, dtype) for group in _groups(weights, ops.group_by_format))
         sizes = tuple(w.shape[0] for w in weights)
@@ -74,7 +74,7 @@ class Linear:
         """x [tokens, in_features] -> y [tokens, out_features], epilogue applied; batch: the step (ForwardBatch), for
         the per-row deltas."""
         rows = getattr(batch, "lora", None) if self.lora is not None else None
-        if rows is not None and self.ops.backend is not Backend.TORCH:
+        if rows is not None and self.ops.lora_kernels:
             y = self._lora_kernels(x, rows)
         else:
             y = self._matmul(x)

@@ -21,7 +21,7 @@ from .config import ModelConfig, ModelError
 from .generate import Completion, FinishReason, GenerationError, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from .lora import DEFAULT_MAX_LORAS, LoraAdapter, LoraRegistry, parse_lora_specs
-from .ops import Backend, backend_of
+from .ops import Backend, backend_of, check_onednn
 from .sampling import SamplingParams
 from .speculative import check_same_vocabulary
 from .tokenizer import Tokenizer
@@ -238,9 +238,10 @@ def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None
          max_lora_rank: int | None = None, draft_model: str | os.PathLike | Model | None = None) -> Model:
     """Load a GGUF model (a packaged name such as "smollm2", the default, or a path) for generation.
 
-    device: "cpu", "cuda" or None (CUDA when present); backend: "torch" (the reference) or "triton" (realm's
+    device: "cpu", "cuda" or None (CUDA when present); backend: "torch" (the reference), "triton" (realm's
     kernels; on CPU they run under Triton's interpreter, which needs TRITON_INTERPRET=1 set before Triton is
-    imported); dtype: the compute dtype, None for the backend's default (`default_dtype`; float32 is the exact
+    imported) or "onednn" (the reference with oneDNN-packed linear layers: the fast one on CPUs);
+    dtype: the compute dtype, None for the backend's default (`default_dtype`; float32 is the exact
     reference); lora, max_loras, max_lora_rank: LoRA adapters to load and the device pool (see Model);
     draft_model: a smaller model of the same vocabulary for speculative decoding (Model.set_draft_model).
     """
@@ -253,6 +254,8 @@ def load(model: str | os.PathLike = "smollm2", device: torch.device | str | None
         from .transformer import _check_triton_device
 
         _check_triton_device(device, dtype)  # before the weights load: a wrong setup fails at once
+    if backend is Backend.ONEDNN:
+        check_onednn(device, dtype)
     weights = load_weights(model)
     tokenizer = Tokenizer.from_metadata(weights.metadata)
     model = Model(weights, tokenizer, backend, device, dtype, lora=lora, max_loras=max_loras,

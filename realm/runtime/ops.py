@@ -18,10 +18,14 @@ matrices with `F.linear` (cuBLAS/MKL, as HF does), and its attention is SDPA per
 | silu_mul  | silu_mul                                        | silu_mul_ref                               |
 | store_kv  | store_kv                                        | store_kv_ref                               |
 | attention | paged_attention (flash / paged decode / paged flash) | paged_attention_ref (SDPA per sequence) |
+
+Backend.ONEDNN is the reference with one change, for speed on CPUs: its linear layers multiply the dequantized
+matrices packed once into oneDNN's layout (`PackedWeight`), not through F.linear.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from collections.abc import Callable, Sequence
@@ -37,6 +41,10 @@ from realm.quant import QTensor
 class Backend(str, enum.Enum):
     TORCH = "torch"  # the torch reference forward (float32 by default)
     TRITON = "triton"  # realm's Triton kernels: quantized matmuls, flash / paged attention, fused layer ops
+    # The reference's ops with its linear layers through oneDNN on weights packed once for the CPU: SmolLM2's
+    # linear layers 1.6x faster than F.linear's for one token on this project's CPU, and 2-16 tokens cost about
+    # what one costs (bench/cpu_linear.py). Not bit-exact with HF (another summation order).
+    ONEDNN = "onednn"
 
 
 def backend_of(backend: Backend | str) -> Backend:
@@ -63,6 +71,10 @@ class Ops:
     # dtypes and devices, so the first layer's checks hold for them (the host time of a decode step is mostly such
     # checks otherwise). None: these ops are cheap to check (the reference's).
     unchecked: Ops | None = None
+    # An already dense matrix (the reference's tied head: the embedding itself) -> one part.
+    prepare_dense: Callable[[torch.Tensor], Any] = lambda w: w
+    # Whether adapters run as kernels (Triton's shrink/expand) or as the reference's PEFT-order delta.
+    lora_kernels: bool = False
 
     @property
     def fast(self) -> Ops:
@@ -127,8 +139,59 @@ def triton_ops() -> Ops:
                     store_kv=store_kv_unchecked, attention=paged_attention_unchecked)
     return Ops(Backend.TRITON, group_by_format=True, prepare_linear=_quantized_part, matmul=_quantized_matmul,
                rms_norm=rms_norm, rope=apply_rope, silu_mul=silu_mul, store_kv=store_kv, attention=paged_attention,
-               unchecked=unchecked)
+               unchecked=unchecked, lora_kernels=True)
+
+
+# The row count oneDNN packs for (a hint: any count runs): 4 was the fastest of 1, 4 and 16 for steps of 1-16 rows,
+# the decode and verification steps this backend is for (bench/cpu_linear.py).
+ONEDNN_PACKED_ROWS = 4
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A dense weight [N, K] in oneDNN's blocked layout (an opaque mkldnn tensor), packed once at load."""
+
+    packed: torch.Tensor
+    shape: tuple[int, int]
+
+
+def _pack(w: torch.Tensor) -> PackedWeight:
+    return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ONEDNN_PACKED_ROWS), tuple(w.shape))
+
+
+def _packed_part(weights: Sequence[QTensor], device: torch.device, dtype: torch.dtype) -> PackedWeight:
+    return _pack(_dense_part(weights, device, dtype))
+
+
+def _packed_matmul(x: torch.Tensor, part: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), part.packed, bias, "none", [], "")
+
+
+def check_onednn(device: torch.device, dtype: torch.dtype) -> None:
+    """The onednn backend packs for the CPU, in float32 or bfloat16 (what oneDNN's CPU matmul takes)."""
+    if device.type != "cpu":
+        raise ValueError(f"the onednn backend runs on the CPU, not {device}; use triton (or torch) on CUDA")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the onednn backend computes in float32 or bfloat16, not {dtype}")
+    if not torch.backends.mkldnn.is_available():
+        raise ValueError("the onednn backend needs a torch built with oneDNN (torch.backends.mkldnn.is_available() is "
+                         "False); use the torch backend")
+
+
+@functools.cache
+def onednn_ops() -> Ops:
+    return dataclasses.replace(reference_ops(), backend=Backend.ONEDNN, prepare_linear=_packed_part,
+                               matmul=_packed_matmul, prepare_dense=_pack)
+
+
+def backends_for(device: torch.device | str) -> list[Backend]:
+    """The backends that run on this kind of device (onednn only on the CPU)."""
+    cpu = torch.device(device).type == "cpu"
+    return [b for b in Backend if cpu or b is not Backend.ONEDNN]
 
 
 def ops_for(backend: Backend | str) -> Ops:
-    return reference_ops() if backend_of(backend) is Backend.TORCH else triton_ops()
+    backend = backend_of(backend)
+    if backend is Backend.TORCH:
+        return reference_ops()
+    return onednn_ops() if backend is Backend.ONEDNN else triton_ops()

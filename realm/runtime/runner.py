@@ -21,7 +21,6 @@ import torch
 from .batch import ForwardBatch
 from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from .lora import LoraMode, lora_mode_of
-from .ops import Backend
 from .plan import ChunkPlan, StepOutput, StepPlan
 from .sampler import BatchSampler, RowSampling
 from .transformer import Transformer
@@ -190,7 +189,7 @@ class ModelRunner:
     def _lora_path(self, batch: ForwardBatch) -> str | None:
         if batch.lora is None:
             return None
-        return "reference" if self.transformer.backend is Backend.TORCH else batch.lora.mode.value
+        return batch.lora.mode.value if self.transformer.ops.lora_kernels else "reference"
 
     def _finite(self, logits: torch.Tensor, flags: list[int]) -> list[bool]:
         """Per logits row, whether all its logits are finite. `flags` come from a float32 sum, which also overflows

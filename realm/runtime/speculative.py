@@ -17,8 +17,8 @@ Proposers:
 - draft model (`DraftProposer`): a smaller model of the same vocabulary runs k autoregressive steps for all
   speculating sequences at once, on its own paged KV cache, before the target's step.
 
-Adaptive k (`SpeculationController`): from each sequence's recent acceptance rate alpha (the expected tokens of
-k proposals are (1 - alpha^(k+1)) / (1 - alpha)) and a cost model measured online (the target's step time by its
+Adaptive k (`SpeculationController`): from each sequence's recent acceptance (two rates, `Acceptance`: of a first
+proposal, and of a proposal after an accepted one) and a cost model measured online (the target's step time by its
 tokens, as measured at each token count, else fitted linearly; the draft's likewise, its catch-up on a sequence's
 prompt included), it gives each sequence the k that
 maximises the step's expected tokens per second, 0 where a proposal costs more than it is expected to earn: with
@@ -363,19 +363,51 @@ class CostModel:
 
 @dataclass
 class Acceptance:
-    """A sequence's recent per-token acceptance: verified proposals as Bernoulli trials up to the first rejection,
-    decayed so that it follows the text (a quoted passage ends, a list starts)."""
+    """A sequence's recent acceptance as two rates, each counting verified proposals as Bernoulli trials up to the
+    first rejection: `first`, that a verification's first proposal passes, and `then`, that a proposal passes after
+    its predecessor did. One rate would undersell long proposals: a prompt-lookup match either copies its source for
+    many tokens or is wrong at once, so a proposal after an accepted one passes far more often than a first one
+    (the quote and edit prompts of bench/speculative.py). Both decay, so that they follow the text (a quoted passage
+    ends, a list starts)."""
 
-    accepted: float = 0.0
-    rejected: float = 0.0
+    first_accepted: float = 0.0
+    first_rejected: float = 0.0
+    then_accepted: float = 0.0
+    then_rejected: float = 0.0
+
+    @property
+    def first(self) -> float:
+        return _rate(self.first_accepted, self.first_rejected)
+
+    @property
+    def then(self) -> float:
+        """Its prior is `first`: until proposals after an accepted one were tried, they are assumed to pass as often
+        as first ones (one rate, the geometric model), not at an uninformed 1/2."""
+        prior = PRIOR_ACCEPTED + PRIOR_REJECTED
+        return (self.then_accepted + prior * self.first) / (self.then_accepted + self.then_rejected + prior)
 
     @property
     def rate(self) -> float:
-        return (self.accepted + PRIOR_ACCEPTED) / (self.accepted + self.rejected + PRIOR_ACCEPTED + PRIOR_REJECTED)
+        """Every trial together: the per-token acceptance of a geometric model."""
+        return _rate(self.first_accepted + self.then_accepted, self.first_rejected + self.then_rejected)
+
+    def gain(self, j: int) -> float:
+        """The expected tokens the j-th proposal (j >= 1) adds: it and all before it pass."""
+        return self.first * self.then ** (j - 1)
 
     def update(self, proposed: int, accepted: int) -> None:
-        self.accepted = self.accepted * ACCEPT_DECAY + accepted
-        self.rejected = self.rejected * ACCEPT_DECAY + (accepted < proposed)
+        if proposed < 1:
+            return
+        d = ACCEPT_DECAY
+        self.first_accepted = self.first_accepted * d + (accepted >= 1)
+        self.first_rejected = self.first_rejected * d + (accepted == 0)
+        if proposed > 1 and accepted >= 1:  # the first passed: proposals 2.. were tried up to the first rejection
+            self.then_accepted = self.then_accepted * d + (accepted - 1)
+            self.then_rejected = self.then_rejected * d + (accepted < proposed)
+
+
+def _rate(accepted: float, rejected: float) -> float:
+    return (accepted + PRIOR_ACCEPTED) / (accepted + rejected + PRIOR_ACCEPTED + PRIOR_REJECTED)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -394,7 +426,8 @@ class Candidate:
 
 class SpeculationController:
     """Chooses each step's k per sequence (see the module docstring). `choose` maximises expected tokens per
-    second: the j-th proposal of a sequence with acceptance alpha adds alpha^j tokens; proposals are ranked by that,
+    second: the j-th proposal of a sequence adds first * then^(j-1) tokens (`Acceptance.gain`); proposals are ranked
+    by that,
     and the step takes the best prefix of the ranking, priced by the measured step costs (the target's at the step's
     token count, plus the draft's steps with one more sequence each). Before two different step sizes were measured
     it alternates between full speculation and none, so that the cost model sees both."""
@@ -418,8 +451,11 @@ class SpeculationController:
 
     def rate(self, seq_id: int, kind: object = None) -> float:
         """The sequence's recent acceptance for proposals of this kind; before it has any, every sequence's."""
-        a = self.acceptance.get((seq_id, kind)) or self.by_kind.get(kind)
-        return a.rate if a is not None else Acceptance().rate
+        return self.estimate(seq_id, kind).rate
+
+    def estimate(self, seq_id: int, kind: object = None) -> Acceptance:
+        """The sequence's acceptance for proposals of this kind; before it has any, every sequence's (the prior)."""
+        return self.acceptance.get((seq_id, kind)) or self.by_kind.get(kind) or Acceptance()
 
     def choose(self, candidates: Iterable[Candidate], base_tokens: int, decoding: int,
                draft: CostModel | None = None) -> dict[int, int]:
@@ -440,15 +476,15 @@ class SpeculationController:
         # Every possible proposal in the order of its expected gain (a sequence's j-th after its (j-1)-th: gains only
         # fall along a sequence); the best choice is a prefix of this order. Costs need not be convex, so every
         # prefix is priced, not just the next proposal.
-        rates = {c.seq_id: self.rate(c.seq_id, c.kind) for c in candidates}
-        heap = [(-rates[c.seq_id], c.seq_id, c.max_k, 1) for c in candidates]
+        estimates = {c.seq_id: self.estimate(c.seq_id, c.kind) for c in candidates}
+        heap = [(-estimates[c.seq_id].gain(1), c.seq_id, c.max_k, 1) for c in candidates]
         heapq.heapify(heap)
         order = []
         while heap:
             neg, seq_id, max_k, j = heapq.heappop(heap)
             order.append((seq_id, j, -neg))
             if j < max_k:
-                heapq.heappush(heap, (neg * rates[seq_id], seq_id, max_k, j + 1))
+                heapq.heappush(heap, (neg * estimates[seq_id].then, seq_id, max_k, j + 1))
         # depth[j]: the tokens of the draft's step j so far (step 1 catches each sequence up: its setup tokens)
         depth = [0] * (max(c.max_k for c in candidates) + 2)
         setup = {c.seq_id: max(c.setup_tokens, 1) for c in candidates}

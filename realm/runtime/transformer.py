@@ -34,7 +34,7 @@ from realm.lora import Target
 from .batch import ForwardBatch
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, PagedKVCache
 from .linear import Linear
-from .ops import Backend, Ops, backend_of, ops_for
+from .ops import Backend, Ops, backend_of, check_onednn, ops_for
 from .plan import ChunkPlan, StepPlan
 from .weights import LayerWeights, ModelWeights
 
@@ -77,6 +77,8 @@ class Transformer:
             raise ValueError(f"device {self.device} is not supported; use cpu or cuda")
         if self.backend is Backend.TRITON:
             _check_triton_device(self.device, dtype)
+        if self.backend is Backend.ONEDNN:
+            check_onednn(self.device, dtype)
         self.ops: Ops = ops_for(self.backend)
         self.embedding = weights.token_embd.dequantize().to(device=self.device, dtype=dtype)  # [vocab, hidden]
         # The reference's tied head multiplies the embedding matrix itself, as HF does; Triton's reads the quantized
