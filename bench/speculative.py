@@ -82,11 +82,11 @@ adaptivity holds it at plain's speed.
     python bench/speculative.py --modes plain,draft-fixed --workloads grounded --concurrency 1 --prompts 2 \\
         --max-tokens 32 --k 4 --draft-layers 0-3,8-29 --threads 1 --out /tmp/draft.jsonl
 
-Run time: the full default run was not timed here (the CPU was shared while this was written); from the partial runs
-(a plain decode step of one sequence ~0.06 s, a 350-token prefill ~1 s) it is estimated at 20 to 25 minutes on 2
-quiet cores, most of it batch 1 (12 prompts per workload, one after another, per mode) and N=32's prefill. --quick (2
-prompts per workload, N 1 and 4, 16 tokens, modes plain, ngram, draft) took 77 s with one thread on the shared
-2-core CPU, a third of it loading the model and making the draft.
+Run time: the full default run with --repeats 3 took 2443 s (41 minutes) on the 2-core AMD EPYC with the onednn backend
+(commit a526dda), most of it batch 1 (12 prompts per workload, one after another, per mode and repeat) and N=32;
+one repeat takes about a third of that. --quick (2 prompts per workload, N 1 and 4, 16 tokens, modes plain, ngram,
+draft) took 77 s with one thread on the shared 2-core CPU (torch backend, an earlier commit), a third of it loading
+the model and making the draft.
 
     python bench/speculative.py                      # CPU (onednn float32), or CUDA (triton float16) when present
     python bench/speculative.py --quick
