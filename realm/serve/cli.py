@@ -1,0 +1,72 @@
+"""`realm serve`: its arguments and what it runs (registered in realm.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "serve the model over an OpenAI-compatible HTTP API (completions, chat, models, metrics, a demo page)"
+
+
+def add_arguments(parser: argparse.ArgumentParser, model_args) -> None:
+    from realm.runtime.engine import EngineConfig
+
+    model_args(parser)
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    net.add_argument("--tenants", default=None, metavar="FILE",
+                     help="tenants TOML: API keys, adapters and limits per tenant (default: open access, no keys)")
+    net.add_argument("--model-id", default=None, help="the id clients name as `model` (default: the packaged name "
+                     "or the GGUF file's stem)")
+    net.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                     help="requests waiting for the engine beyond which new ones are refused with 503 (256)")
+    net.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+                     help="max_tokens of requests that leave it out (256)")
+    net.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM, seconds in-flight requests may take to finish before they are aborted (30)")
+    net.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens, metavar="N",
+                        help=f"tokens per forward step ({EngineConfig.max_batch_tokens})")
+    engine.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, metavar="N",
+                        help=f"sequences per step ({EngineConfig.max_num_seqs})")
+    engine.add_argument("--kv-blocks", type=int, default=None, metavar="N",
+                        help="KV cache blocks (default: sized from the device's memory)")
+    engine.add_argument("--speculative", choices=("none", "ngram", "draft"), default=None,
+                        help="the default speculative decoding of requests (each may choose its own with the "
+                             "`speculative` field)")
+    engine.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                        help="proposals per step at most (4)")
+
+
+def run(args: argparse.Namespace, check_model_args, loras) -> int:
+    import uvicorn
+
+    from realm.runtime.engine import EngineConfig
+    from realm.runtime.speculative import SpeculativeConfig
+
+    from .app import Server, ServerConfig, create_app
+
+    check_model_args(args)
+    for name, value in (("--max-waiting", args.max_waiting), ("--default-max-tokens", args.default_max_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    method = args.speculative or ("draft" if args.draft_model else "none")
+    speculative = SpeculativeConfig(method, num_speculative_tokens=args.num_speculative_tokens)
+    engine = EngineConfig(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
+                          kv_blocks=args.kv_blocks, speculative=speculative if speculative.enabled else None)
+    config = ServerConfig(model=args.model, model_id=args.model_id, device=args.device, backend=args.backend,
+                          dtype=args.dtype, loras={k: str(v) for k, v in loras(args).items()},
+                          max_loras=args.max_loras, draft_model=args.draft_model, tenants=args.tenants,
+                          engine=engine, max_waiting=args.max_waiting, default_max_tokens=args.default_max_tokens,
+                          drain_s=args.drain_timeout)
+    server = Server(config)  # the tenants file is read and checked here, before anything listens or loads
+    print(f"realm serve: {config.model} as {server.model_id!r} on http://{args.host}:{args.port} "
+          f"({'open access: no tenants file' if server.tenants.open else f'{len(server.tenants.tenants)} tenants'}"
+          "); the model loads in the background, GET /health says when it is ready", file=sys.stderr)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout)
+    return 0
