@@ -1,0 +1,40 @@
+"""bench/serve.py: its figures on synthetic results, and a small real run against `realm serve` (SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bench_scripts import load_bench_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench_script("serve")
+
+
+def test_summarise_and_compare(bench):
+    results = [{"ttft_s": t, "itl_s": 0.01 * t, "e2e_s": 2 * t, "prompt_tokens": 10, "output_tokens": 5}
+               for t in (1.0, 2.0, 3.0, 4.0)] + [{"error": "500: boom"}]
+    s = bench.summarise(results, wall=4.0)
+    assert s["requests"] == 5 and s["errors"] == 1 and s["first_error"] == "500: boom"
+    assert s["output_tokens"] == 20 and s["output_tok_s"] == 5.0 and s["ttft_s"] == pytest.approx(2.5)
+    assert s["ttft_s_p90"] == pytest.approx(3.7) and s["e2e_s"] == pytest.approx(5.0)
+    day = "2026-01-01T00:00:00+00:00"
+    rows = bench.with_comparison([{"device": "cpu", "date": day, "server": s, "concurrency": 32, "output_tok_s": v}
+                                  for s, v in (("realm", 60.0), ("llama.cpp", 40.0))])
+    assert rows[0]["vs_llama_cpp"] == pytest.approx(1.5) and rows[1]["vs_llama_cpp"] is None
+    assert len(bench.prompt_mix()) == 24
+
+
+def test_a_small_run_against_realm_serve(bench, tmp_path, capsys):
+    out = tmp_path / "serve.jsonl"
+    assert bench.main(["--concurrency", "1", "2", "--requests", "2", "--max-tokens", "4", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("realm", 1), ("realm", 2)]
+    for r in rows:
+        assert r["errors"] == 0 and r["requests"] == 2 and 0 < r["output_tokens"] <= 8
+        assert r["output_tok_s"] > 0 and r["ttft_s"] > 0 and r["model"].endswith(".gguf")
+        assert r["server_command"].startswith("python") and "--backend onednn" in r["server_command"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "n/a (n32)" in capsys.readouterr().out  # no llama.cpp row: the target has nothing to judge
