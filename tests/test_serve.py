@@ -385,3 +385,10 @@ def test_realm_serve_drains_in_flight_streams_on_sigterm_and_exits_cleanly():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_realm_serve_refuses_a_backend_that_cannot_run_before_listening(capsys):
+    from realm.cli import main
+
+    assert main(["serve", "--backend", "onednn", "--dtype", "float16", "--port", "0"]) == 2
+    assert "the onednn backend computes in float32 or bfloat16, not torch.float16" in capsys.readouterr().err

@@ -40,6 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser, model_args) -> None:
                         help="proposals per step at most (4)")
 
 
+def _check_backend(args: argparse.Namespace) -> None:
+    import torch
+
+    from realm.runtime.model import default_dtype, resolve_device
+    from realm.runtime.ops import Backend, backend_of, check_onednn
+
+    if backend_of(args.backend) is Backend.ONEDNN:
+        device = resolve_device(args.device)
+        dtype = default_dtype(Backend.ONEDNN, device) if args.dtype is None else getattr(torch, args.dtype)
+        check_onednn(device, dtype)
+
+
 def run(args: argparse.Namespace, check_model_args, loras) -> int:
     import uvicorn
 
@@ -49,6 +61,7 @@ def run(args: argparse.Namespace, check_model_args, loras) -> int:
     from .app import Server, ServerConfig, create_app
 
     check_model_args(args)
+    _check_backend(args)  # before anything listens: a backend that cannot run fails here, not in /health later
     for name, value in (("--max-waiting", args.max_waiting), ("--default-max-tokens", args.default_max_tokens)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
