@@ -4,12 +4,14 @@ concurrent streaming clients, against llama.cpp's own server on the same GGUF an
 Servers (each started by this script on a free loopback port, stopped after its runs):
 - realm: `python -m realm serve --model M --backend B` (default onednn on the CPU, triton on CUDA), the engine sized
   for the largest concurrency (max_num_seqs, KV blocks for every client's prompt and answer);
-- llama.cpp: `llama-server -m GGUF -np N -c N*CTX --cont-batching -t THREADS` given with --llama-server PATH (built from
-  the llama.cpp source; it decodes its N slots in one batch, as realm does). Without it, realm alone is measured and
-  the rows say so. The committed results used llama.cpp as vendored in llama-cpp-python 0.3.36's sdist (the source
-  scripts/setup.sh builds; llama-server reports `version: 0.5.0-dev`, commit 0c1e570), built with
-  `cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF && cmake --build build --target llama-server` (native
-  CPU flags: llama.cpp at its fastest here). The build is not committed.
+- llama.cpp: `llama-server -m GGUF -np N -c N*CTX --cont-batching -t THREADS` (it decodes its N slots in one batch,
+  as realm does), the binary from --llama-server PATH, else $REALM_LLAMA_SERVER, else where
+  `bash scripts/build_llama_server.sh` builds it (llama.cpp as vendored in llama-cpp-python 0.3.36's sdist, the source
+  scripts/setup.sh's reference comes from; llama-server reports `version: 0.5.0-dev`, commit 0c1e570; Release, native
+  CPU flags: llama.cpp at its fastest here). Without one, realm alone is measured and the target says n/a.
+
+Both are measured the same way: a fresh connection per request (llama-server closes a streamed response's connection,
+so a kept-alive one fails), the same prompts, greedy, the same max_tokens.
 
 Clients: N asyncio tasks, each sending its share of the requests one after another (`--requests`, default max(24, 2N)
 in all), streaming `POST /v1/chat/completions` (greedy, --max-tokens, `stream_options.include_usage`). The prompt mix
@@ -22,7 +24,7 @@ prompt and output tokens, wall_s, output_tok_s (all output tokens over the wall 
 the last answer), ttft_s and itl_s (p50, p90), e2e_s (p50), errors, server_command. serve.png: the three against N.
 Target (issue 17): at 32 clients on the CPU, realm's output tok/s >= llama.cpp's server's.
 
-    python bench/serve.py --llama-server /path/to/llama-server      # both servers, N 1 8 32 64
+    bash scripts/build_llama_server.sh && python bench/serve.py      # both servers, N 1 8 32 64
     python bench/serve.py --concurrency 1 8 --requests 16 --max-tokens 32 --out /tmp/serve.jsonl   # realm only
 """
 
@@ -96,6 +98,16 @@ class Launched:
         self._log.close()
 
 
+def default_llama_server() -> str | None:
+    """$REALM_LLAMA_SERVER, else scripts/build_llama_server.sh's binary if it was built, else None."""
+    if os.environ.get("REALM_LLAMA_SERVER"):
+        return os.environ["REALM_LLAMA_SERVER"]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    built = Path(os.environ.get("REALM_LLAMA_SERVER_DIR") or cache / "realm" / "llama-server-0.3.36")
+    binary = built / "build" / "bin" / "llama-server"
+    return str(binary) if os.access(binary, os.X_OK) else None
+
+
 def realm_command(model: str, port: int, backend: str, concurrency: int, threads: int) -> list[str]:
     blocks = concurrency * (-(-CONTEXT // 16) + 1)
     return [sys.executable, "-m", "realm", "serve", "--model", model, "--port", str(port), "--backend", backend,
@@ -146,7 +158,9 @@ async def load(url: str, model: str, concurrency: int, requests: int, max_tokens
     prompts = prompt_mix()
     queue = list(range(requests))
     results: list[dict] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # A fresh connection per request: llama-server closes a streamed response's connection, and httpx reusing it
+    # fails with "Server disconnected"; both servers are measured the same way (loopback connects are ~0.1 ms).
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900), limits=limits) as http:
         async def client() -> None:
             while queue:
@@ -228,8 +242,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="a packaged model name or a .gguf path (default smollm2)")
     p.add_argument("--backend", default=None, help="realm's backend (default onednn on the CPU, triton on CUDA)")
-    p.add_argument("--llama-server", default=None, metavar="PATH", help="llama.cpp's llama-server binary: measured "
-                   "too (default: realm alone)")
+    p.add_argument("--llama-server", default=default_llama_server(), metavar="PATH", help="llama.cpp's llama-server "
+                   "binary (default: $REALM_LLAMA_SERVER, else scripts/build_llama_server.sh's build if there is one, "
+                   "else realm alone)")
+    p.add_argument("--servers", nargs="+", choices=("realm", "llama.cpp"), default=("realm", "llama.cpp"),
+                   help="which servers to measure (default both; llama.cpp where its binary is found)")
     p.add_argument("--concurrency", nargs="+", type=positive_int, default=list(CONCURRENCY))
     p.add_argument("--requests", type=positive_int, default=None, help="requests per run (default max(24, 2N))")
     p.add_argument("--max-tokens", type=positive_int, default=MAX_TOKENS)
@@ -252,8 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     gguf = resolve_model(args.model)
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     top = max(args.concurrency)
-    servers = [("realm", lambda port: realm_command(args.model, port, backend, top, args.threads), "/health")]
-    if args.llama_server:
+    if args.llama_server and not os.access(args.llama_server, os.X_OK):
+        p.error(f"--llama-server {args.llama_server}: not an executable file")
+    if args.llama_server is None and "llama.cpp" in args.servers:
+        if args.servers != p.get_default("servers"):
+            p.error("--servers llama.cpp: no llama-server found (bash scripts/build_llama_server.sh, or --llama-server "
+                    "PATH)")
+        print("llama.cpp's llama-server not found (bash scripts/build_llama_server.sh, or --llama-server PATH): "
+              "measuring realm alone", file=sys.stderr)
+    servers = []
+    if "realm" in args.servers:
+        servers.append(("realm", lambda port: realm_command(args.model, port, backend, top, args.threads), "/health"))
+    if args.llama_server and "llama.cpp" in args.servers:
         servers.append(("llama.cpp", lambda port: llama_command(args.llama_server, gguf, port, top, args.threads),
                         "/health"))
     env = {**environment(), "model": gguf.name}

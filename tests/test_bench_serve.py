@@ -29,7 +29,8 @@ def test_summarise_and_compare(bench):
 
 def test_a_small_run_against_realm_serve(bench, tmp_path, capsys):
     out = tmp_path / "serve.jsonl"
-    assert bench.main(["--concurrency", "1", "2", "--requests", "2", "--max-tokens", "4", "--out", str(out)]) == 0
+    assert bench.main(["--servers", "realm", "--concurrency", "1", "2", "--requests", "2", "--max-tokens", "4",
+                       "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["server"], r["concurrency"]) for r in rows] == [("realm", 1), ("realm", 2)]
     for r in rows:
@@ -38,3 +39,27 @@ def test_a_small_run_against_realm_serve(bench, tmp_path, capsys):
         assert r["server_command"].startswith("python") and "--backend onednn" in r["server_command"]
     assert out.with_suffix(".png").stat().st_size > 0
     assert "n/a (n32)" in capsys.readouterr().out  # no llama.cpp row: the target has nothing to judge
+
+
+def test_a_small_run_against_both_servers(bench, tmp_path, capsys):
+    """Both servers through the same client code (a kept-alive connection broke llama-server's second request once)."""
+    binary = bench.default_llama_server()
+    if binary is None:
+        pytest.skip("llama.cpp's llama-server is not built (REALM_LLAMA_SERVER_BUILD=1 bash scripts/setup.sh, or bash "
+                    "scripts/build_llama_server.sh)")
+    out = tmp_path / "serve.jsonl"
+    assert bench.main(["--llama-server", binary, "--concurrency", "1", "3", "--requests", "3", "--max-tokens", "4",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("realm", 1), ("realm", 3), ("llama.cpp", 1),
+                                                               ("llama.cpp", 3)]
+    for r in rows:
+        assert r["errors"] == 0 and r["requests"] == 3 and 0 < r["output_tokens"] <= 12 and r["output_tok_s"] > 0
+    assert rows[2]["server_command"].startswith("llama-server -m ") and "-np 3" in rows[2]["server_command"]
+    assert "n/a (n32)" in capsys.readouterr().out  # compared at 1 and 3 clients; the target is judged at 32
+
+
+def test_bad_llama_server_paths_are_refused(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--llama-server", str(tmp_path / "missing"), "--out", str(tmp_path / "x.jsonl")])
+    assert "not an executable file" in capsys.readouterr().err
