@@ -1,7 +1,8 @@
 """realm serve under load: time to first token, inter-token latency and output tokens/s at 1, 8, 32 and 64
 concurrent streaming clients, against llama.cpp's own server on the same GGUF and machine.
 
-Servers (each started by this script on a free loopback port, stopped after its runs):
+Servers (each started by this script on a free loopback port and warmed up before any timed run, all stopped at the
+end; each (N, repeat) runs them in turn, so that the machine's drift over the run hits both alike):
 - realm: `python -m realm serve --model M --backend B` (default onednn on the CPU, triton on CUDA), the engine sized
   for the largest concurrency (max_num_seqs, KV blocks for every client's prompt and answer);
 - llama.cpp: `llama-server -m GGUF -np N -c N*CTX --cont-batching -t THREADS` (it decodes its N slots in one batch,
@@ -19,9 +20,10 @@ cycles through bench/speculative_texts.py's 24 prompts: 12 input-grounded (summa
 passage: long prompts) and 12 open chat questions (short ones). Per request: TTFT (send to the first content chunk),
 ITL (the time from the first to the last content chunk over the tokens after the first, from `usage`), end to end.
 
-Rows (bench/results/serve.jsonl, via harness: device, versions, commit, date): server, concurrency, requests,
-prompt and output tokens, wall_s, output_tok_s (all output tokens over the wall time from the first request sent to
-the last answer), ttft_s and itl_s (p50, p90), e2e_s (p50), errors, server_command. serve.png: the three against N.
+Rows (bench/results/serve.jsonl, via harness: device, versions, commit, date), one per server and N: repeats,
+requests, prompt and output tokens and errors (summed over the repeats), wall_s, output_tok_s (all output tokens over
+the wall time from the first request sent to the last answer), ttft_s and itl_s (p50, p90), e2e_s (p50), each the
+median over the repeats, output_tok_s_runs (every repeat's), server_command. serve.png: the three against N.
 Target (issue 17): at 32 clients on the CPU, realm's output tok/s >= llama.cpp's server's.
 
     bash scripts/build_llama_server.sh && python bench/serve.py      # both servers, N 1 8 32 64
@@ -250,11 +252,50 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", nargs="+", type=positive_int, default=list(CONCURRENCY))
     p.add_argument("--requests", type=positive_int, default=None, help="requests per run (default max(24, 2N))")
     p.add_argument("--max-tokens", type=positive_int, default=MAX_TOKENS)
+    p.add_argument("--repeats", type=positive_int, default=1, help="timed runs per server and N, the servers "
+                   "alternating (default 1); rows hold the medians")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="llama.cpp's threads (realm uses "
                    "torch's default)")
     p.add_argument("--out", type=Path, default=JSONL)
     p.add_argument("--plot-only", action="store_true")
     return p
+
+
+def measure(servers: list[Launched], model_id: str, args: argparse.Namespace, backend: str, env: dict) -> list[dict]:
+    """Every (N, repeat) runs each server in turn (the machine's drift hits both alike); one row per (server, N):
+    medians over the repeats, with each repeat's output tok/s. Rows are appended as each N completes."""
+    rows = []
+    for n in sorted(set(args.concurrency)):
+        requests = args.requests or max(24, 2 * n)
+        runs: dict[str, list[dict]] = {s.name: [] for s in servers}
+        for _ in range(args.repeats):
+            for server in servers:
+                results, wall = asyncio.run(load(server.url, model_id, n, requests, args.max_tokens))
+                run = summarise(results, wall)
+                runs[server.name].append(run)
+                print(f"{server.name:9s} N={n:<3d} {run['output_tok_s']:7.1f} output tok/s  TTFT p50 "
+                      f"{run['ttft_s'] or 0:.2f} s  ITL p50 {1e3 * (run['itl_s'] or 0):.1f} ms  errors "
+                      f"{run['errors']}", flush=True)
+        for server in servers:
+            row = {"server": server.name, "concurrency": n, "max_tokens": args.max_tokens,
+                   "backend": backend if server.name == "realm" else None, "server_command": " ".join(
+                       re.sub(r"^.*/", "", c) if i == 0 else c for i, c in enumerate(server.command)),
+                   **median_run(runs[server.name])}
+            rows.append(row)
+            append_jsonl(args.out, [row], env)  # each N's rows as measured: a later failure loses nothing
+    return [{**env, **r} for r in rows]
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One row from a server's repeats at one N: the median of each timing, counts summed over the repeats."""
+    row = {"repeats": len(runs), "output_tok_s_runs": [r["output_tok_s"] for r in runs]}
+    for key in ("requests", "errors", "prompt_tokens", "output_tokens"):
+        row[key] = sum(r[key] for r in runs)
+    for key in ("wall_s", "output_tok_s", "ttft_s", "ttft_s_p90", "itl_s", "itl_s_p90", "e2e_s"):
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    row["first_error"] = next((r["first_error"] for r in runs if r["first_error"]), None)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,27 +326,16 @@ def main(argv: list[str] | None = None) -> int:
                         "/health"))
     env = {**environment(), "model": gguf.name}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, command, ready in servers:
-        port = free_port()
-        cmd = command(port)
-        server = Launched(name, cmd, port, ready)
-        try:
-            asyncio.run(load(server.url, model_id, 2, 2, 8))  # warm-up: first allocations, compiles
-            for n in sorted(set(args.concurrency)):
-                requests = args.requests or max(24, 2 * n)
-                results, wall = asyncio.run(load(server.url, model_id, n, requests, args.max_tokens))
-                row = {"server": name, "concurrency": n, "max_tokens": args.max_tokens, "backend": backend
-                       if name == "realm" else None, "server_command": " ".join(re.sub(r"^.*/", "", c) if i == 0
-                                                                               else c for i, c in enumerate(cmd)),
-                       **summarise(results, wall)}
-                print(f"{name:9s} N={n:<3d} {row['output_tok_s']:7.1f} output tok/s  TTFT p50 {row['ttft_s']:.2f} s  "
-                      f"ITL p50 {1e3 * (row['itl_s'] or 0):.1f} ms  errors {row['errors']}", flush=True)
-                rows.append(row)
-                append_jsonl(args.out, [row], env)  # each row as it is measured: a later failure loses nothing
-        finally:
+    launched: list[Launched] = []
+    try:
+        for name, command, ready in servers:  # all up at once, so that their runs can alternate
+            port = free_port()
+            launched.append(Launched(name, command(port), port, ready))
+            asyncio.run(load(launched[-1].url, model_id, 2, 2, 8))  # warm-up: first allocations, compiles
+        rows = measure(launched, model_id, args, backend, env)
+    finally:
+        for server in launched:
             server.stop()
-    rows = [{**env, **r} for r in rows]
     print(f"wrote {shown(args.out)} and {shown(plot(with_comparison(rows), args.out.with_suffix('.png')))}")
     summary(rows)
     return 1 if any(r["errors"] for r in rows) else 0

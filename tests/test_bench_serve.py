@@ -49,13 +49,14 @@ def test_a_small_run_against_both_servers(bench, tmp_path, capsys):
                     "scripts/build_llama_server.sh)")
     out = tmp_path / "serve.jsonl"
     assert bench.main(["--llama-server", binary, "--concurrency", "1", "3", "--requests", "3", "--max-tokens", "4",
-                       "--out", str(out)]) == 0
+                       "--repeats", "2", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["server"], r["concurrency"]) for r in rows] == [("realm", 1), ("realm", 3), ("llama.cpp", 1),
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("realm", 1), ("llama.cpp", 1), ("realm", 3),
                                                                ("llama.cpp", 3)]
     for r in rows:
-        assert r["errors"] == 0 and r["requests"] == 3 and 0 < r["output_tokens"] <= 12 and r["output_tok_s"] > 0
-    assert rows[2]["server_command"].startswith("llama-server -m ") and "-np 3" in rows[2]["server_command"]
+        assert r["errors"] == 0 and r["requests"] == 6 and 0 < r["output_tokens"] <= 24 and r["repeats"] == 2
+        assert r["output_tok_s"] == pytest.approx(sum(r["output_tok_s_runs"]) / 2)  # the median of two
+    assert rows[1]["server_command"].startswith("llama-server -m ") and "-np 3" in rows[1]["server_command"]
     assert "n/a (n32)" in capsys.readouterr().out  # compared at 1 and 3 clients; the target is judged at 32
 
 
