@@ -223,10 +223,10 @@ BAD_METADATA = [
     (f"{A}.rope.dimension_count", MetadataValue(8, V.UINT32), "partial rotary embeddings"),
     (f"{A}.vocab_size", MetadataValue(51, V.UINT32), "'token_embd.weight' has shape .* llama.vocab_size"),
     (f"{A}.vocab_size", MetadataValue(-1, V.INT64), "expected an integer"),
-    (f"{A}.rope.scaling.type", MetadataValue("yarn", V.STRING), "rope scaling 'yarn' is not supported"),
+    (f"{A}.rope.scaling.type", MetadataValue("longrope", V.STRING), "rope scaling 'longrope' is not supported"),
     (f"{A}.rope.scaling.type", MetadataValue(1, V.UINT8), "expected a string"),
-    (f"{A}.rope.scale_linear", MetadataValue(4.0, V.FLOAT32), "rope scaling by 4.0 is not supported"),
-    (f"{A}.rope.scaling.factor", MetadataValue(8.0, V.FLOAT32), "rope.scaling.factor: rope scaling by 8.0"),
+    (f"{A}.rope.scale_linear", MetadataValue(-4.0, V.FLOAT32), "rope.scale_linear: expected a finite number"),
+    (f"{A}.rope.scaling.factor", MetadataValue(1e7, V.FLOAT32), "rope.scaling.factor: expected a finite number"),
     (f"{A}.rope.scaling.factor", MetadataValue("8", V.STRING), "rope.scaling.factor: expected a finite number"),
     ("general.architecture", MetadataValue("bert", V.STRING), "unsupported architecture 'bert'"),
     ("general.architecture", MetadataValue(7, V.UINT32), "expected a string, found the integer 7"),
@@ -274,7 +274,8 @@ CONFIG_KEYS = [f"{A}.{k}" for k in (
     "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
     "attention.value_length", "rope.dimension_count", "block_count", "feed_forward_length", "vocab_size",
     "context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.type", "rope.scale_linear",
-    "rope.scaling.factor",
+    "rope.scaling.factor", "attention.sliding_window", "attention.sliding_window_pattern", "attention.key_length_swa",
+    "rope.freq_base_swa", "rope.dimension_count_swa",
 )] + ["general.architecture", "general.name"]
 TOKENIZER_KEYS = [
     "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",

@@ -249,7 +249,10 @@ def test_missing_tensor_is_named(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"llama.attention.head_count_kv": 4}, "9 query heads are not a multiple of 4 KV heads"),
     ({"llama.rope.dimension_count": 32}, "partial rotary embeddings"),
-    ({"llama.rope.scaling.type": "yarn"}, "rope scaling 'yarn' is not supported"),
+    ({"llama.rope.scaling.type": "su"}, "rope scaling 'su' is not supported"),
+    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 8.0}, "is the rope scaled or not"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0, "llama.rope.scaling.yarn_log_multiplier":
+      0.1}, "this YaRN variant is not supported"),
     ({"llama.block_count": None}, "lacks llama.block_count"),
 ])
 def test_bad_config(smollm2, change, message):

@@ -26,12 +26,14 @@ TINY = dict(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=50, l
 def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: str | None = None,
                      seed: int = 0, dims: dict | None = None, formats: dict[str, str] | None = None,
                      context_length: int = 32,
-                     metadata: dict[str, MetadataValue | None] | None = None) -> dict[str, torch.Tensor]:
+                     metadata: dict[str, MetadataValue | None] | None = None,
+                     extra_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A random llama-family model (TINY's sizes, updated by `dims`) stored as GGUF, with Q/K rows permuted as the
     converter does. Matrices are float32 unless `formats` names a block format for their GGUF kind ("attn_q",
     "ffn_down", "token_embd", "output", ...). `metadata` adds or replaces keys with values of any GGUF type (empty
-    arrays too), or removes them (None); `tiny_vocab_metadata` gives a vocabulary. Returns the HF-layout weights
-    (HF state-dict names), before quantization."""
+    arrays too), or removes them (None); `tiny_vocab_metadata` gives a vocabulary. `extra_tensors` are written as
+    they are, float32 (e.g. rope_freqs.weight). Returns the HF-layout weights (HF state-dict names), before
+    quantization."""
     t = {**TINY, **(dims or {})}
     formats = formats or {}
     g = torch.Generator().manual_seed(seed)
@@ -54,9 +56,17 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
         if arch == "qwen2":
             hf |= {p + "self_attn.q_proj.bias": rnd(q), p + "self_attn.k_proj.bias": rnd(kv),
                    p + "self_attn.v_proj.bias": rnd(kv)}
+        if arch == "qwen3":
+            hf |= {p + "self_attn.q_norm.weight": 1 + rnd(t["head_dim"]), p + "self_attn.k_norm.weight": 1 + rnd(
+                t["head_dim"])}
+        if arch == "phi3":  # HF's Phi3 fuses these itself; the converter writes them as they are
+            hf[p + "self_attn.qkv_proj.weight"] = torch.cat([hf.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            hf[p + "mlp.gate_up_proj.weight"] = torch.cat([hf.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv",
+             "mlp.gate_up_proj": "ffn_up"}
     w = _Writer(path, arch)
     w.add_block_count(t["layers"])
     w.add_context_length(context_length)
@@ -84,6 +94,7 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
                 heads = t["n_heads"] if module == "self_attn.q_proj" else t["n_kv_heads"]
                 value = gguf_permute(value, heads)
             tensors[f"blk.{i}.{names[module]}.{kind}"] = value
+    tensors |= extra_tensors or {}
     for name, value in tensors.items():
         fmt = formats.get(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0])
         if name == drop:
@@ -124,3 +135,24 @@ def tiny_vocab_metadata(vocab: int = TINY["vocab"]) -> dict[str, MetadataValue]:
 
 
 StubTokenizer = IdTokenizer  # what generation needs of a tokenizer, for the tiny GGUF (no vocabulary)
+
+
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                        original_context: int) -> torch.Tensor:
+    """rope_freqs.weight as convert_hf_to_gguf.py's LlamaModel writes it for HF's llama3 rope scaling: per frequency
+    the divisor llama.cpp applies (1 for short wavelengths, `factor` for long ones, smoothed between)."""
+    import math
+
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    low_wavelen, high_wavelen = original_context / low_freq_factor, original_context / high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)

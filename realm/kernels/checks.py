@@ -32,3 +32,13 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n, as triton.next_power_of_2 (which gives 0 for 0)."""
     return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+def check_window(window: int | None, causal: bool = True) -> None:
+    """A sliding window: None (every earlier key) or how many keys each query sees, itself included."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be None or an int >= 1 (keys per query, itself included), got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal attention")

@@ -6,6 +6,7 @@ len_k - len_q + i: chunked prefill over a cached prefix, or speculative verifica
 
     out[i, h] = sum_j softmax_j(scale * q[i, h] . k[j, h // group]) v[j, h // group],   group = n_heads / n_kv_heads
     causal: j <= len_k - len_q + i;  not causal: every key j < len_k of the sequence
+    with a sliding window W (causal): also j > len_k - len_q + i - W (W keys per query, itself included)
 
 The kernel is FlashAttention-2's forward (Dao 2023, arXiv:2307.08691; the Triton fused-attention tutorial): one
 program owns BLOCK_M queries of one head of one sequence and streams that sequence's keys BLOCK_N at a time,
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import paged, tuning
-from .checks import cdiv, check_heads, next_power_of_2
+from .checks import cdiv, check_heads, check_window, next_power_of_2
 from .qdecode import check_runnable, dot_precision
 
 MAX_HEAD_DIM = 256  # one head's row of q and the float32 accumulator stay in registers
@@ -108,11 +109,12 @@ def _key_rows(table_ptr, k_start, cols, in_seq, num_blocks, MASKED: tl.constexpr
 
 @triton.jit
 def _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start, len_k, num_blocks, lo, hi,
-            qk_scale, stride_kt, stride_vt, offs_n, offs_d, d_mask,
+            qk_scale, window, stride_kt, stride_vt, offs_n, offs_d, d_mask,
             MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-            MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with the key blocks lo, lo + BLOCK_N, .. < hi (lo a multiple of
-    BLOCK_N). MASKED: the blocks may reach past len_k or (causal) past some query's position."""
+    BLOCK_N). MASKED: the blocks may reach past len_k or (causal) past some query's position. WINDOWED: query p sees
+    only keys j > p - window (sliding-window attention; always MASKED)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -126,13 +128,19 @@ def _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_star
             visible = in_seq[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= q_pos[:, None])
+            if WINDOWED:
+                visible = visible & (cols[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
         # m_new is finite for every query row, padding rows included: the first block a row meets holds key 0,
         # which every row sees (causal rows have positions >= 0 when len_q <= len_k). Only rows that see no key at
         # all (invalid lengths) get -inf - -inf = NaN, which stays in their own row.
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units (qk_scale = scale * log2(e) > 0)
-        p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA: the exponent is rounded once
-        alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+        if WINDOWED:  # noqa: SIM108 (a constexpr branch) a row may meet blocks wholly before its window: all -inf
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # which must add nothing, not NaN
+        else:
+            m_sub = m_new
+        p = tl.exp2(s * qk_scale - m_sub[:, None])  # one FMA: the exponent is rounded once
+        alpha = tl.exp2(m_i - m_sub)  # 0 on the first block (m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base + rows[:, None] * stride_vt + offs_d[None, :], in_seq, d_mask, MASKED, MASK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -142,11 +150,11 @@ def _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_star
 
 @triton.jit
 def _flash_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, k_index_ptr, block_table_ptr,
-                            total_q, total_k, num_blocks, max_blocks, group, qk_scale,
+                            total_q, total_k, num_blocks, max_blocks, group, qk_scale, window,
                             stride_ot, stride_oh, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
-                            PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr):
     """Queries pid_m * BLOCK_M .. + BLOCK_M of head pid_h of sequence pid_b. k_index_ptr: cu_seqlens_k [batch + 1]
     (contiguous) or seq_lens_k [batch] (PAGED, with block_table [batch, max_blocks] and K/V viewed as
     [num_blocks * PAGE_SIZE, n_kv_heads, HEAD_DIM])."""
@@ -197,12 +205,21 @@ def _flash_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, k_index_ptr,
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     bad_keys = tl.zeros((BLOCK_N,), dtype=tl.int32)  # PAGED: per lane, keys seen with an invalid block id
-    acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start, len_k,
-                                       num_blocks, 0, n_full, qk_scale, stride_kt, stride_vt, offs_n, offs_d, d_mask,
-                                       False, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start, len_k,
-                                       num_blocks, n_full, n_end, qk_scale, stride_kt, stride_vt, offs_n, offs_d,
-                                       d_mask, True, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N, DOT_PRECISION)
+    if WINDOWED:  # one masked loop from the first block the program's first query still sees
+        lo = (tl.maximum(len_k - len_q + m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start,
+                                           len_k, num_blocks, lo, n_end, qk_scale, window, stride_kt, stride_vt,
+                                           offs_n, offs_d, d_mask, True, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N,
+                                           DOT_PRECISION, True)
+    else:
+        acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start,
+                                           len_k, num_blocks, 0, n_full, qk_scale, window, stride_kt, stride_vt,
+                                           offs_n, offs_d, d_mask, False, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N,
+                                           DOT_PRECISION, False)
+        acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start,
+                                           len_k, num_blocks, n_full, n_end, qk_scale, window, stride_kt, stride_vt,
+                                           offs_n, offs_d, d_mask, True, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N,
+                                           DOT_PRECISION, False)
 
     out = tl.math.div_rn(acc, l_i[:, None])  # IEEE division: no extra error on the float32 path
     if PAGED:
@@ -291,7 +308,7 @@ def _check_config(config: AttentionConfig | None, head_dim: int, dtype: torch.dt
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, *, causal: bool = True, scale: float | None = None,
                     max_seqlen_q: int | None = None, out: torch.Tensor | None = None,
-                    config: AttentionConfig | None = None) -> torch.Tensor:
+                    config: AttentionConfig | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of packed sequences -> out [total_q, n_heads, head_dim] in q.dtype.
 
     q: [total_q, n_heads, head_dim]; k, v: [total_k, n_kv_heads, head_dim]; float16/bfloat16/float32, one dtype,
@@ -301,6 +318,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     k[cu_k[b]:cu_k[b + 1]]. causal: query i sees keys j <= len_k - len_q + i. scale: > 0, default head_dim ** -0.5.
     max_seqlen_q: the longest query run (host int, sizes the grid); None reads it from cu_seqlens_q (a device sync
     on CUDA). out: optional output buffer (stride 1 along head_dim). config: tile sizes (default_config).
+    window: sliding-window attention (causal only): query i sees keys j > its position - window; None: all.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_heads(name, t)
@@ -315,18 +333,20 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                          f"{cu_seqlens_k.numel() - 1}")
     _check_lengths(lens_q, lens_k, causal)
     _check_options(q, lens_q, scale, max_seqlen_q, out)
+    check_window(window, causal)
     cfg = _check_config(config, q.shape[2], q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     check_runnable([out, q, k, v, cu_seqlens_q, cu_seqlens_k], "flash_attention")
     _launch(out, q, k, v, cu_seqlens_q, cu_seqlens_k, None, causal=causal, scale=scale, max_seqlen_q=max_seqlen_q,
-            config=cfg)
+            config=cfg, window=window)
     return out
 
 
 def flash_attention_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           seq_lens_k: torch.Tensor, block_table: torch.Tensor, *, causal: bool = True,
                           scale: float | None = None, max_seqlen_q: int | None = None,
-                          out: torch.Tensor | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, config: AttentionConfig | None = None,
+                          window: int | None = None) -> torch.Tensor:
     """flash_attention with keys and values read from the paged cache -> out [total_q, n_heads, head_dim].
 
     k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim] (paged.py's layout; any block_size >= 1).
@@ -344,17 +364,18 @@ def flash_attention_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                          f"{seq_lens_k.numel()}")
     _check_lengths(lens_q, seq_lens_k.tolist() if q.device.type == "cpu" else None, causal)
     _check_options(q, lens_q, scale, max_seqlen_q, out)
+    check_window(window, causal)
     cfg = _check_config(config, head_dim, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     check_runnable([out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_table], "flash_attention_paged")
     _launch(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_table, causal=causal, scale=scale,
-            max_seqlen_q=max_seqlen_q, config=cfg)
+            max_seqlen_q=max_seqlen_q, config=cfg, window=window)
     return out
 
 
 def _launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             k_index: torch.Tensor, block_table: torch.Tensor | None, *, causal: bool, scale: float | None,
-            max_seqlen_q: int | None, config: AttentionConfig) -> None:
+            max_seqlen_q: int | None, config: AttentionConfig, window: int | None = None) -> None:
     """The kernel on validated shapes, index contents unchecked (tests use it to see invalid ones give NaN).
     k_index: cu_seqlens_k, or seq_lens_k when block_table is given (k, v then the paged caches)."""
     total_q, n_heads, head_dim = q.shape
@@ -377,17 +398,18 @@ def _launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     grid = (cdiv(max_seqlen_q, config.block_m), n_heads, batch)
     _flash_attention_kernel[grid](
         out, q, k, v, cu_seqlens_q, k_index, table,
-        total_q, total_k, num_blocks, max_blocks, n_heads // n_kv_heads, scale * LOG2E,
+        total_q, total_k, num_blocks, max_blocks, n_heads // n_kv_heads, scale * LOG2E, window or 0,
         out.stride(0), out.stride(1), q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_D=max(16, next_power_of_2(head_dim)), CAUSAL=bool(causal), PAGED=block_table is not None,
-        PAGE_SIZE=page_size, DOT_PRECISION=dot_precision(q.dtype),
+        PAGE_SIZE=page_size, DOT_PRECISION=dot_precision(q.dtype), WINDOWED=window is not None,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # ---- references --------------------------------------------------------------------------------------------------
 
-def _attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def _attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                   window: int | None = None) -> torch.Tensor:
     """One sequence in float32: q [len_q, n_heads, D], k, v [len_k, n_kv_heads, D] -> [len_q, n_heads, D]."""
     len_q, n_heads, _ = q.shape
     len_k, n_kv_heads, _ = k.shape
@@ -398,34 +420,39 @@ def _attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     s = (qf @ kf.transpose(1, 2)) * scale  # [n_heads, len_q, len_k]
     if causal:
         pos = torch.arange(len_q, device=q.device)[:, None] + (len_k - len_q)
-        s = s.masked_fill(torch.arange(len_k, device=q.device)[None, :] > pos, float("-inf"))
+        keys = torch.arange(len_k, device=q.device)[None, :]
+        hidden = keys > pos if window is None else (keys > pos) | (keys <= pos - window)
+        s = s.masked_fill(hidden, float("-inf"))
     return (torch.softmax(s, dim=-1) @ vf).transpose(0, 1)
 
 
 def _reference(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], cu_seqlens_q: torch.Tensor,
-               causal: bool, scale: float | None) -> torch.Tensor:
+               causal: bool, scale: float | None, window: int | None = None) -> torch.Tensor:
     scale = q.shape[2] ** -0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     offsets = cu_seqlens_q.tolist()
     for b, (k, v) in enumerate(zip(keys, values, strict=True)):
         start, end = offsets[b], offsets[b + 1]
         if end > start:
-            out[start:end] = _attention_one(q[start:end], k, v, causal, scale)
+            out[start:end] = _attention_one(q[start:end], k, v, causal, scale, window)
     return out.to(q.dtype)
 
 
 def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                        cu_seqlens_k: torch.Tensor, *, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                        cu_seqlens_k: torch.Tensor, *, causal: bool = True, scale: float | None = None,
+                        window: int | None = None) -> torch.Tensor:
     """Plain torch, sequence by sequence: float32 scores, mask, softmax and @ v, rounded once to q.dtype."""
     ck = cu_seqlens_k.tolist()
     bounds = list(itertools.pairwise(ck))
-    return _reference(q, [k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds], cu_seqlens_q, causal, scale)
+    return _reference(q, [k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds], cu_seqlens_q, causal, scale,
+                      window)
 
 
 def flash_attention_paged_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor, block_table: torch.Tensor, *,
-                              causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                              causal: bool = True, scale: float | None = None,
+                              window: int | None = None) -> torch.Tensor:
     """flash_attention_ref on the sequences gathered from the paged cache with paged.gather_kv."""
     keys = paged.gather_kv(k_cache, block_table, seq_lens_k)
     values = paged.gather_kv(v_cache, block_table, seq_lens_k)
-    return _reference(q, keys, values, cu_seqlens_q, causal, scale)
+    return _reference(q, keys, values, cu_seqlens_q, causal, scale, window)

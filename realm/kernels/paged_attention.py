@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .checks import cdiv, check_heads, next_power_of_2
+from .checks import cdiv, check_heads, check_window, next_power_of_2
 from .paged import check_block_table, check_kv_cache, gather_kv
 from .qdecode import check_runnable, dot_precision
 
@@ -85,7 +85,7 @@ class PagedDecodePlan:
 
 @triton.jit
 def _paged_decode_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr,
-                         block_table_ptr, qk_scale, num_blocks, block_size, max_blocks, group, head_dim,
+                         block_table_ptr, qk_scale, window, num_blocks, block_size, max_blocks, group, head_dim,
                          tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob, stride_oh,
                          stride_cblock, stride_crow, stride_ch, stride_bt,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -93,11 +93,12 @@ def _paged_decode_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, 
     """Sequence program_id(0), KV head program_id(1), split program_id(2): its group's query heads (rows) against
     tokens [split * tokens_per_split, ..) of the sequence. qk_scale = scale * log2(e) (the softmax runs in base 2).
     SPLIT: write the normalised partial output and its log-sum-exp to part_o [B, H, S, D], part_lse [B, H, S];
-    else the output to out."""
+    else the output to out. window > 0: only the last `window` tokens (sliding-window attention); 0: all."""
     b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    start = split * tokens_per_split
-    end = tl.where(split == num_splits - 1, seq_len, tl.minimum(start + tokens_per_split, seq_len))
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # splits wholly before it come out empty
+    start = tl.maximum(split * tokens_per_split, first)
+    end = tl.where(split == num_splits - 1, seq_len, tl.minimum(split * tokens_per_split + tokens_per_split, seq_len))
 
     rows = tl.arange(0, BLOCK_M)
     heads = kvh * group + rows  # query heads of this KV head's group
@@ -246,7 +247,7 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                            block_table: torch.Tensor, *, scale: float | None = None, num_splits: int | None = None,
                            max_seq_len: int | None = None, out: torch.Tensor | None = None,
-                           config: PagedDecodeConfig | None = None) -> torch.Tensor:
+                           config: PagedDecodeConfig | None = None, window: int | None = None) -> torch.Tensor:
     """q: [batch, n_heads, head_dim] (float16/bfloat16/float32, stride 1 on head_dim, any batch/head strides);
     k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim] in q's dtype, n_heads % n_kv_heads == 0;
     seq_lens: int32 [batch], each >= 1, the current token included (already stored); block_table: int32
@@ -256,8 +257,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale: default head_dim ** -0.5. num_splits: None for `plan_decode`'s heuristic, an int >= 1 to force it.
     max_seq_len: a host int >= every length, for the heuristic; None reads seq_lens.max() (a device sync on CUDA: the
     runtime passes it). A too small max_seq_len on CUDA only costs speed (the last split takes the rest).
+    window: sliding-window attention, each query sees its sequence's last `window` tokens; None: all.
     """
     _check_inputs(q, k_cache, v_cache, seq_lens, block_table, scale, out)
+    check_window(window)
     batch, n_heads, head_dim = q.shape
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -271,12 +274,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     log.debug("paged_decode_attention batch=%d heads=%d/%d head_dim=%d max_seq_len=%d: %s", batch, n_heads,
               k_cache.shape[2], head_dim, max_seq_len, plan)
     _launch(q, k_cache, v_cache, seq_lens, block_table, head_dim ** -0.5 if scale is None else float(scale), plan,
-            out)
+            out, window)
     return out
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-            block_table: torch.Tensor, scale: float, plan: PagedDecodePlan, out: torch.Tensor) -> None:
+            block_table: torch.Tensor, scale: float, plan: PagedDecodePlan, out: torch.Tensor,
+            window: int | None = None) -> None:
     """The kernels on validated inputs, index contents unchecked (tests use it to see what CUDA does with bad block
     ids)."""
     batch, n_heads, head_dim = q.shape
@@ -289,7 +293,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_l
         part_o = torch.empty(batch, n_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(batch, kv_heads, splits)](
-        out, part_o, part_lse, q, k_cache, v_cache, seq_lens, block_table, scale * LOG2E, num_blocks, block_size,
+        out, part_o, part_lse, q, k_cache, v_cache, seq_lens, block_table, scale * LOG2E, window or 0, num_blocks,
+        block_size,
         block_table.shape[1], group, head_dim, plan.tokens_per_split, splits, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         BLOCK_M=max(MIN_DOT_ROWS, next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
@@ -300,15 +305,18 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_l
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                               block_table: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-    """The reference: per sequence, its K and V gathered by paged.gather_kv, softmax(q K^T * scale) V in float32,
-    rounded once to q's dtype."""
+                               block_table: torch.Tensor, *, scale: float | None = None,
+                               window: int | None = None) -> torch.Tensor:
+    """The reference: per sequence, its K and V gathered by paged.gather_kv (the last `window` of them with a
+    window), softmax(q K^T * scale) V in float32, rounded once to q's dtype."""
     _, n_heads, head_dim = q.shape
     group = n_heads // k_cache.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     pairs = zip(gather_kv(k_cache, block_table, seq_lens), gather_kv(v_cache, block_table, seq_lens), strict=True)
     for b, (k, v) in enumerate(pairs):
+        if window is not None:
+            k, v = k[-window:], v[-window:]
         k = k.float().repeat_interleave(group, dim=1)  # [seq_len, n_heads, head_dim]
         v = v.float().repeat_interleave(group, dim=1)
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * scale, dim=-1)

@@ -62,16 +62,26 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, n_q_heads, n_k_heads, half,
     _rotate_heads(k_ptr + t * stride_kt, n_k_heads, stride_kh, half, cos, sin, d, d_mask, BLOCK_KH)
 
 
-def rope_cache(head_dim: int, max_positions: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def rope_cache(head_dim: int, max_positions: int, theta: float, device: torch.device | str = "cpu",
+               inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """float32 [max_positions, 2, head_dim // 2]: [p, 0] = cos, [p, 1] = sin of p * inv_freq, computed on the CPU
-    exactly as realm.runtime.torch_model.rope_tables (whose two halves both repeat these values)."""
+    exactly as HF's rotary embedding (tests/hf_formulas.rope_tables, whose two halves both repeat these values).
+
+    inv_freq: float32 [head_dim // 2], the frequencies of a scaled rope (realm.runtime.config.RopeScaling); None: the
+    plain theta^(-2i/D). scale: multiplies cos and sin (YaRN's attention factor; HF scales its tables the same way)."""
     if head_dim < 2 or head_dim % 2:
         raise ValueError(f"head_dim must be even and >= 2, got {head_dim}")
     if max_positions < 1:
         raise ValueError(f"max_positions must be >= 1, got {max_positions}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.stack((freqs.cos(), freqs.sin()), dim=1).to(device)
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    elif inv_freq.shape != (head_dim // 2,) or inv_freq.dtype != torch.float32:
+        raise ValueError(f"inv_freq must be float32 [{head_dim // 2}], got {inv_freq.dtype} {list(inv_freq.shape)}")
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq.cpu()[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return torch.stack((cos, sin), dim=1).to(device)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import cdiv, check_heads, next_power_of_2
+from .checks import cdiv, check_heads, check_window, next_power_of_2
 from .flash_attention import _check_cu_seqlens, _check_lengths
 from .paged import check_block_table, check_kv_cache, gather_kv
 from .paged_attention import MAX_HEAD_DIM, MIN_DOT_ROWS, PagedDecodeConfig, _combine_kernel, plan_decode
@@ -107,7 +107,8 @@ class PagedVerifyPlan:
 
 @triton.jit
 def _paged_verify_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, seq_lens_ptr,
-                         block_table_ptr, qk_scale, total_q, num_blocks, block_size, max_blocks, group, n_heads,
+                         block_table_ptr, qk_scale, window, total_q, num_blocks, block_size, max_blocks, group,
+                         n_heads,
                          row_tiles, head_dim, tokens_per_split, num_splits, stride_qt, stride_qh, stride_ot,
                          stride_oh, stride_cblock, stride_crow, stride_ch, stride_bt,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -116,7 +117,7 @@ def _paged_verify_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, 
     program_id(2): rows r = tile * BLOCK_M + 0 .. BLOCK_M - 1 (query r // group of head kvh * group + r % group)
     against tokens [split * tokens_per_split, ..) of the sequence, causal. qk_scale = scale * log2(e).
     SPLIT: write the normalised partial output and its log-sum-exp to part_o [T, H, S, D], part_lse [T, H, S]; else
-    the output to out."""
+    the output to out. window > 0: row i sees only keys > its position - window (sliding window); 0: all earlier."""
     b, pid_h, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     kvh, tile = pid_h // row_tiles, pid_h % row_tiles
     # Chunk bounds, clamped so that invalid contents (unchecked on CUDA) read and write nothing out of bounds.
@@ -126,8 +127,9 @@ def _paged_verify_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, 
     if tile * BLOCK_M >= len_q * group:  # a chunk shorter than the longest: this row tile holds none of its queries
         return
     seq_len = tl.load(seq_lens_ptr + b)
-    start = split * tokens_per_split
-    end = tl.where(split == num_splits - 1, seq_len, tl.minimum(start + tokens_per_split, seq_len))
+    first = tl.where(window > 0, tl.maximum(seq_len - len_q + 1 - window, 0), 0)  # the first query's first key
+    start = tl.maximum(split * tokens_per_split, first)
+    end = tl.where(split == num_splits - 1, seq_len, tl.minimum(split * tokens_per_split + tokens_per_split, seq_len))
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = rows // group  # the query of each row
@@ -160,7 +162,9 @@ def _paged_verify_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, 
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
-        s = tl.where(n_mask[None, :] & (offs_n[None, :] <= last_key[:, None]), s, float("-inf"))
+        visible = n_mask[None, :] & (offs_n[None, :] <= last_key[:, None])
+        visible = visible & ((window <= 0) | (offs_n[None, :] > last_key[:, None] - window))
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no key yet (its keys start in a later tile or split) keeps m = -inf: exponents taken
         # against 0 instead give p = 0 and alpha = 0, never -inf - -inf.
@@ -293,14 +297,15 @@ def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, block_table: torch.Tensor, *, scale: float | None = None,
                            max_seqlen_q: int | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           config: PagedDecodeConfig | None = None) -> torch.Tensor:
+                           config: PagedDecodeConfig | None = None, window: int | None = None) -> torch.Tensor:
     """q: [tokens, n_heads, head_dim], the packed chunks (float16/bfloat16/float32, stride 1 on head_dim, any
     token/head strides); k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim] in q's dtype,
     n_heads % n_kv_heads == 0; cu_seqlens_q: int32 [batch + 1] (0, non-decreasing, tokens), chunk b = rows
     cu_seqlens_q[b] .. cu_seqlens_q[b + 1], at most MAX_VERIFY_QUERIES each; seq_lens: int32 [batch], each
     sequence's tokens in the cache INCLUDING its chunk's (already stored), >= its chunk's length; block_table: int32
     [batch, max_blocks]. Returns causal attention of every chunk over its sequence, [tokens, n_heads, head_dim] in q's
-    dtype (into `out` when given: that shape and dtype, stride 1 on head_dim).
+    dtype (into `out` when given: that shape and dtype, stride 1 on head_dim). window: sliding-window attention (each
+    query sees the `window` keys ending at its own position); None: every earlier key.
 
     scale: default head_dim ** -0.5. max_seqlen_q: a host int >= every chunk's length, sizing the tile; None reads
     cu_seqlens_q (a device sync on CUDA: the runtime passes it). max_seq_len: a host int >= every length, for the
@@ -308,6 +313,7 @@ def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     force it. config: tiles (default_config by the tile's rows and q's dtype).
     """
     lens_q = _check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, max_seqlen_q, out)
+    check_window(window)
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool)
                                     or max_seq_len < 1):
         raise ValueError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
@@ -334,13 +340,13 @@ def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     log.debug("paged_verify_attention batch=%d tokens=%d heads=%d/%d head_dim=%d max_seqlen_q=%d max_seq_len=%d: %s",
               batch, tokens, n_heads, k_cache.shape[2], head_dim, max_seqlen_q, max_seq_len, plan)
     _launch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, head_dim ** -0.5 if scale is None else
-            float(scale), plan, out)
+            float(scale), plan, out, window)
     return out
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
             seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, plan: PagedVerifyPlan,
-            out: torch.Tensor) -> None:
+            out: torch.Tensor, window: int | None = None) -> None:
     """The kernels on validated inputs, index contents unchecked (realm.kernels.attention calls it per layer; tests
     use it to see what CUDA does with bad indices). out: [tokens, n_heads, head_dim], stride 1 on head_dim."""
     tokens, n_heads, head_dim = q.shape
@@ -354,7 +360,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_se
         part_o = torch.empty(tokens, n_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(tokens, n_heads, splits, dtype=torch.float32, device=q.device)
     _paged_verify_kernel[(batch, kv_heads * plan.row_tiles, splits)](
-        out, part_o, part_lse, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale * LOG2E, tokens,
+        out, part_o, part_lse, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale * LOG2E, window or 0,
+        tokens,
         num_blocks, block_size, block_table.shape[1], n_heads // kv_heads, n_heads, plan.row_tiles, head_dim,
         plan.tokens_per_split, splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
@@ -369,9 +376,10 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_se
 
 def paged_verify_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
-                               scale: float | None = None) -> torch.Tensor:
+                               scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """The reference: per sequence, its K and V gathered by paged.gather_kv, causal softmax(q K^T * scale) V in
-    float32 (query i of a q_len chunk sees keys 0 .. seq_len - q_len + i), rounded once to q's dtype."""
+    float32 (query i of a q_len chunk sees keys 0 .. seq_len - q_len + i, and with a window only those > its
+    position - window), rounded once to q's dtype."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     group = n_heads // k_cache.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
@@ -387,7 +395,10 @@ def paged_verify_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         v = v.float().repeat_interleave(group, dim=1)
         s = torch.einsum("ihd,nhd->hin", q[lo:hi].float(), k) * scale  # [n_heads, q_len, seq_len]
         last_key = torch.arange(q_len, device=q.device) + (seq_len - q_len)
-        s = s.masked_fill(torch.arange(seq_len, device=q.device)[None, None, :] > last_key[None, :, None],
-                          float("-inf"))
+        keys = torch.arange(seq_len, device=q.device)[None, None, :]
+        hidden = keys > last_key[None, :, None]
+        if window is not None:
+            hidden = hidden | (keys <= last_key[None, :, None] - window)
+        s = s.masked_fill(hidden, float("-inf"))
         out[lo:hi] = torch.einsum("hin,nhd->ihd", torch.softmax(s, dim=-1), v).to(q.dtype)
     return out

@@ -8,12 +8,14 @@ permuted for llama.cpp's interleaved rope, and whether attention projections car
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 class ModelError(ValueError):
@@ -141,6 +143,111 @@ class Metadata:
         return arr
 
 
+def _sliding_window(arch: str, md: Metadata) -> int | None:
+    """`<arch>.attention.sliding_window` (Mistral, Phi-3), on every layer; a per-layer pattern is refused by name."""
+    for key in (f"{arch}.attention.sliding_window_pattern", f"{arch}.attention.key_length_swa",
+                f"{arch}.rope.freq_base_swa", f"{arch}.rope.dimension_count_swa"):
+        if key in md:
+            raise ModelError(f"GGUF metadata {key}: per-layer sliding-window settings are not supported yet")
+    window = md.integer(f"{arch}.attention.sliding_window", 0, MAX_CONTEXT, default=0)
+    return window or None  # llama.cpp reads 0 as no window
+
+
+class RopeScalingType(str, enum.Enum):
+    NONE = "none"
+    LINEAR = "linear"  # positions divided by the factor (HF "linear", llama.cpp's freq_scale)
+    YARN = "yarn"  # NTK-by-parts interpolation and an attention factor on cos/sin (HF "yarn")
+    LLAMA3 = "llama3"  # per-frequency factors from the file's rope_freqs.weight (HF "llama3"; Llama 3.1/3.2)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How a model stretches its rope beyond the trained context, as its GGUF metadata says."""
+
+    type: RopeScalingType = RopeScalingType.NONE
+    factor: float = 1.0
+    original_context: int = 0  # YaRN: the context the model was trained at
+    beta_fast: float = 32.0  # YaRN's ramp bounds, in rotations
+    beta_slow: float = 1.0
+
+    def inv_freq(self, head_dim: int, theta: float, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [head_dim // 2], computed as HF's rope initialisers compute it (modeling_rope_utils)."""
+        base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if self.type is RopeScalingType.LINEAR:
+            return base / self.factor
+        if self.type is RopeScalingType.LLAMA3:
+            # convert_hf_to_gguf.py stores HF's llama3 scaling as the divisors llama.cpp applies (rope_freqs)
+            return base / freq_factors
+        if self.type is RopeScalingType.YARN:
+            return self._yarn(head_dim, theta)
+        return base
+
+    @property
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by: YaRN's 0.1 ln(factor) + 1 (HF's default), else 1."""
+        if self.type is RopeScalingType.YARN and self.factor > 1:
+            return 0.1 * math.log(self.factor) + 1.0
+        return 1.0
+
+    def _yarn(self, head_dim: int, theta: float) -> torch.Tensor:
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(self.original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(self.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(self.beta_slow)), head_dim - 1)
+        if low == high:
+            high += 0.001  # HF's guard against a zero-width ramp
+        ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        return (1.0 / (self.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+# YaRN variants llama.cpp reads that change the result from HF's default YaRN: refused by name, never ignored
+_YARN_UNSUPPORTED = ("rope.scaling.attn_factor", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor",
+                     "rope.scaling.yarn_attn_factor", "rope.scaling.alpha")
+
+
+def rope_scaling(arch: str, md: Metadata, context_length: int, has_freq_factors: bool) -> RopeScaling:
+    """The file's rope scaling; anything realm does not implement is a ModelError naming the key."""
+    key = f"{arch}.rope.scaling.type"
+    kind = md.string(key, default=None)
+    # llama.cpp reads the factor whatever the type (a factor without a type is linear); 0 means none there
+    factor = 1.0
+    factor_key = f"{arch}.rope.scaling.factor"
+    for k in (f"{arch}.rope.scale_linear", factor_key):
+        value = md.number(k, 0.0, 1e6, default=1.0)
+        if value not in (0.0, 1.0):
+            factor, factor_key = value, k
+    if kind is None:
+        kind = "linear" if factor != 1.0 else "none"
+    elif kind == "none" and factor != 1.0:
+        raise ModelError(f"GGUF metadata {factor_key} = {factor} with {key} = 'none': is the rope scaled or not?")
+    if kind not in {t.value for t in RopeScalingType} - {RopeScalingType.LLAMA3.value}:
+        raise ModelError(f"GGUF metadata {key}: rope scaling {kind[:40]!r} is not supported (realm implements none, "
+                         "linear, yarn, and Llama 3's rope_freqs)")
+    if has_freq_factors:
+        if kind != "none":
+            raise ModelError(f"rope_freqs.weight together with {key} = {kind!r}: realm implements Llama 3's rope "
+                             "factors on an otherwise unscaled rope only")
+        return RopeScaling(RopeScalingType.LLAMA3)
+    if kind == "none":
+        return RopeScaling()
+    if factor <= 0:
+        raise ModelError(f"GGUF metadata {factor_key}: a {kind} rope scaling needs a factor > 0, found {factor}")
+    if kind == "linear":
+        return RopeScaling(RopeScalingType.LINEAR, factor)
+    for suffix in _YARN_UNSUPPORTED:
+        if f"{arch}.{suffix}" in md:
+            raise ModelError(f"GGUF metadata {arch}.{suffix}: this YaRN variant is not supported (realm implements "
+                             "HF's default YaRN: factor, original context, beta_fast and beta_slow)")
+    original = md.integer(f"{arch}.rope.scaling.original_context_length", 1, MAX_CONTEXT,
+                          default=round(context_length / factor))
+    return RopeScaling(RopeScalingType.YARN, factor, original,
+                       md.number(f"{arch}.rope.scaling.yarn_beta_fast", 0.0, 1e6, default=32.0, open_lo=True),
+                       md.number(f"{arch}.rope.scaling.yarn_beta_slow", 0.0, 1e6, default=1.0, open_lo=True))
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str  # general.architecture
@@ -148,6 +255,8 @@ class Architecture:
     # rotate-half rope computes on the original rows; qwen2 uses the rotate-half ("neox") rope and is not permuted.
     rope_permuted: bool
     attention_bias: bool  # q/k/v projections have biases (qwen2)
+    qk_norm: bool = False  # an RMSNorm over each Q and K head before rope (qwen3: attn_q_norm, attn_k_norm)
+    fused_gate_up: bool = False  # ffn_up holds the gate rows then the up rows, and there is no ffn_gate (phi3)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -155,6 +264,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     for a in (
         Architecture("llama", rope_permuted=True, attention_bias=False),  # Llama 1-3, Mistral, SmolLM, TinyLlama
         Architecture("qwen2", rope_permuted=False, attention_bias=True),
+        Architecture("qwen3", rope_permuted=False, attention_bias=False, qk_norm=True),
+        # Phi-3/3.5: the Q, K, V rows in one attn_qkv tensor (separate ones are accepted too, as llama.cpp does)
+        Architecture("phi3", rope_permuted=False, attention_bias=False, fused_gate_up=True),
     )
 }
 
@@ -173,6 +285,8 @@ class ModelConfig:
     rms_eps: float
     rope_theta: float
     name: str = ""
+    rope_scaling: RopeScaling = RopeScaling()
+    sliding_window: int | None = None  # each query sees the last `sliding_window` keys (itself included); None: all
 
     def __post_init__(self):
         for field in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size",
@@ -196,12 +310,26 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    @property
+    def rope_pairs(self) -> int:
+        return self.head_dim // 2
+
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+    @property
+    def gate_up_size(self) -> int:
+        return 2 * self.ffn_hidden
+
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any] | Metadata, vocab_size: int | None = None) -> ModelConfig:
+    def from_metadata(cls, metadata: Mapping[str, Any] | Metadata, vocab_size: int | None = None,
+                      has_freq_factors: bool = False) -> ModelConfig:
         """From read_metadata's dict (MetadataValue items) or a plain {key: value} dict. Every key is read typed and
         range-checked (`Metadata`): a wrong type, an impossible value or an inconsistency is a ModelError naming it.
 
-        vocab_size: the embedding's row count, used when `<arch>.vocab_size` is absent (older files).
+        vocab_size: the embedding's row count, used when `<arch>.vocab_size` is absent (older files);
+        has_freq_factors: the file has rope_freqs.weight (Llama 3's rope scaling).
         """
         md = metadata if isinstance(metadata, Metadata) else Metadata(metadata)
         arch_name = md.string("general.architecture", default=None)
@@ -211,7 +339,6 @@ class ModelConfig:
             raise ModelError(f"unsupported architecture {arch_name[:40]!r}; realm runs: {', '.join(ARCHITECTURES)} "
                              "(general.architecture)")
         a = arch_name
-        _refuse_unsupported_rope(a, md)
         hidden = md.integer(f"{a}.embedding_length", 1, MAX_WIDTH)
         n_heads = md.integer(f"{a}.attention.head_count", 1, MAX_HEADS)
         n_kv_heads = md.integer(f"{a}.attention.head_count_kv", 1, n_heads, default=n_heads)
@@ -236,6 +363,7 @@ class ModelConfig:
         if rope_dims != head_dim:
             raise ModelError(f"GGUF metadata {a}.rope.dimension_count = {rope_dims}: partial rotary embeddings "
                              f"(fewer rope dimensions than the head size {head_dim}) are not supported")
+        context_length = md.integer(f"{a}.context_length", 1, MAX_CONTEXT)
         return cls(
             arch=ARCHITECTURES[a],
             n_layers=md.integer(f"{a}.block_count", 1, MAX_LAYERS),
@@ -245,11 +373,13 @@ class ModelConfig:
             head_dim=head_dim,
             ffn_hidden=md.integer(f"{a}.feed_forward_length", 1, MAX_WIDTH),
             vocab_size=md.integer(f"{a}.vocab_size", 1, MAX_VOCAB, _MISSING if vocab_size is None else vocab_size),
-            context_length=md.integer(f"{a}.context_length", 1, MAX_CONTEXT),
+            context_length=context_length,
             rms_eps=md.number(f"{a}.attention.layer_norm_rms_epsilon", 0.0, 1.0, open_lo=True),
             # theta < 1 is meaningless (frequencies above 1 per position) and tiny values overflow the rope table
             rope_theta=md.number(f"{a}.rope.freq_base", 1.0, 1e30, default=10000.0),
             name=md.string("general.name", default=""),
+            rope_scaling=rope_scaling(a, md, context_length, has_freq_factors),
+            sliding_window=_sliding_window(a, md),
         )
 
     def size_keys(self, field: str) -> str:
@@ -262,17 +392,8 @@ class ModelConfig:
             "vocab_size": f"{a}.vocab_size or the rows of token_embd.weight",
             "q_size": f"{a}.attention.head_count x head size ({head})",
             "kv_size": f"{a}.attention.head_count_kv x head size ({head})",
+            "rope_pairs": f"half the head size ({head})",
+            "head_dim": f"the head size ({head})",
+            "qkv_size": f"({a}.attention.head_count + 2 x {a}.attention.head_count_kv) x head size ({head})",
+            "gate_up_size": f"2 x {a}.feed_forward_length",
         }[field]
-
-
-def _refuse_unsupported_rope(arch: str, md: Metadata) -> None:
-    """Rope scaling (YaRN, linear, Llama 3.1's frequency factors) changes every logit: refuse it, never ignore it."""
-    key = f"{arch}.rope.scaling.type"
-    scaling = md.string(key, default="none")
-    if scaling != "none":
-        raise ModelError(f"GGUF metadata {key}: rope scaling {scaling[:40]!r} is not supported yet")
-    # llama.cpp reads the factor whatever the type (which defaults to linear when absent); 0 means none there
-    for key in (f"{arch}.rope.scale_linear", f"{arch}.rope.scaling.factor"):
-        factor = md.number(key, 0.0, math.inf, default=1.0)
-        if factor not in (0.0, 1.0):
-            raise ModelError(f"GGUF metadata {key}: rope scaling by {factor} is not supported yet")

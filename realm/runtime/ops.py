@@ -66,7 +66,7 @@ class Ops:
     rope: Callable  # (q, k, positions, cos_sin) -> (q, k) rotated
     silu_mul: Callable  # gate_up [T, 2F] -> [T, F]
     store_kv: Callable  # (k, v, k_cache, v_cache, slot_mapping) -> None
-    attention: Callable  # (q, k, v, k_cache, v_cache, meta, scale) -> [T, heads, head_dim]
+    attention: Callable  # (q, k, v, k_cache, v_cache, meta, scale, window=None) -> [T, heads, head_dim]
     # The same ops without their input checks, for the layers after the first of a step: they see the same shapes,
     # dtypes and devices, so the first layer's checks hold for them (the host time of a decode step is mostly such
     # checks otherwise). None: these ops are cheap to check (the reference's).

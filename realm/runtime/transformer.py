@@ -1,4 +1,4 @@
-"""The llama-family forward (llama, qwen2), written once over the op layer (realm.runtime.ops).
+"""The llama-family forward (llama, qwen2, qwen3, phi3), written once over the op layer (realm.runtime.ops).
 
     net = Transformer(load_weights("smollm2"), Backend.TORCH, device="cpu")      # or Backend.TRITON on CUDA
     logits = net.forward(batch, kv)       # a ForwardBatch of ragged chunks, the PagedKVCache -> [rows, vocab]
@@ -7,9 +7,11 @@ Per layer, on the packed tokens of every sequence of the step:
 
     x, h = rms_norm(out, attn_norm, residual=h)      the residual add fused into the norm (the first layer: h = out)
     qkv  = qkv_proj(x)                               Q, K, V rows stacked: one linear layer (+ qwen2's biases)
+    q, k = rms_norm(q), rms_norm(k)                  qwen3 only: each head normalised on its own
     q, k = rope(q, k, positions)                     rotate-half, each token at its own position
     store_kv(k, v, pages, slot_mapping)              this step's K, V into their pages
-    o    = attention(q, k, v, pages, step)           the step's attention plan (realm.kernels.attention)
+    o    = attention(q, k, v, pages, step)           the step's attention plan (realm.kernels.attention), over the
+                                                     last `sliding_window` keys where the model has one
     x, h = rms_norm(o_proj(o), ffn_norm, residual=h)
     out  = down_proj(silu_mul(gate_up_proj(x)))      gate and up rows stacked: one linear layer
     logits = head(rms_norm(out, output_norm, residual=h)[rows])   only the rows the step asks for
@@ -60,6 +62,8 @@ class Layer:
     ffn_norm: torch.Tensor
     gate_up: Linear  # [2 * ffn_hidden] outputs
     down: Linear
+    q_norm: torch.Tensor | None = None  # float32 [head_dim]: RMSNorm over each Q head before rope (qwen3)
+    k_norm: torch.Tensor | None = None
 
 
 class Transformer:
@@ -87,7 +91,10 @@ class Transformer:
         self.head = self._linear("output", [weights.output], None, dense=tied_dense)
         self.output_norm = self._vector(weights.output_norm)
         self.layers = [self._layer(i, w) for i, w in enumerate(weights.layers)]
-        self.cos_sin = rope_cache(c.head_dim, c.context_length, c.rope_theta, self.device)
+        scaling = c.rope_scaling
+        self.cos_sin = rope_cache(c.head_dim, c.context_length, c.rope_theta, self.device,
+                                  scaling.inv_freq(c.head_dim, c.rope_theta, weights.rope_freqs),
+                                  scaling.attention_factor)
         self.scale = c.head_dim**-0.5
 
     def __repr__(self) -> str:
@@ -108,6 +115,8 @@ class Transformer:
             ffn_norm=self._vector(w.ffn_norm),
             gate_up=self._linear(f"blk.{i}.ffn_gate_up", [w.w_gate, w.w_up], None),
             down=self._linear(f"blk.{i}.ffn_down", [w.w_down], None),
+            q_norm=None if w.q_norm is None else self._vector(w.q_norm),
+            k_norm=None if w.k_norm is None else self._vector(w.k_norm),
         )
 
     def lora_layers(self) -> list[tuple[int, tuple[Target, ...], Linear]]:
@@ -169,10 +178,13 @@ class Transformer:
         q = qkv[:, : c.q_size].view(n, c.n_heads, c.head_dim)
         k = qkv[:, c.q_size : c.q_size + c.kv_size].view(n, c.n_kv_heads, c.head_dim)
         v = qkv[:, c.q_size + c.kv_size :].view(n, c.n_kv_heads, c.head_dim)
+        if layer.q_norm is not None:  # each head normalised on its own, as HF's Qwen3 does
+            q = ops.rms_norm(q.reshape(-1, c.head_dim), layer.q_norm, c.rms_eps).view(n, c.n_heads, c.head_dim)
+            k = ops.rms_norm(k.reshape(-1, c.head_dim), layer.k_norm, c.rms_eps).view(n, c.n_kv_heads, c.head_dim)
         q, k = ops.rope(q, k, batch.positions, self.cos_sin)
         k_cache, v_cache = kv
         ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        o = ops.attention(q, k, v, k_cache, v_cache, batch.attention, self.scale)
+        o = ops.attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, window=c.sliding_window)
         return layer.o(o.view(n, c.q_size), batch)
 
     # ------------------------------------------------------------------------------------ rectangular [batch, T]

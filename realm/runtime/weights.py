@@ -46,6 +46,8 @@ class LayerWeights:
     bq: torch.Tensor | None = None  # float32 [q_size] (qwen2)
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # float32 [head_dim]: RMSNorm weights over each Q head (qwen3)
+    k_norm: torch.Tensor | None = None
 
     def qkv_bias(self) -> torch.Tensor | None:
         """float32 [q_size + 2 * kv_size]: the Q, K, V biases for a fused QKV projection (zeros for a missing one),
@@ -66,6 +68,7 @@ class ModelWeights:
     output_norm: torch.Tensor  # float32 [hidden]
     output: QTensor  # [vocab, hidden]; the token embedding itself when tied
     path: Path
+    rope_freqs: torch.Tensor | None = None  # float32 [head_dim // 2]: Llama 3's rope factors (rope_freqs.weight)
 
     @property
     def tied(self) -> bool:
@@ -126,29 +129,71 @@ class _Tensors:
         return self.vector(name, size) if self.has(name) else None
 
 
+def split_rows(w: QTensor, sizes: tuple[int, ...]) -> list[QTensor]:
+    """A matrix cut into consecutive row ranges: quantized rows are independent, so each part is exact."""
+    data, parts, start = w.gguf_bytes(), [], 0
+    for n in sizes:
+        parts.append(QTensor(data[start : start + n].contiguous(), w.fmt, (n, w.shape[1])))
+        start += n
+    return parts
+
+
+def _qkv(tensors: _Tensors, p: str) -> tuple[QTensor, QTensor, QTensor]:
+    """Q, K, V: three tensors, or one fused attn_qkv (phi3) cut into them."""
+    if tensors.has(p + "attn_qkv.weight"):
+        c = tensors.config
+        fused = tensors.matrix(p + "attn_qkv.weight", "qkv_size", "hidden")
+        return tuple(split_rows(fused, (c.q_size, c.kv_size, c.kv_size)))
+    return (tensors.matrix(p + "attn_q.weight", "q_size", "hidden"),
+            tensors.matrix(p + "attn_k.weight", "kv_size", "hidden"),
+            tensors.matrix(p + "attn_v.weight", "kv_size", "hidden"))
+
+
+def _gate_up(tensors: _Tensors, c: ModelConfig, p: str) -> tuple[QTensor, QTensor]:
+    if c.arch.fused_gate_up:
+        if tensors.has(p + "ffn_gate.weight"):
+            raise ModelError(f"{tensors.path}: {p}ffn_gate.weight in a {c.arch.name} file, whose ffn_up holds the gate")
+        gate, up = split_rows(tensors.matrix(p + "ffn_up.weight", "gate_up_size", "hidden"),
+                              (c.ffn_hidden, c.ffn_hidden))
+        return gate, up
+    return (tensors.matrix(p + "ffn_gate.weight", "ffn_hidden", "hidden"),
+            tensors.matrix(p + "ffn_up.weight", "ffn_hidden", "hidden"))
+
+
 def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
     p = f"blk.{i}."
-    wq = tensors.matrix(p + "attn_q.weight", "q_size", "hidden")
-    wk = tensors.matrix(p + "attn_k.weight", "kv_size", "hidden")
+    wq, wk, wv = _qkv(tensors, p)
     bq = tensors.optional_vector(p + "attn_q.bias", "q_size")
     bk = tensors.optional_vector(p + "attn_k.bias", "kv_size")
     if c.arch.rope_permuted:
         wq, wk = unpermute_rope_rows(wq, c.n_heads), unpermute_rope_rows(wk, c.n_kv_heads)
         if bq is not None or bk is not None:
             raise ModelError(f"{tensors.path}: Q/K biases on an architecture with permuted rope rows are not supported")
+    w_gate, w_up = _gate_up(tensors, c, p)
+    q_norm = k_norm = None
+    if c.arch.qk_norm:
+        q_norm = tensors.vector(p + "attn_q_norm.weight", "head_dim")
+        k_norm = tensors.vector(p + "attn_k_norm.weight", "head_dim")
+    else:
+        for name in ("attn_q_norm", "attn_k_norm"):
+            if tensors.has(f"{p}{name}.weight"):
+                raise ModelError(f"{tensors.path}: {p}{name}.weight: a Q/K norm in a {c.arch.name} file, whose "
+                                 "architecture has none (realm would ignore it)")
     return LayerWeights(
         attn_norm=tensors.vector(p + "attn_norm.weight", "hidden"),
         wq=wq,
         wk=wk,
-        wv=tensors.matrix(p + "attn_v.weight", "kv_size", "hidden"),
+        wv=wv,
         wo=tensors.matrix(p + "attn_output.weight", "hidden", "q_size"),
         ffn_norm=tensors.vector(p + "ffn_norm.weight", "hidden"),
-        w_gate=tensors.matrix(p + "ffn_gate.weight", "ffn_hidden", "hidden"),
-        w_up=tensors.matrix(p + "ffn_up.weight", "ffn_hidden", "hidden"),
+        w_gate=w_gate,
+        w_up=w_up,
         w_down=tensors.matrix(p + "ffn_down.weight", "hidden", "ffn_hidden"),
         bq=bq,
         bk=bk,
         bv=tensors.optional_vector(p + "attn_v.bias", "kv_size"),
+        q_norm=q_norm,
+        k_norm=k_norm,
     )
 
 
@@ -172,12 +217,15 @@ def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
     embd_rows = tensor_shape(tensors.by_name["token_embd.weight"])[0]
     md = Metadata(metadata)
     try:
-        config = ModelConfig.from_metadata(md, vocab_size=embd_rows)
+        config = ModelConfig.from_metadata(md, vocab_size=embd_rows, has_freq_factors=tensors.has("rope_freqs.weight"))
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
     tensors.config = config
-    if tensors.has("rope_freqs.weight"):
-        raise ModelError(f"{path}: rope frequency factors (rope_freqs.weight, Llama 3.1 style) are not supported yet")
+    rope_freqs = None
+    if tensors.has("rope_freqs.weight"):  # Llama 3's rope scaling: a divisor per frequency
+        rope_freqs = tensors.vector("rope_freqs.weight", "rope_pairs")
+        if not bool(torch.isfinite(rope_freqs).all()) or not bool((rope_freqs > 0).all()):
+            raise ModelError(f"{path}: rope_freqs.weight must hold finite factors > 0")
     token_embd = tensors.matrix("token_embd.weight", "vocab_size", "hidden")
     output = token_embd
     if tensors.has("output.weight"):
@@ -195,6 +243,7 @@ def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
         output_norm=tensors.vector("output_norm.weight", "hidden"),
         output=output,
         path=path,
+        rope_freqs=rope_freqs,
     )
 
 
