@@ -125,10 +125,11 @@ def compile_lora_case(kind: str, dtype: torch.dtype, arch: int):
                     {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n}, arch)
 
 
-LAYER_KINDS = ("rms_norm", "rms_norm_residual", "rope", "silu_mul")
+LAYER_KINDS = ("rms_norm", "rms_norm_residual", "rope", "silu_mul", "gelu_tanh_mul")
 LORA_KINDS = ("lora_shrink", "lora_expand")
 ATTENTION_KINDS = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_causal", "paged_decode",
-                   "paged_decode_split", "paged_decode_combine", "paged_verify", "paged_verify_split")
+                   "paged_decode_split", "paged_decode_combine", "paged_verify", "paged_verify_split",
+                   "flash_causal_window", "flash_paged_causal_window")
 HEAD_DIMS = (64, 128)
 
 
@@ -144,8 +145,9 @@ def compile_layer_case(kind: str, dtype: torch.dtype, arch: int):
                        cos_sin_ptr=torch.empty(1, dtype=torch.float32))
         return _compile(rope_module._rope_kernel, tensors, {"BLOCK_QH": 16, "BLOCK_KH": 4, "BLOCK_D": 32}, arch,
                         fp_fusion=False)
-    if kind == "silu_mul":
-        return _compile(silu_mul_module._silu_mul_kernel, dict(out_ptr=act, gu_ptr=act), {"BLOCK": 1024}, arch)
+    if kind in ("silu_mul", "gelu_tanh_mul"):
+        return _compile(silu_mul_module._silu_mul_kernel, dict(out_ptr=act, gu_ptr=act),
+                        {"BLOCK": 1024, "GELU": kind == "gelu_tanh_mul"}, arch)
     if kind in ATTENTION_KINDS:
         return [compile_attention_case(kind, dtype, head_dim, arch) for head_dim in HEAD_DIMS][-1]
     if kind in LORA_KINDS:
@@ -165,8 +167,8 @@ def compile_attention_case(kind: str, dtype: torch.dtype, head_dim: int, arch: i
         tensors = dict(out_ptr=act, q_ptr=act, k_ptr=act, v_ptr=act, cu_q_ptr=idx, k_index_ptr=idx,
                        block_table_ptr=idx)
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim,
-                          CAUSAL=kind.endswith("causal"), PAGED=paged, PAGE_SIZE=16 if paged else 1,
-                          DOT_PRECISION=dot_precision(dtype))
+                          CAUSAL="causal" in kind, PAGED=paged, PAGE_SIZE=16 if paged else 1,
+                          DOT_PRECISION=dot_precision(dtype), WINDOWED=kind.endswith("window"))
         return _compile(flash_module._flash_attention_kernel, tensors, constexprs, arch, scalars={"qk_scale": "fp32"})
     if kind == "paged_decode_combine":
         return _compile(paged_module._combine_kernel, dict(out_ptr=act, part_o_ptr=f32, part_lse_ptr=f32),

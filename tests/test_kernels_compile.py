@@ -15,12 +15,13 @@ CASES = [f"{name}:{KINDS[i % 4]}:{DTYPES[i % 3] if KINDS[i % 4] != 'dequantize' 
          for i, name in enumerate(FORMATS)]
 CASES += ["Q4_K:decode1:float16", "Q4_K:decode16:float16", "Q4_K:prefill:float16", "Q4_K:prefill:bfloat16"]
 # The per-layer kernels (no weight format) in the half-precision dtypes a GPU runs them in.
-CASES += [f"{kind}:{dtype}" for kind in ("rms_norm", "rms_norm_residual", "rope", "silu_mul")
+CASES += [f"{kind}:{dtype}" for kind in ("rms_norm", "rms_norm_residual", "rope", "silu_mul", "gelu_tanh_mul")
           for dtype in ("float16", "bfloat16")]
 # Attention (each case at head dims 64 and 128): every kernel variant in both half-precision dtypes, and float32
 # (the exact path the CPU tests and the float32 model comparison use) for the ones the model runs.
 ATTENTION = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_causal", "paged_decode",
-             "paged_decode_split", "paged_decode_combine", "paged_verify", "paged_verify_split")
+             "paged_decode_split", "paged_decode_combine", "paged_verify", "paged_verify_split",
+             "flash_causal_window", "flash_paged_causal_window")
 CASES += [f"{kind}:{dtype}" for kind in ATTENTION for dtype in ("float16", "bfloat16")]
 CASES += [f"{kind}:float32" for kind in ("flash_causal", "flash_paged_causal", "paged_decode", "paged_decode_split",
                                          "paged_verify", "paged_verify_split")]

@@ -16,6 +16,8 @@ from tolerances import assert_close, assert_equal, poison
 from realm.kernels import (
     apply_rope,
     apply_rope_ref,
+    gelu_tanh_mul,
+    gelu_tanh_mul_ref,
     rms_norm,
     rms_norm_ref,
     rope,
@@ -315,6 +317,26 @@ def test_silu_mul_rejects_bad_inputs(device):
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             silu_mul(**(dict(gate_up=gate_up) | change))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ffn", [2048, 96, 1000])  # Gemma 3 270M's ffn, a small one, a non power of two
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_gelu_tanh_mul_matches_reference(tokens, ffn, dtype, device):
+    gate_up = _randn(tokens, 2 * ffn, dtype=dtype, device=device, seed=tokens, scale=3.0)
+    out = poison(torch.empty(tokens, ffn, dtype=dtype, device=device))
+    y = gelu_tanh_mul(gate_up, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, gelu_tanh_mul_ref(gate_up), what=f"gelu_tanh_mul {tokens}x{ffn} {dtype}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_gelu_tanh_mul_equals_hf_at_extreme_gates(device):
+    """HF's GemmaMLP expression; tanh through exp saturates (large |gate|: exp overflows to inf, tanh to 1)."""
+    gate = torch.tensor([[-200.0, -88.0, -20.0, -1.0, 0.0, 0.5, 20.0, 88.0, 200.0, 1e30]], device=device)
+    up = torch.linspace(-2, 2, gate.shape[1], device=device)[None]
+    want = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    assert_close(gelu_tanh_mul(torch.cat((gate, up), dim=1)), want)
 
 
 @pytest.mark.gpu

@@ -41,7 +41,10 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
     def rnd(*shape, scale=0.2):
         return torch.randn(shape, generator=g) * scale
 
-    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(t["vocab"], t["hidden"], scale=1.0),
+    # Gemma multiplies the embedding by sqrt(hidden): scaled down here so that the tied head does not just echo the
+    # last token
+    embed_scale = t["hidden"] ** -0.5 if arch == "gemma3" else 1.0
+    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(t["vocab"], t["hidden"], scale=embed_scale),
                                    "model.norm.weight": 1 + rnd(t["hidden"])}
     if not tied:
         hf["lm_head.weight"] = rnd(t["vocab"], t["hidden"])
@@ -59,6 +62,12 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
         if arch == "qwen3":
             hf |= {p + "self_attn.q_norm.weight": 1 + rnd(t["head_dim"]), p + "self_attn.k_norm.weight": 1 + rnd(
                 t["head_dim"])}
+        if arch == "gemma3":  # norms on the attention and MLP outputs; Q/K norms; weights w of HF's (1 + w)
+            hf |= {p + "pre_feedforward_layernorm.weight": rnd(t["hidden"]), p + "post_feedforward_layernorm.weight":
+                   rnd(t["hidden"]), p + "self_attn.q_norm.weight": rnd(t["head_dim"]), p + "self_attn.k_norm.weight":
+                   rnd(t["head_dim"])}
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                hf[p + name + ".weight"] -= 1  # rnd around 0, as Gemma's are
         if arch == "phi3":  # HF's Phi3 fuses these itself; the converter writes them as they are
             hf[p + "self_attn.qkv_proj.weight"] = torch.cat([hf.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
             hf[p + "mlp.gate_up_proj.weight"] = torch.cat([hf.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
@@ -67,6 +76,10 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv",
              "mlp.gate_up_proj": "ffn_up"}
+    if arch == "gemma3":  # HF's post_attention_layernorm is Gemma's norm on the attention output, not the MLP's input
+        hf["model.norm.weight"] -= 1
+        names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
     w = _Writer(path, arch)
     w.add_block_count(t["layers"])
     w.add_context_length(context_length)
@@ -94,6 +107,8 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
                 heads = t["n_heads"] if module == "self_attn.q_proj" else t["n_kv_heads"]
                 value = gguf_permute(value, heads)
             tensors[f"blk.{i}.{names[module]}.{kind}"] = value
+    if arch == "gemma3":  # convert_hf_to_gguf.py stores Gemma's norm weights as 1 + w
+        tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
     tensors |= extra_tensors or {}
     for name, value in tensors.items():
         fmt = formats.get(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0])

@@ -6,6 +6,7 @@
     rms_norm(x, weight, eps, residual=None)   # RMSNorm, optionally fused with the residual add: y or (y, x + residual)
     apply_rope(q, k, positions, cos_sin)      # rotate-half rope in place; cos_sin = rope_cache(head_dim, n, theta, dev)
     silu_mul(gate_up)      # silu(gate) * up from the fused [tokens, 2 * ffn] gate/up projection
+    gelu_tanh_mul(gate_up) # GELU-tanh(gate) * up (Gemma)
     store_kv(k, v, k_cache, v_cache, slot_mapping)            # new K/V into their pages (layout: paged.py)
     flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)      # varlen prefill, GQA; queries end their sequence
     flash_attention_paged(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table)   # ... keys from the pages
@@ -47,7 +48,7 @@ from .qmatmul import (
 )
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cache
-from .silu_mul import silu_mul, silu_mul_ref
+from .silu_mul import gelu_tanh_mul, gelu_tanh_mul_ref, silu_mul, silu_mul_ref
 from .store_kv import store_kv, store_kv_ref
 
 __all__ = [
@@ -69,6 +70,8 @@ __all__ = [
     "flash_attention_paged",
     "flash_attention_paged_ref",
     "flash_attention_ref",
+    "gelu_tanh_mul",
+    "gelu_tanh_mul_ref",
     "lora_expand",
     "lora_expand_ref",
     "lora_shrink",

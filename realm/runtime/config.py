@@ -144,7 +144,11 @@ class Metadata:
 
 
 def _sliding_window(arch: str, md: Metadata) -> int | None:
-    """`<arch>.attention.sliding_window` (Mistral, Phi-3), on every layer; a per-layer pattern is refused by name."""
+    """`<arch>.attention.sliding_window` (Mistral, Phi-3: every layer; gemma3: its local layers); per-layer settings
+    in the file, and logit soft-capping (Gemma 2), are refused by name."""
+    for key in (f"{arch}.attn_logit_softcapping", f"{arch}.final_logit_softcapping"):
+        if key in md and md.number(key, 0.0, math.inf) != 0.0:
+            raise ModelError(f"GGUF metadata {key}: logit soft-capping is not supported yet")
     for key in (f"{arch}.attention.sliding_window_pattern", f"{arch}.attention.key_length_swa",
                 f"{arch}.rope.freq_base_swa", f"{arch}.rope.dimension_count_swa"):
         if key in md:
@@ -248,6 +252,11 @@ def rope_scaling(arch: str, md: Metadata, context_length: int, has_freq_factors:
                        md.number(f"{arch}.rope.scaling.yarn_beta_slow", 0.0, 1e6, default=1.0, open_lo=True))
 
 
+class Activation(str, enum.Enum):
+    SILU = "silu"  # SwiGLU: llama, qwen, phi3
+    GELU_TANH = "gelu_tanh"  # GeGLU with GELU's tanh approximation: Gemma (HF's gelu_pytorch_tanh)
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str  # general.architecture
@@ -257,6 +266,16 @@ class Architecture:
     attention_bias: bool  # q/k/v projections have biases (qwen2)
     qk_norm: bool = False  # an RMSNorm over each Q and K head before rope (qwen3: attn_q_norm, attn_k_norm)
     fused_gate_up: bool = False  # ffn_up holds the gate rows then the up rows, and there is no ffn_gate (phi3)
+    activation: Activation = Activation.SILU  # the MLP's gate
+    # Gemma: RMSNorms on the attention and MLP outputs before they join the residual (post_attention_norm,
+    # post_ffw_norm), and the embedding scaled by sqrt(hidden). Its norms' (1 + w) is already in the file: the
+    # converter stores w + 1.
+    post_norms: bool = False
+    embed_scale: bool = False
+    # Sliding window on some layers only: every swa_pattern-th layer (1-based) is global, the rest local, as
+    # llama.cpp hard-codes for gemma3 (6; the file does not say); 0: the window (if any) on every layer.
+    swa_pattern: int = 0
+    local_rope_theta: float | None = None  # the local layers' rope base, unscaled (gemma3: 10000; not in the file)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -267,6 +286,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen3", rope_permuted=False, attention_bias=False, qk_norm=True),
         # Phi-3/3.5: the Q, K, V rows in one attn_qkv tensor (separate ones are accepted too, as llama.cpp does)
         Architecture("phi3", rope_permuted=False, attention_bias=False, fused_gate_up=True),
+        Architecture("gemma3", rope_permuted=False, attention_bias=False, qk_norm=True, activation=Activation.GELU_TANH,
+                     post_norms=True, embed_scale=True, swa_pattern=6, local_rope_theta=10000.0),
     )
 }
 
@@ -313,6 +334,27 @@ class ModelConfig:
     @property
     def rope_pairs(self) -> int:
         return self.head_dim // 2
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of a layer (None: global attention)."""
+        pattern = self.arch.swa_pattern
+        if self.sliding_window is None or (pattern and (layer + 1) % pattern == 0):
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, layer: int) -> tuple[float, RopeScaling]:
+        """A layer's rope base and scaling: Gemma 3's local layers use their own base, unscaled."""
+        if self.arch.local_rope_theta is not None and self.layer_window(layer) is not None:
+            return self.arch.local_rope_theta, RopeScaling()
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def attention_scale(self) -> float:
+        # Gemma 3 27B (62 layers) scales queries by its query_pre_attn_scalar = hidden / heads, which GGUF does not
+        # store; llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) hard-codes it the same way. Every other model: head_dim.
+        if self.arch.name == "gemma3" and self.n_layers == 62:
+            return (self.hidden / self.n_heads) ** -0.5
+        return self.head_dim**-0.5
 
     @property
     def qkv_size(self) -> int:

@@ -16,6 +16,7 @@ matrices with `F.linear` (cuBLAS/MKL, as HF does), and its attention is SDPA per
 | rms_norm  | rms_norm (residual add fused)                   | rms_norm_ref                               |
 | rope      | apply_rope (in place)                           | apply_rope_ref                             |
 | silu_mul  | silu_mul                                        | silu_mul_ref                               |
+| gelu_tanh_mul | gelu_tanh_mul (silu_mul's kernel)           | gelu_tanh_mul_ref                          |
 | store_kv  | store_kv                                        | store_kv_ref                               |
 | attention | paged_attention (flash / paged decode / paged flash) | paged_attention_ref (SDPA per sequence) |
 
@@ -75,6 +76,7 @@ class Ops:
     prepare_dense: Callable[[torch.Tensor], Any] = lambda w: w
     # Whether adapters run as kernels (Triton's shrink/expand) or as the reference's PEFT-order delta.
     lora_kernels: bool = False
+    gelu_tanh_mul: Callable | None = None  # gate_up [T, 2F] -> GELU-tanh(gate) * up [T, F] (Gemma)
 
     @property
     def fast(self) -> Ops:
@@ -97,12 +99,12 @@ def reference_ops() -> Ops:
     from realm.kernels.attention import paged_attention_ref
     from realm.kernels.rms_norm import rms_norm_ref
     from realm.kernels.rope import apply_rope_ref
-    from realm.kernels.silu_mul import silu_mul_ref
+    from realm.kernels.silu_mul import gelu_tanh_mul_ref, silu_mul_ref
     from realm.kernels.store_kv import store_kv_ref
 
     return Ops(Backend.TORCH, group_by_format=False, prepare_linear=_dense_part, matmul=_dense_matmul,
                rms_norm=rms_norm_ref, rope=apply_rope_ref, silu_mul=silu_mul_ref, store_kv=store_kv_ref,
-               attention=paged_attention_ref)
+               attention=paged_attention_ref, gelu_tanh_mul=gelu_tanh_mul_ref)
 
 
 def _quantized_part(weights: Sequence[QTensor], device: torch.device, dtype: torch.dtype):
@@ -131,15 +133,16 @@ def triton_ops() -> Ops:
     from realm.kernels.attention import paged_attention, paged_attention_unchecked
     from realm.kernels.rms_norm import rms_norm, rms_norm_unchecked
     from realm.kernels.rope import apply_rope, apply_rope_unchecked
-    from realm.kernels.silu_mul import silu_mul, silu_mul_unchecked
+    from realm.kernels.silu_mul import gelu_tanh_mul, gelu_tanh_mul_unchecked, silu_mul, silu_mul_unchecked
     from realm.kernels.store_kv import store_kv, store_kv_unchecked
 
     unchecked = Ops(Backend.TRITON, group_by_format=True, prepare_linear=_quantized_part, matmul=_quantized_matmul,
                     rms_norm=rms_norm_unchecked, rope=apply_rope_unchecked, silu_mul=silu_mul_unchecked,
-                    store_kv=store_kv_unchecked, attention=paged_attention_unchecked)
+                    store_kv=store_kv_unchecked, attention=paged_attention_unchecked,
+                    gelu_tanh_mul=gelu_tanh_mul_unchecked)
     return Ops(Backend.TRITON, group_by_format=True, prepare_linear=_quantized_part, matmul=_quantized_matmul,
                rms_norm=rms_norm, rope=apply_rope, silu_mul=silu_mul, store_kv=store_kv, attention=paged_attention,
-               unchecked=unchecked, lora_kernels=True)
+               unchecked=unchecked, lora_kernels=True, gelu_tanh_mul=gelu_tanh_mul)
 
 
 # The row count oneDNN packs for (a hint: any count runs): 4 was the fastest of 1, 4 and 16 for steps of 1-16 rows,

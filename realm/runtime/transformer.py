@@ -1,4 +1,4 @@
-"""The llama-family forward (llama, qwen2, qwen3, phi3), written once over the op layer (realm.runtime.ops).
+"""The llama-family forward (llama, qwen2, qwen3, phi3, gemma3), written once over the op layer (realm.runtime.ops).
 
     net = Transformer(load_weights("smollm2"), Backend.TORCH, device="cpu")      # or Backend.TRITON on CUDA
     logits = net.forward(batch, kv)       # a ForwardBatch of ragged chunks, the PagedKVCache -> [rows, vocab]
@@ -7,13 +7,14 @@ Per layer, on the packed tokens of every sequence of the step:
 
     x, h = rms_norm(out, attn_norm, residual=h)      the residual add fused into the norm (the first layer: h = out)
     qkv  = qkv_proj(x)                               Q, K, V rows stacked: one linear layer (+ qwen2's biases)
-    q, k = rms_norm(q), rms_norm(k)                  qwen3 only: each head normalised on its own
+    q, k = rms_norm(q), rms_norm(k)                  qwen3, gemma3: each head normalised on its own
     q, k = rope(q, k, positions)                     rotate-half, each token at its own position
     store_kv(k, v, pages, slot_mapping)              this step's K, V into their pages
     o    = attention(q, k, v, pages, step)           the step's attention plan (realm.kernels.attention), over the
                                                      last `sliding_window` keys where the model has one
-    x, h = rms_norm(o_proj(o), ffn_norm, residual=h)
-    out  = down_proj(silu_mul(gate_up_proj(x)))      gate and up rows stacked: one linear layer
+    o    = rms_norm(o_proj(o), post_attn_norm)       gemma3 only (its out = rms_norm(out, post_ffn_norm) likewise)
+    x, h = rms_norm(o, ffn_norm, residual=h)
+    out  = down_proj(silu_mul(gate_up_proj(x)))      gate and up rows stacked: one linear layer (gemma3: GELU-tanh)
     logits = head(rms_norm(out, output_norm, residual=h)[rows])   only the rows the step asks for
 
 With the reference ops (Backend.TORCH) in float32 this is HF transformers' llama op for op: RMSNorm in float32, the
@@ -34,6 +35,7 @@ from realm.kernels.rope import rope_cache
 from realm.lora import Target
 
 from .batch import ForwardBatch
+from .config import Activation, RopeScaling
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, PagedKVCache
 from .linear import Linear
 from .ops import Backend, Ops, backend_of, check_onednn, ops_for
@@ -62,8 +64,12 @@ class Layer:
     ffn_norm: torch.Tensor
     gate_up: Linear  # [2 * ffn_hidden] outputs
     down: Linear
-    q_norm: torch.Tensor | None = None  # float32 [head_dim]: RMSNorm over each Q head before rope (qwen3)
+    q_norm: torch.Tensor | None = None  # float32 [head_dim]: RMSNorm over each Q head before rope (qwen3, gemma3)
     k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # float32 [hidden]: Gemma's norms on the attention and MLP outputs
+    post_ffn_norm: torch.Tensor | None = None
+    window: int | None = None  # sliding-window attention on this layer (None: global)
+    cos_sin: torch.Tensor | None = None  # this layer's rope table (Gemma 3's local layers have their own base)
 
 
 class Transformer:
@@ -91,15 +97,28 @@ class Transformer:
         self.head = self._linear("output", [weights.output], None, dense=tied_dense)
         self.output_norm = self._vector(weights.output_norm)
         self.layers = [self._layer(i, w) for i, w in enumerate(weights.layers)]
-        scaling = c.rope_scaling
-        self.cos_sin = rope_cache(c.head_dim, c.context_length, c.rope_theta, self.device,
-                                  scaling.inv_freq(c.head_dim, c.rope_theta, weights.rope_freqs),
-                                  scaling.attention_factor)
-        self.scale = c.head_dim**-0.5
+        self._rope_tables: dict[tuple, torch.Tensor] = {}
+        self.cos_sin = self._rope_table(c.rope_theta, c.rope_scaling, weights.rope_freqs)  # the global layers'
+        for i, layer in enumerate(self.layers):
+            theta, scaling = c.layer_rope(i)
+            layer.cos_sin = self._rope_table(theta, scaling, weights.rope_freqs)
+            layer.window = c.layer_window(i)
+        self.embed_scale = torch.tensor(c.hidden**0.5, dtype=dtype) if c.arch.embed_scale else None
+        self.gelu = c.arch.activation is Activation.GELU_TANH
+        self.scale = c.attention_scale
 
     def __repr__(self) -> str:
         return (f"Transformer({self.config.n_layers} layers, backend={self.backend.value}, device={self.device}, "
                 f"dtype={str(self.dtype).removeprefix('torch.')})")
+
+    def _rope_table(self, theta: float, scaling: RopeScaling, freq_factors: torch.Tensor | None) -> torch.Tensor:
+        c = self.config
+        key = (theta, scaling)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope_cache(c.head_dim, c.context_length, theta, self.device,
+                                                scaling.inv_freq(c.head_dim, theta, freq_factors),
+                                                scaling.attention_factor)
+        return self._rope_tables[key]
 
     def _vector(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=torch.float32).contiguous()
@@ -117,6 +136,8 @@ class Transformer:
             down=self._linear(f"blk.{i}.ffn_down", [w.w_down], None),
             q_norm=None if w.q_norm is None else self._vector(w.q_norm),
             k_norm=None if w.k_norm is None else self._vector(w.k_norm),
+            post_attn_norm=None if w.post_attn_norm is None else self._vector(w.post_attn_norm),
+            post_ffn_norm=None if w.post_ffn_norm is None else self._vector(w.post_ffn_norm),
         )
 
     def lora_layers(self) -> list[tuple[int, tuple[Target, ...], Linear]]:
@@ -152,6 +173,8 @@ class Transformer:
     def _forward(self, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
         eps = self.config.rms_eps
         out = F.embedding(batch.tokens, self.embedding)  # [tokens, hidden]
+        if self.embed_scale is not None:  # Gemma: times sqrt(hidden) rounded to the dtype, as HF scales it
+            out = out * self.embed_scale
         h = None  # the residual stream; the first layer's input is the embedding itself
         for i, layer in enumerate(self.layers):
             ops = self.ops if i == 0 else self.ops.fast  # the first layer checks what every layer's ops will see
@@ -160,8 +183,14 @@ class Transformer:
             else:
                 x, h = ops.rms_norm(out, layer.attn_norm, eps, residual=h)
             o = self._attention(ops, layer, x, batch, kv.layer(i))
+            if layer.post_attn_norm is not None:
+                o = ops.rms_norm(o, layer.post_attn_norm, eps)
             x, h = ops.rms_norm(o, layer.ffn_norm, eps, residual=h)
-            out = layer.down(ops.silu_mul(layer.gate_up(x, batch)), batch)
+            gate_up = layer.gate_up(x, batch)
+            act = ops.gelu_tanh_mul(gate_up) if self.gelu else ops.silu_mul(gate_up)
+            out = layer.down(act, batch)
+            if layer.post_ffn_norm is not None:
+                out = ops.rms_norm(out, layer.post_ffn_norm, eps)
         ops = self.ops
         rows = batch.logits_rows
         if rows.shape[0] == 0:
@@ -181,10 +210,10 @@ class Transformer:
         if layer.q_norm is not None:  # each head normalised on its own, as HF's Qwen3 does
             q = ops.rms_norm(q.reshape(-1, c.head_dim), layer.q_norm, c.rms_eps).view(n, c.n_heads, c.head_dim)
             k = ops.rms_norm(k.reshape(-1, c.head_dim), layer.k_norm, c.rms_eps).view(n, c.n_kv_heads, c.head_dim)
-        q, k = ops.rope(q, k, batch.positions, self.cos_sin)
+        q, k = ops.rope(q, k, batch.positions, layer.cos_sin)
         k_cache, v_cache = kv
         ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        o = ops.attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, window=c.sliding_window)
+        o = ops.attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, window=layer.window)
         return layer.o(o.view(n, c.q_size), batch)
 
     # ------------------------------------------------------------------------------------ rectangular [batch, T]

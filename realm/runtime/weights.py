@@ -46,8 +46,10 @@ class LayerWeights:
     bq: torch.Tensor | None = None  # float32 [q_size] (qwen2)
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
-    q_norm: torch.Tensor | None = None  # float32 [head_dim]: RMSNorm weights over each Q head (qwen3)
+    q_norm: torch.Tensor | None = None  # float32 [head_dim]: RMSNorm weights over each Q head (qwen3, gemma3)
     k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # float32 [hidden]: Gemma's norms on the attention and MLP outputs
+    post_ffn_norm: torch.Tensor | None = None
 
     def qkv_bias(self) -> torch.Tensor | None:
         """float32 [q_size + 2 * kv_size]: the Q, K, V biases for a fused QKV projection (zeros for a missing one),
@@ -179,6 +181,15 @@ def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
             if tensors.has(f"{p}{name}.weight"):
                 raise ModelError(f"{tensors.path}: {p}{name}.weight: a Q/K norm in a {c.arch.name} file, whose "
                                  "architecture has none (realm would ignore it)")
+    post_attn_norm = post_ffn_norm = None
+    if c.arch.post_norms:
+        post_attn_norm = tensors.vector(p + "post_attention_norm.weight", "hidden")
+        post_ffn_norm = tensors.vector(p + "post_ffw_norm.weight", "hidden")
+    else:
+        for name in ("post_attention_norm", "post_ffw_norm"):
+            if tensors.has(f"{p}{name}.weight"):
+                raise ModelError(f"{tensors.path}: {p}{name}.weight in a {c.arch.name} file, whose architecture has "
+                                 "no such norm (realm would ignore it)")
     return LayerWeights(
         attn_norm=tensors.vector(p + "attn_norm.weight", "hidden"),
         wq=wq,
@@ -194,6 +205,8 @@ def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
         bv=tensors.optional_vector(p + "attn_v.bias", "kv_size"),
         q_norm=q_norm,
         k_norm=k_norm,
+        post_attn_norm=post_attn_norm,
+        post_ffn_norm=post_ffn_norm,
     )
 
 
