@@ -21,7 +21,8 @@ CASES += [f"{kind}:{dtype}" for kind in ("rms_norm", "rms_norm_residual", "rope"
 # (the exact path the CPU tests and the float32 model comparison use) for the ones the model runs.
 ATTENTION = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_paged_causal", "paged_decode",
              "paged_decode_split", "paged_decode_combine", "paged_verify", "paged_verify_split",
-             "flash_causal_window", "flash_paged_causal_window")
+             "flash_causal_window", "flash_paged_causal_window", "flash_paged_causal_window_softcap",
+             "paged_decode_softcap", "paged_verify_softcap")
 CASES += [f"{kind}:{dtype}" for kind in ATTENTION for dtype in ("float16", "bfloat16")]
 CASES += [f"{kind}:float32" for kind in ("flash_causal", "flash_paged_causal", "paged_decode", "paged_decode_split",
                                          "paged_verify", "paged_verify_split")]

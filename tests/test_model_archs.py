@@ -35,7 +35,11 @@ def hf_model(cls_name: str, config_name: str, state: dict[str, torch.Tensor], **
                 num_hidden_layers=t["layers"], num_attention_heads=t["n_heads"], num_key_value_heads=t["n_kv_heads"],
                 head_dim=t["head_dim"], rms_norm_eps=t["eps"], max_position_embeddings=CONTEXT,
                 tie_word_embeddings=False)
-    model = getattr(transformers, cls_name)(getattr(transformers, config_name)(**(base | config))).eval()
+    attn = config.pop("attn_implementation", None)
+    hf_config = getattr(transformers, config_name)(**(base | config))
+    if attn is not None:
+        hf_config._attn_implementation = attn
+    model = getattr(transformers, cls_name)(hf_config).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     assert not unexpected and set(missing) == tied, (missing, unexpected)
@@ -199,11 +203,35 @@ def test_gemma3_matches_hf(tmp_path):
     assert_same_predictions(TorchModel(weights).forward_tokens(PROMPT), hf_logits(model))
 
 
-def test_logit_softcapping_is_refused(tmp_path):
-    write_tiny_llama(tmp_path / "g.gguf", "gemma3", tied=True, dims=GEMMA_DIMS, metadata={
-        "gemma3.final_logit_softcapping": MetadataValue(30.0, V.FLOAT32)})
-    with pytest.raises(ModelError, match="final_logit_softcapping: logit soft-capping is not supported"):
-        load_weights(tmp_path / "g.gguf")
+# ------------------------------------------------------------------------------------------------------ Gemma 2
+
+GEMMA2_CAPS = {"gemma2.attn_logit_softcapping": MetadataValue(2.0, V.FLOAT32),  # small: most scores are capped
+               "gemma2.final_logit_softcapping": MetadataValue(3.0, V.FLOAT32)}
+
+
+def write_tiny_gemma2(path) -> dict[str, torch.Tensor]:
+    return write_tiny_llama(path, "gemma2", tied=True, dims={"layers": 4}, context_length=CONTEXT,
+                            metadata=window_metadata("gemma2") | GEMMA2_CAPS)
+
+
+def test_gemma2_matches_hf(tmp_path):
+    """Gemma 3's layer without Q/K norms, local and global layers alternating (one rope base), and soft-capped
+    attention scores and logits (HF's eager attention)."""
+    state = write_tiny_gemma2(tmp_path / "g.gguf")
+    weights = load_weights(tmp_path / "g.gguf")
+    c = weights.config
+    assert [c.layer_window(i) for i in range(4)] == [WINDOW, None, WINDOW, None]
+    assert (c.attn_softcap, c.final_softcap) == (2.0, 3.0)
+    model = hf_model("Gemma2ForCausalLM", "Gemma2Config", state, num_hidden_layers=4, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": TINY["theta"]},
+                     query_pre_attn_scalar=TINY["head_dim"], sliding_window=WINDOW,
+                     layer_types=["sliding_attention", "full_attention"] * 2, hidden_activation="gelu_pytorch_tanh",
+                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0,
+                     attn_implementation="eager")
+    expected = hf_logits(model)
+    got = TorchModel(weights).forward_tokens(PROMPT)
+    assert_same_predictions(got, expected)
+    assert got.abs().max() <= 3.0  # the final cap holds
 
 
 # ------------------------------------------------------------------------------------------ the Triton backend
@@ -215,6 +243,7 @@ TRITON_CASES = {
     "phi3": dict(arch="phi3", formats={"attn_qkv": "Q8_0", "ffn_up": "Q4_0"}),
     "mistral-window": dict(arch="llama", metadata=window_metadata("llama")),
     "gemma3": dict(arch="gemma3", tied=True, dims=GEMMA_DIMS, metadata=window_metadata("gemma3")),
+    "gemma2": dict(arch="gemma2", tied=True, dims={"layers": 4}, metadata=window_metadata("gemma2") | GEMMA2_CAPS),
 }
 # pieces of the prompt run one after another on the cache: a prefill chunk, a decode, a verification-sized chunk
 # and a longer chunk, so every attention kernel (flash, paged decode, paged verify, flash over pages) runs

@@ -1,7 +1,8 @@
-"""Sliding-window attention (Mistral, Phi-3, Gemma's local layers): every attention kernel with a window against its
-reference, each reference against one plain masked softmax, and the cases where a window changes which key blocks,
-tiles or splits a program visits: windows of 1, shorter than a tile, spanning splits, and longer than the sequence.
-Query i of a sequence sees the keys j with position(i) - window < j <= position(i)."""
+"""Sliding-window attention (Mistral, Phi-3, Gemma's local layers) and soft-capped scores (Gemma 2): every attention
+kernel with a window against its reference, each reference against one plain masked softmax, and the cases where a
+window changes which key blocks, tiles or splits a program visits: windows of 1, shorter than a tile, spanning
+splits, and longer than the sequence. Query i of a sequence sees the keys j with position(i) - window < j <=
+position(i); a softcap c turns each scaled score x into c * tanh(x / c)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ FLASH_TILES = AttentionConfig(block_m=16, block_n=16)
 LENS_Q, LENS_K = [1, 3, 4, 20], [70, 9, 41, 50]  # the queries are the LAST len_q of each sequence's len_k keys
 
 
-def plain(q, keys, values, cu_q, window, scale):
+def plain(q, keys, values, cu_q, window, scale, softcap=None):
     """One masked softmax per sequence, float64: the definition the references must agree with."""
     out = torch.empty(q.shape, dtype=torch.float64)
     offsets = cu_q.tolist()
@@ -38,6 +39,8 @@ def plain(q, keys, values, cu_q, window, scale):
         pos = torch.arange(qs.shape[0])[:, None] + k.shape[0] - qs.shape[0]
         j = torch.arange(k.shape[0])[None, :]
         s = torch.einsum("ihd,jhd->hij", qs, k) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         s = s.masked_fill(~((j <= pos) & (j > pos - window)), float("-inf"))
         out[offsets[b] : offsets[b + 1]] = torch.einsum("hij,jhd->ihd", torch.softmax(s, -1), v)
     return out
@@ -121,3 +124,31 @@ def test_a_window_changes_the_result_and_bad_windows_are_refused():
             paged_decode_attention(q[:4], k_cache, v_cache, seq_lens, table, window=bad)
     with pytest.raises(ValueError, match="a sliding window needs causal attention"):
         flash_attention(q, q[:, :2], q[:, :2], cu, cu, causal=False, window=4)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_softcapped_scores_in_every_kernel(num_splits, window):
+    """A cap of 2 (scores of standard deviation ~3 here: most are capped) in decode, verify and flash, against their
+    references, and the references against the plain softmax with the cap."""
+    cap = 2.0
+    q, k_cache, v_cache, cu, seq_lens, table = _case([1, 2, 4, 3], LENS_K, 6, 2, 32, torch.float32, "cpu")
+    keys, values = gather_kv(k_cache, table, seq_lens), gather_kv(v_cache, table, seq_lens)
+    expected = plain(q, keys, values, cu, window or 10**6, 32**-0.5, cap)
+    got = paged_verify_attention_ref(q, k_cache, v_cache, cu, seq_lens, table, window=window, softcap=cap)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    y = paged_verify_attention(q, k_cache, v_cache, cu, seq_lens, table, num_splits=num_splits, config=SMALL_TILES,
+                               window=window, softcap=cap)
+    assert_close(y, got, what="verify")
+    y = flash_attention_paged(q, k_cache, v_cache, cu, seq_lens, table, window=window, softcap=cap, config=FLASH_TILES)
+    assert_close(y, flash_attention_paged_ref(q, k_cache, v_cache, cu, seq_lens, table, window=window, softcap=cap),
+                 what="flash")
+    last = cu[1:] - 1
+    ref = paged_decode_attention_ref(q[last], k_cache, v_cache, seq_lens, table, window=window, softcap=cap)
+    torch.testing.assert_close(ref.double(), expected[last], rtol=1e-5, atol=1e-5)
+    y = paged_decode_attention(q[last], k_cache, v_cache, seq_lens, table, num_splits=num_splits, config=SMALL_TILES,
+                               window=window, softcap=cap)
+    assert_close(y, ref, what="decode")
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+            paged_decode_attention(q[last], k_cache, v_cache, seq_lens, table, softcap=bad)

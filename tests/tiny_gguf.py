@@ -20,6 +20,7 @@ def gguf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+GEMMAS = ("gemma2", "gemma3")
 TINY = dict(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=50, layers=2, theta=10000.0, eps=1e-6)
 
 
@@ -43,7 +44,7 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
 
     # Gemma multiplies the embedding by sqrt(hidden): scaled down here so that the tied head does not just echo the
     # last token
-    embed_scale = t["hidden"] ** -0.5 if arch == "gemma3" else 1.0
+    embed_scale = t["hidden"] ** -0.5 if arch in GEMMAS else 1.0
     hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(t["vocab"], t["hidden"], scale=embed_scale),
                                    "model.norm.weight": 1 + rnd(t["hidden"])}
     if not tied:
@@ -62,10 +63,12 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
         if arch == "qwen3":
             hf |= {p + "self_attn.q_norm.weight": 1 + rnd(t["head_dim"]), p + "self_attn.k_norm.weight": 1 + rnd(
                 t["head_dim"])}
-        if arch == "gemma3":  # norms on the attention and MLP outputs; Q/K norms; weights w of HF's (1 + w)
+        if arch in GEMMAS:  # norms on the attention and MLP outputs (gemma3: Q/K norms); weights w of HF's (1 + w)
             hf |= {p + "pre_feedforward_layernorm.weight": rnd(t["hidden"]), p + "post_feedforward_layernorm.weight":
-                   rnd(t["hidden"]), p + "self_attn.q_norm.weight": rnd(t["head_dim"]), p + "self_attn.k_norm.weight":
-                   rnd(t["head_dim"])}
+                   rnd(t["hidden"])}
+            if arch == "gemma3":
+                hf |= {p + "self_attn.q_norm.weight": rnd(t["head_dim"]), p + "self_attn.k_norm.weight": rnd(
+                    t["head_dim"])}
             for name in ("input_layernorm", "post_attention_layernorm"):
                 hf[p + name + ".weight"] -= 1  # rnd around 0, as Gemma's are
         if arch == "phi3":  # HF's Phi3 fuses these itself; the converter writes them as they are
@@ -76,7 +79,7 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv",
              "mlp.gate_up_proj": "ffn_up"}
-    if arch == "gemma3":  # HF's post_attention_layernorm is Gemma's norm on the attention output, not the MLP's input
+    if arch in GEMMAS:  # HF's post_attention_layernorm is Gemma's norm on the attention output, not the MLP's input
         hf["model.norm.weight"] -= 1
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -107,7 +110,7 @@ def write_tiny_llama(path: Path, arch: str = "llama", tied: bool = False, drop: 
                 heads = t["n_heads"] if module == "self_attn.q_proj" else t["n_kv_heads"]
                 value = gguf_permute(value, heads)
             tensors[f"blk.{i}.{names[module]}.{kind}"] = value
-    if arch == "gemma3":  # convert_hf_to_gguf.py stores Gemma's norm weights as 1 + w
+    if arch in GEMMAS:  # convert_hf_to_gguf.py stores Gemma's norm weights as 1 + w
         tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
     tensors |= extra_tensors or {}
     for name, value in tensors.items():

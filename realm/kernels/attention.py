@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .checks import check_heads, check_window
+from .checks import check_heads, check_softcap, check_window
 from .flash_attention import MAX_HEAD_DIM
 from .flash_attention import _launch as _flash_launch
 from .flash_attention import default_config as flash_config
@@ -135,15 +135,17 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """q [tokens, n_heads, head_dim], this step's k, v [tokens, n_kv_heads, head_dim] (already in the cache too);
     k_cache, v_cache: one layer's pages [num_blocks, block_size, n_kv_heads, head_dim] -> [tokens, n_heads,
     head_dim]. Checks the tensors' shapes, dtypes and devices; the index tensors' contents were checked on the host
     when the step was built (ForwardBatch.build). window: sliding-window attention (a query sees the `window` keys
-    ending at its own position); None: every earlier key."""
+    ending at its own position); None: every earlier key. softcap: Gemma 2's soft-capped scores."""
     check_attention(q, k, v, k_cache, v_cache, meta)
     check_window(window)
-    return paged_attention_unchecked(q, k, v, k_cache, v_cache, meta, scale, window)
+    check_softcap(softcap)
+    return paged_attention_unchecked(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
 
 
 def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -168,37 +170,40 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def paged_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                              window: int | None = None) -> torch.Tensor:
+                              window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """paged_attention without the checks, for the layers after the first of a step (same shapes)."""
     if meta.fresh:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         _flash_launch(out, q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, None, causal=True, scale=scale,
-                      max_seqlen_q=meta.max_seqlen_q, config=flash_config(q.shape[2], q.dtype), window=window)
+                      max_seqlen_q=meta.max_seqlen_q, config=flash_config(q.shape[2], q.dtype), window=window,
+                      softcap=softcap)
         return out
     d, v = meta.num_decode, meta.num_verify
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if d:
         plan = meta.decode_plan(k_cache.shape[2], q.device)
         _decode_launch(q[:d], k_cache, v_cache, meta.seq_lens[:d], meta.block_tables[:d], scale, plan, out[:d],
-                       window)
+                       window, softcap)
     rest = d + meta.verify_tokens  # the first query row after the decodes and the verify chunks
     if meta.verify_cu_seqlens is not None:
         plan = meta.verify_plan(q.shape[1], k_cache.shape[2], q.shape[2], q.dtype, q.device)
         _verify_launch(q[d:rest], k_cache, v_cache, meta.verify_cu_seqlens, meta.seq_lens[d : d + v],
-                       meta.block_tables[d : d + v], scale, plan, out[d:rest], window)
+                       meta.block_tables[d : d + v], scale, plan, out[d:rest], window, softcap)
     if meta.flash_cu_seqlens is not None:
         _flash_launch(out[rest:], q[rest:], k_cache, v_cache, meta.flash_cu_seqlens, meta.seq_lens[d + v :],
                       meta.block_tables[d + v :], causal=True, scale=scale, max_seqlen_q=meta.chunk_max_seqlen_q,
-                      config=flash_config(q.shape[2], q.dtype), window=window)
+                      config=flash_config(q.shape[2], q.dtype), window=window, softcap=softcap)
     return out
 
 
 def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                        window: int | None = None) -> torch.Tensor:
+                        window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """The reference: per sequence, its keys and values gathered from the pages, SDPA with GQA (each KV head serves
     n_heads / n_kv_heads query heads without copies), causal within the chunk; with a window, through a boolean
-    mask as HF passes its sliding-window mask to SDPA. k, v are unused: the pages hold them."""
+    mask as HF passes its sliding-window mask to SDPA; with a softcap, HF's eager attention (Gemma 2: scores times
+    scale, capped, masked, softmax in float32, times V), which SDPA cannot do. k, v are unused: the pages hold
+    them."""
     n, n_heads, head_dim = q.shape
     k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [slots, n_kv_heads, head_dim]
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
@@ -210,6 +215,11 @@ def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         k_seq = k_flat[keys].transpose(0, 1)[None]  # [1, kv_heads, seq_len, head_dim]
         v_seq = v_flat[keys].transpose(0, 1)[None]
         start = seq_len - q_len
+        if softcap is not None:
+            out[first : first + q_len] = _eager_softcapped(q[first : first + q_len], k_flat[keys], v_flat[keys], start,
+                                                           scale, softcap, window)
+            first += q_len
+            continue
         if window is not None and seq_len > window:
             mask = _causal_mask(start, q_len, q.device, window)
         else:
@@ -219,6 +229,19 @@ def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         out[first : first + q_len] = o[0].transpose(0, 1)
         first += q_len
     return out
+
+
+def _eager_softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, softcap: float,
+                      window: int | None) -> torch.Tensor:
+    """One sequence as HF's Gemma 2 eager attention: q [q_len, heads, D] at positions start.., k, v [seq_len,
+    kv_heads, D] -> [q_len, heads, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1).transpose(0, 1), v.repeat_interleave(group, dim=1).transpose(0, 1)
+    s = torch.matmul(q.transpose(0, 1), k.transpose(1, 2)) * scale  # [heads, q_len, seq_len]
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~_causal_mask(start, q.shape[0], q.device, window), float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v).transpose(0, 1)
 
 
 def _causal_mask(start: int, tokens: int, device, window: int | None = None) -> torch.Tensor:

@@ -42,3 +42,11 @@ def check_window(window: int | None, causal: bool = True) -> None:
         raise ValueError(f"window must be None or an int >= 1 (keys per query, itself included), got {window!r}")
     if not causal:
         raise ValueError("a sliding window needs causal attention")
+
+
+def check_softcap(softcap: float | None) -> None:
+    """Soft-capped attention scores (Gemma 2): None, or a finite cap > 0."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf"):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")

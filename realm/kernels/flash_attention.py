@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import paged, tuning
-from .checks import cdiv, check_heads, check_window, next_power_of_2
+from .checks import cdiv, check_heads, check_softcap, check_window, next_power_of_2
 from .qdecode import check_runnable, dot_precision
 
 MAX_HEAD_DIM = 256  # one head's row of q and the float32 accumulator stay in registers
@@ -91,6 +91,12 @@ def _load_tile(ptrs, row_mask, d_mask, MASK_ROWS: tl.constexpr, MASK_D: tl.const
 
 
 @triton.jit
+def tanh(x):
+    """tanh through exp: saturates to +-1 for large |x| (exp overflows to inf or underflows to 0), never NaN."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
 def _key_rows(table_ptr, k_start, cols, in_seq, num_blocks, MASKED: tl.constexpr, PAGED: tl.constexpr,
               PAGE_SIZE: tl.constexpr):
     """Rows of K/V (int64) holding keys `cols` of the sequence, and which of them have a valid block id."""
@@ -109,12 +115,14 @@ def _key_rows(table_ptr, k_start, cols, in_seq, num_blocks, MASKED: tl.constexpr
 
 @triton.jit
 def _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start, len_k, num_blocks, lo, hi,
-            qk_scale, window, stride_kt, stride_vt, offs_n, offs_d, d_mask,
+            qk_scale, window, softcap2, stride_kt, stride_vt, offs_n, offs_d, d_mask,
             MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-            MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr):
+            MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr,
+            SOFTCAP: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with the key blocks lo, lo + BLOCK_N, .. < hi (lo a multiple of
     BLOCK_N). MASKED: the blocks may reach past len_k or (causal) past some query's position. WINDOWED: query p sees
-    only keys j > p - window (sliding-window attention; always MASKED)."""
+    only keys j > p - window (sliding-window attention; always MASKED). SOFTCAP: scores soft-capped (Gemma 2),
+    scale * s -> cap * tanh(scale * s / cap), softcap2 = cap * log2(e)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -124,6 +132,8 @@ def _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_star
             bad_keys += (in_seq & (valid == 0)).to(tl.int32)
         k = _load_tile(k_base + rows[:, None] * stride_kt + offs_d[None, :], in_seq, d_mask, MASKED, MASK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if SOFTCAP:  # capped in base-2 units, then put back in the units qk_scale multiplies below
+            s = tanh(s * (qk_scale / softcap2)) * (softcap2 / qk_scale)
         if MASKED:
             visible = in_seq[None, :]
             if CAUSAL:
@@ -150,11 +160,12 @@ def _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_star
 
 @triton.jit
 def _flash_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, k_index_ptr, block_table_ptr,
-                            total_q, total_k, num_blocks, max_blocks, group, qk_scale, window,
+                            total_q, total_k, num_blocks, max_blocks, group, qk_scale, window, softcap2,
                             stride_ot, stride_oh, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
-                            PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr):
+                            PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr,
+                            SOFTCAP: tl.constexpr):
     """Queries pid_m * BLOCK_M .. + BLOCK_M of head pid_h of sequence pid_b. k_index_ptr: cu_seqlens_k [batch + 1]
     (contiguous) or seq_lens_k [batch] (PAGED, with block_table [batch, max_blocks] and K/V viewed as
     [num_blocks * PAGE_SIZE, n_kv_heads, HEAD_DIM])."""
@@ -208,18 +219,18 @@ def _flash_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, k_index_ptr,
     if WINDOWED:  # one masked loop from the first block the program's first query still sees
         lo = (tl.maximum(len_k - len_q + m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start,
-                                           len_k, num_blocks, lo, n_end, qk_scale, window, stride_kt, stride_vt,
-                                           offs_n, offs_d, d_mask, True, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N,
-                                           DOT_PRECISION, True)
+                                           len_k, num_blocks, lo, n_end, qk_scale, window, softcap2, stride_kt,
+                                           stride_vt, offs_n, offs_d, d_mask, True, CAUSAL, PAGED, PAGE_SIZE, MASK_D,
+                                           BLOCK_N, DOT_PRECISION, True, SOFTCAP)
     else:
         acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start,
-                                           len_k, num_blocks, 0, n_full, qk_scale, window, stride_kt, stride_vt,
-                                           offs_n, offs_d, d_mask, False, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N,
-                                           DOT_PRECISION, False)
+                                           len_k, num_blocks, 0, n_full, qk_scale, window, softcap2, stride_kt,
+                                           stride_vt, offs_n, offs_d, d_mask, False, CAUSAL, PAGED, PAGE_SIZE, MASK_D,
+                                           BLOCK_N, DOT_PRECISION, False, SOFTCAP)
         acc, l_i, m_i, bad_keys = _attend(acc, l_i, m_i, bad_keys, q, q_pos, k_base, v_base, table_ptr, k_start,
-                                           len_k, num_blocks, n_full, n_end, qk_scale, window, stride_kt, stride_vt,
-                                           offs_n, offs_d, d_mask, True, CAUSAL, PAGED, PAGE_SIZE, MASK_D, BLOCK_N,
-                                           DOT_PRECISION, False)
+                                           len_k, num_blocks, n_full, n_end, qk_scale, window, softcap2, stride_kt,
+                                           stride_vt, offs_n, offs_d, d_mask, True, CAUSAL, PAGED, PAGE_SIZE, MASK_D,
+                                           BLOCK_N, DOT_PRECISION, False, SOFTCAP)
 
     out = tl.math.div_rn(acc, l_i[:, None])  # IEEE division: no extra error on the float32 path
     if PAGED:
@@ -308,7 +319,8 @@ def _check_config(config: AttentionConfig | None, head_dim: int, dtype: torch.dt
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, *, causal: bool = True, scale: float | None = None,
                     max_seqlen_q: int | None = None, out: torch.Tensor | None = None,
-                    config: AttentionConfig | None = None, window: int | None = None) -> torch.Tensor:
+                    config: AttentionConfig | None = None, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Attention of packed sequences -> out [total_q, n_heads, head_dim] in q.dtype.
 
     q: [total_q, n_heads, head_dim]; k, v: [total_k, n_kv_heads, head_dim]; float16/bfloat16/float32, one dtype,
@@ -319,6 +331,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     max_seqlen_q: the longest query run (host int, sizes the grid); None reads it from cu_seqlens_q (a device sync
     on CUDA). out: optional output buffer (stride 1 along head_dim). config: tile sizes (default_config).
     window: sliding-window attention (causal only): query i sees keys j > its position - window; None: all.
+    softcap: soft-capped scores (Gemma 2), scale * q.k -> softcap * tanh(scale * q.k / softcap); None: none.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_heads(name, t)
@@ -334,11 +347,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     _check_lengths(lens_q, lens_k, causal)
     _check_options(q, lens_q, scale, max_seqlen_q, out)
     check_window(window, causal)
+    check_softcap(softcap)
     cfg = _check_config(config, q.shape[2], q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     check_runnable([out, q, k, v, cu_seqlens_q, cu_seqlens_k], "flash_attention")
     _launch(out, q, k, v, cu_seqlens_q, cu_seqlens_k, None, causal=causal, scale=scale, max_seqlen_q=max_seqlen_q,
-            config=cfg, window=window)
+            config=cfg, window=window, softcap=softcap)
     return out
 
 
@@ -346,7 +360,7 @@ def flash_attention_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           seq_lens_k: torch.Tensor, block_table: torch.Tensor, *, causal: bool = True,
                           scale: float | None = None, max_seqlen_q: int | None = None,
                           out: torch.Tensor | None = None, config: AttentionConfig | None = None,
-                          window: int | None = None) -> torch.Tensor:
+                          window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """flash_attention with keys and values read from the paged cache -> out [total_q, n_heads, head_dim].
 
     k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim] (paged.py's layout; any block_size >= 1).
@@ -365,17 +379,19 @@ def flash_attention_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     _check_lengths(lens_q, seq_lens_k.tolist() if q.device.type == "cpu" else None, causal)
     _check_options(q, lens_q, scale, max_seqlen_q, out)
     check_window(window, causal)
+    check_softcap(softcap)
     cfg = _check_config(config, head_dim, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     check_runnable([out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_table], "flash_attention_paged")
     _launch(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_table, causal=causal, scale=scale,
-            max_seqlen_q=max_seqlen_q, config=cfg, window=window)
+            max_seqlen_q=max_seqlen_q, config=cfg, window=window, softcap=softcap)
     return out
 
 
 def _launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             k_index: torch.Tensor, block_table: torch.Tensor | None, *, causal: bool, scale: float | None,
-            max_seqlen_q: int | None, config: AttentionConfig, window: int | None = None) -> None:
+            max_seqlen_q: int | None, config: AttentionConfig, window: int | None = None,
+            softcap: float | None = None) -> None:
     """The kernel on validated shapes, index contents unchecked (tests use it to see invalid ones give NaN).
     k_index: cu_seqlens_k, or seq_lens_k when block_table is given (k, v then the paged caches)."""
     total_q, n_heads, head_dim = q.shape
@@ -399,17 +415,19 @@ def _launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _flash_attention_kernel[grid](
         out, q, k, v, cu_seqlens_q, k_index, table,
         total_q, total_k, num_blocks, max_blocks, n_heads // n_kv_heads, scale * LOG2E, window or 0,
+        (softcap or 1.0) * LOG2E,
         out.stride(0), out.stride(1), q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_D=max(16, next_power_of_2(head_dim)), CAUSAL=bool(causal), PAGED=block_table is not None,
         PAGE_SIZE=page_size, DOT_PRECISION=dot_precision(q.dtype), WINDOWED=window is not None,
+        SOFTCAP=softcap is not None,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # ---- references --------------------------------------------------------------------------------------------------
 
 def _attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One sequence in float32: q [len_q, n_heads, D], k, v [len_k, n_kv_heads, D] -> [len_q, n_heads, D]."""
     len_q, n_heads, _ = q.shape
     len_k, n_kv_heads, _ = k.shape
@@ -418,6 +436,8 @@ def _attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [n_heads, len_k, D]: head h uses h // group
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
     s = (qf @ kf.transpose(1, 2)) * scale  # [n_heads, len_q, len_k]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if causal:
         pos = torch.arange(len_q, device=q.device)[:, None] + (len_k - len_q)
         keys = torch.arange(len_k, device=q.device)[None, :]
@@ -427,32 +447,33 @@ def _attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 
 
 def _reference(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], cu_seqlens_q: torch.Tensor,
-               causal: bool, scale: float | None, window: int | None = None) -> torch.Tensor:
+               causal: bool, scale: float | None, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
     scale = q.shape[2] ** -0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     offsets = cu_seqlens_q.tolist()
     for b, (k, v) in enumerate(zip(keys, values, strict=True)):
         start, end = offsets[b], offsets[b + 1]
         if end > start:
-            out[start:end] = _attention_one(q[start:end], k, v, causal, scale, window)
+            out[start:end] = _attention_one(q[start:end], k, v, causal, scale, window, softcap)
     return out.to(q.dtype)
 
 
 def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         cu_seqlens_k: torch.Tensor, *, causal: bool = True, scale: float | None = None,
-                        window: int | None = None) -> torch.Tensor:
+                        window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Plain torch, sequence by sequence: float32 scores, mask, softmax and @ v, rounded once to q.dtype."""
     ck = cu_seqlens_k.tolist()
     bounds = list(itertools.pairwise(ck))
     return _reference(q, [k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds], cu_seqlens_q, causal, scale,
-                      window)
+                      window, softcap)
 
 
 def flash_attention_paged_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor, block_table: torch.Tensor, *,
                               causal: bool = True, scale: float | None = None,
-                              window: int | None = None) -> torch.Tensor:
+                              window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """flash_attention_ref on the sequences gathered from the paged cache with paged.gather_kv."""
     keys = paged.gather_kv(k_cache, block_table, seq_lens_k)
     values = paged.gather_kv(v_cache, block_table, seq_lens_k)
-    return _reference(q, keys, values, cu_seqlens_q, causal, scale, window)
+    return _reference(q, keys, values, cu_seqlens_q, causal, scale, window, softcap)

@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .checks import cdiv, check_heads, check_window, next_power_of_2
+from .checks import cdiv, check_heads, check_softcap, check_window, next_power_of_2
+from .flash_attention import tanh
 from .paged import check_block_table, check_kv_cache, gather_kv
 from .qdecode import check_runnable, dot_precision
 
@@ -85,11 +86,11 @@ class PagedDecodePlan:
 
 @triton.jit
 def _paged_decode_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr,
-                         block_table_ptr, qk_scale, window, num_blocks, block_size, max_blocks, group, head_dim,
-                         tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob, stride_oh,
+                         block_table_ptr, qk_scale, window, softcap2, num_blocks, block_size, max_blocks, group,
+                         head_dim, tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob, stride_oh,
                          stride_cblock, stride_crow, stride_ch, stride_bt,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """Sequence program_id(0), KV head program_id(1), split program_id(2): its group's query heads (rows) against
     tokens [split * tokens_per_split, ..) of the sequence. qk_scale = scale * log2(e) (the softmax runs in base 2).
     SPLIT: write the normalised partial output and its log-sum-exp to part_o [B, H, S, D], part_lse [B, H, S];
@@ -128,6 +129,8 @@ def _paged_decode_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, 
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+        if SOFTCAP:  # Gemma 2: cap * tanh(logit / cap), in base-2 units (softcap2 = cap * log2(e))
+            s = tanh(s / softcap2) * softcap2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds at least one token
         alpha = tl.exp2(m_i - m_new)
@@ -247,7 +250,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                            block_table: torch.Tensor, *, scale: float | None = None, num_splits: int | None = None,
                            max_seq_len: int | None = None, out: torch.Tensor | None = None,
-                           config: PagedDecodeConfig | None = None, window: int | None = None) -> torch.Tensor:
+                           config: PagedDecodeConfig | None = None, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """q: [batch, n_heads, head_dim] (float16/bfloat16/float32, stride 1 on head_dim, any batch/head strides);
     k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim] in q's dtype, n_heads % n_kv_heads == 0;
     seq_lens: int32 [batch], each >= 1, the current token included (already stored); block_table: int32
@@ -257,10 +261,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale: default head_dim ** -0.5. num_splits: None for `plan_decode`'s heuristic, an int >= 1 to force it.
     max_seq_len: a host int >= every length, for the heuristic; None reads seq_lens.max() (a device sync on CUDA: the
     runtime passes it). A too small max_seq_len on CUDA only costs speed (the last split takes the rest).
-    window: sliding-window attention, each query sees its sequence's last `window` tokens; None: all.
+    window: sliding-window attention, each query sees its sequence's last `window` tokens; None: all. softcap: Gemma
+    2's soft-capped scores (scale * q.k -> softcap * tanh(scale * q.k / softcap)); None: none.
     """
     _check_inputs(q, k_cache, v_cache, seq_lens, block_table, scale, out)
     check_window(window)
+    check_softcap(softcap)
     batch, n_heads, head_dim = q.shape
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -274,13 +280,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     log.debug("paged_decode_attention batch=%d heads=%d/%d head_dim=%d max_seq_len=%d: %s", batch, n_heads,
               k_cache.shape[2], head_dim, max_seq_len, plan)
     _launch(q, k_cache, v_cache, seq_lens, block_table, head_dim ** -0.5 if scale is None else float(scale), plan,
-            out, window)
+            out, window, softcap)
     return out
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
             block_table: torch.Tensor, scale: float, plan: PagedDecodePlan, out: torch.Tensor,
-            window: int | None = None) -> None:
+            window: int | None = None, softcap: float | None = None) -> None:
     """The kernels on validated inputs, index contents unchecked (tests use it to see what CUDA does with bad block
     ids)."""
     batch, n_heads, head_dim = q.shape
@@ -293,12 +299,14 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_l
         part_o = torch.empty(batch, n_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(batch, kv_heads, splits)](
-        out, part_o, part_lse, q, k_cache, v_cache, seq_lens, block_table, scale * LOG2E, window or 0, num_blocks,
+        out, part_o, part_lse, q, k_cache, v_cache, seq_lens, block_table, scale * LOG2E, window or 0,
+        (softcap or 1.0) * LOG2E, num_blocks,
         block_size,
         block_table.shape[1], group, head_dim, plan.tokens_per_split, splits, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         BLOCK_M=max(MIN_DOT_ROWS, next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        SPLIT=splits > 1, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT=splits > 1, DOT_PRECISION=dot_precision(q.dtype), SOFTCAP=softcap is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if splits > 1:
         _combine_kernel[(batch, n_heads)](out, part_o, part_lse, splits, head_dim, out.stride(0), out.stride(1),
                                           BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d)
@@ -306,9 +314,9 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_l
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                                block_table: torch.Tensor, *, scale: float | None = None,
-                               window: int | None = None) -> torch.Tensor:
+                               window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """The reference: per sequence, its K and V gathered by paged.gather_kv (the last `window` of them with a
-    window), softmax(q K^T * scale) V in float32, rounded once to q's dtype."""
+    window), softmax(q K^T * scale) V in float32 (scores soft-capped with softcap), rounded once to q's dtype."""
     _, n_heads, head_dim = q.shape
     group = n_heads // k_cache.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
@@ -319,6 +327,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             k, v = k[-window:], v[-window:]
         k = k.float().repeat_interleave(group, dim=1)  # [seq_len, n_heads, head_dim]
         v = v.float().repeat_interleave(group, dim=1)
-        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * scale, dim=-1)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        p = torch.softmax(s if softcap is None else torch.tanh(s / softcap) * softcap, dim=-1)
         out[b] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
     return out

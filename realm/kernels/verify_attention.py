@@ -57,8 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import cdiv, check_heads, check_window, next_power_of_2
-from .flash_attention import _check_cu_seqlens, _check_lengths
+from .checks import cdiv, check_heads, check_softcap, check_window, next_power_of_2
+from .flash_attention import _check_cu_seqlens, _check_lengths, tanh
 from .paged import check_block_table, check_kv_cache, gather_kv
 from .paged_attention import MAX_HEAD_DIM, MIN_DOT_ROWS, PagedDecodeConfig, _combine_kernel, plan_decode
 from .qdecode import check_runnable, dot_precision
@@ -107,12 +107,11 @@ class PagedVerifyPlan:
 
 @triton.jit
 def _paged_verify_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, seq_lens_ptr,
-                         block_table_ptr, qk_scale, window, total_q, num_blocks, block_size, max_blocks, group,
-                         n_heads,
-                         row_tiles, head_dim, tokens_per_split, num_splits, stride_qt, stride_qh, stride_ot,
-                         stride_oh, stride_cblock, stride_crow, stride_ch, stride_bt,
+                         block_table_ptr, qk_scale, window, softcap2, total_q, num_blocks, block_size, max_blocks,
+                         group, n_heads, row_tiles, head_dim, tokens_per_split, num_splits, stride_qt, stride_qh,
+                         stride_ot, stride_oh, stride_cblock, stride_crow, stride_ch, stride_bt,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """Sequence program_id(0); KV head program_id(1) // row_tiles and its row tile program_id(1) % row_tiles; split
     program_id(2): rows r = tile * BLOCK_M + 0 .. BLOCK_M - 1 (query r // group of head kvh * group + r % group)
     against tokens [split * tokens_per_split, ..) of the sequence, causal. qk_scale = scale * log2(e).
@@ -162,6 +161,8 @@ def _paged_verify_kernel(out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, 
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+        if SOFTCAP:  # Gemma 2: cap * tanh(logit / cap), in base-2 units (softcap2 = cap * log2(e))
+            s = tanh(s / softcap2) * softcap2
         visible = n_mask[None, :] & (offs_n[None, :] <= last_key[:, None])
         visible = visible & ((window <= 0) | (offs_n[None, :] > last_key[:, None] - window))
         s = tl.where(visible, s, float("-inf"))
@@ -297,7 +298,8 @@ def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, block_table: torch.Tensor, *, scale: float | None = None,
                            max_seqlen_q: int | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           config: PagedDecodeConfig | None = None, window: int | None = None) -> torch.Tensor:
+                           config: PagedDecodeConfig | None = None, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """q: [tokens, n_heads, head_dim], the packed chunks (float16/bfloat16/float32, stride 1 on head_dim, any
     token/head strides); k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim] in q's dtype,
     n_heads % n_kv_heads == 0; cu_seqlens_q: int32 [batch + 1] (0, non-decreasing, tokens), chunk b = rows
@@ -305,7 +307,8 @@ def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sequence's tokens in the cache INCLUDING its chunk's (already stored), >= its chunk's length; block_table: int32
     [batch, max_blocks]. Returns causal attention of every chunk over its sequence, [tokens, n_heads, head_dim] in q's
     dtype (into `out` when given: that shape and dtype, stride 1 on head_dim). window: sliding-window attention (each
-    query sees the `window` keys ending at its own position); None: every earlier key.
+    query sees the `window` keys ending at its own position); None: every earlier key. softcap: Gemma 2's soft-capped
+    scores (scale * q.k -> softcap * tanh(scale * q.k / softcap)); None: none.
 
     scale: default head_dim ** -0.5. max_seqlen_q: a host int >= every chunk's length, sizing the tile; None reads
     cu_seqlens_q (a device sync on CUDA: the runtime passes it). max_seq_len: a host int >= every length, for the
@@ -314,6 +317,7 @@ def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     lens_q = _check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, max_seqlen_q, out)
     check_window(window)
+    check_softcap(softcap)
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool)
                                     or max_seq_len < 1):
         raise ValueError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
@@ -340,13 +344,13 @@ def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     log.debug("paged_verify_attention batch=%d tokens=%d heads=%d/%d head_dim=%d max_seqlen_q=%d max_seq_len=%d: %s",
               batch, tokens, n_heads, k_cache.shape[2], head_dim, max_seqlen_q, max_seq_len, plan)
     _launch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, head_dim ** -0.5 if scale is None else
-            float(scale), plan, out, window)
+            float(scale), plan, out, window, softcap)
     return out
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
             seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, plan: PagedVerifyPlan,
-            out: torch.Tensor, window: int | None = None) -> None:
+            out: torch.Tensor, window: int | None = None, softcap: float | None = None) -> None:
     """The kernels on validated inputs, index contents unchecked (realm.kernels.attention calls it per layer; tests
     use it to see what CUDA does with bad indices). out: [tokens, n_heads, head_dim], stride 1 on head_dim."""
     tokens, n_heads, head_dim = q.shape
@@ -361,12 +365,14 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_se
         part_lse = torch.empty(tokens, n_heads, splits, dtype=torch.float32, device=q.device)
     _paged_verify_kernel[(batch, kv_heads * plan.row_tiles, splits)](
         out, part_o, part_lse, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale * LOG2E, window or 0,
+        (softcap or 1.0) * LOG2E,
         tokens,
         num_blocks, block_size, block_table.shape[1], n_heads // kv_heads, n_heads, plan.row_tiles, head_dim,
         plan.tokens_per_split, splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, SPLIT=splits > 1,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=dot_precision(q.dtype), SOFTCAP=softcap is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if splits > 1:  # one program per (token, query head): part rows token * n_heads + head, as the kernel wrote them
         _combine_kernel[(tokens, n_heads)](out, part_o, part_lse, splits, head_dim, out.stride(0), out.stride(1),
                                            BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d)
@@ -376,7 +382,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_se
 
 def paged_verify_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
-                               scale: float | None = None, window: int | None = None) -> torch.Tensor:
+                               scale: float | None = None, window: int | None = None,
+                               softcap: float | None = None) -> torch.Tensor:
     """The reference: per sequence, its K and V gathered by paged.gather_kv, causal softmax(q K^T * scale) V in
     float32 (query i of a q_len chunk sees keys 0 .. seq_len - q_len + i, and with a window only those > its
     position - window), rounded once to q's dtype."""
@@ -394,6 +401,8 @@ def paged_verify_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         k = k.float().repeat_interleave(group, dim=1)  # [seq_len, n_heads, head_dim]: head h uses KV head h // group
         v = v.float().repeat_interleave(group, dim=1)
         s = torch.einsum("ihd,nhd->hin", q[lo:hi].float(), k) * scale  # [n_heads, q_len, seq_len]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         last_key = torch.arange(q_len, device=q.device) + (seq_len - q_len)
         keys = torch.arange(seq_len, device=q.device)[None, None, :]
         hidden = keys > last_key[None, :, None]

@@ -144,17 +144,19 @@ class Metadata:
 
 
 def _sliding_window(arch: str, md: Metadata) -> int | None:
-    """`<arch>.attention.sliding_window` (Mistral, Phi-3: every layer; gemma3: its local layers); per-layer settings
-    in the file, and logit soft-capping (Gemma 2), are refused by name."""
-    for key in (f"{arch}.attn_logit_softcapping", f"{arch}.final_logit_softcapping"):
-        if key in md and md.number(key, 0.0, math.inf) != 0.0:
-            raise ModelError(f"GGUF metadata {key}: logit soft-capping is not supported yet")
+    """`<arch>.attention.sliding_window` (Mistral, Phi-3: every layer; Gemma: its local layers); per-layer settings
+    in the file are refused by name."""
     for key in (f"{arch}.attention.sliding_window_pattern", f"{arch}.attention.key_length_swa",
                 f"{arch}.rope.freq_base_swa", f"{arch}.rope.dimension_count_swa"):
         if key in md:
             raise ModelError(f"GGUF metadata {key}: per-layer sliding-window settings are not supported yet")
     window = md.integer(f"{arch}.attention.sliding_window", 0, MAX_CONTEXT, default=0)
     return window or None  # llama.cpp reads 0 as no window
+
+
+def _softcap(md: Metadata, key: str) -> float | None:
+    cap = md.number(key, 0.0, 1e6, default=0.0)
+    return cap or None  # 0: none, as llama.cpp reads it
 
 
 class RopeScalingType(str, enum.Enum):
@@ -286,6 +288,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen3", rope_permuted=False, attention_bias=False, qk_norm=True),
         # Phi-3/3.5: the Q, K, V rows in one attn_qkv tensor (separate ones are accepted too, as llama.cpp does)
         Architecture("phi3", rope_permuted=False, attention_bias=False, fused_gate_up=True),
+        # Gemma 2: local and global layers alternate; scores and logits soft-capped (its file says by how much)
+        Architecture("gemma2", rope_permuted=False, attention_bias=False, activation=Activation.GELU_TANH,
+                     post_norms=True, embed_scale=True, swa_pattern=2),
         Architecture("gemma3", rope_permuted=False, attention_bias=False, qk_norm=True, activation=Activation.GELU_TANH,
                      post_norms=True, embed_scale=True, swa_pattern=6, local_rope_theta=10000.0),
     )
@@ -308,6 +313,8 @@ class ModelConfig:
     name: str = ""
     rope_scaling: RopeScaling = RopeScaling()
     sliding_window: int | None = None  # each query sees the last `sliding_window` keys (itself included); None: all
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
 
     def __post_init__(self):
         for field in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size",
@@ -350,9 +357,10 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        # Gemma 3 27B (62 layers) scales queries by its query_pre_attn_scalar = hidden / heads, which GGUF does not
-        # store; llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) hard-codes it the same way. Every other model: head_dim.
-        if self.arch.name == "gemma3" and self.n_layers == 62:
+        # Gemma 2 and 3 27B (46 and 62 layers) scale queries by their query_pre_attn_scalar = hidden / heads, which
+        # GGUF does not store; llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA2/3) hard-codes it the same way. Every other
+        # model: head_dim.
+        if (self.arch.name, self.n_layers) in (("gemma2", 46), ("gemma3", 62)):
             return (self.hidden / self.n_heads) ** -0.5
         return self.head_dim**-0.5
 
@@ -422,6 +430,8 @@ class ModelConfig:
             name=md.string("general.name", default=""),
             rope_scaling=rope_scaling(a, md, context_length, has_freq_factors),
             sliding_window=_sliding_window(a, md),
+            attn_softcap=_softcap(md, f"{a}.attn_logit_softcapping"),
+            final_softcap=_softcap(md, f"{a}.final_logit_softcapping"),
         )
 
     def size_keys(self, field: str) -> str:

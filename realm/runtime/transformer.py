@@ -196,7 +196,9 @@ class Transformer:
         if rows.shape[0] == 0:
             return torch.empty(0, self.config.vocab_size, dtype=self.dtype, device=self.device)
         x, _ = ops.rms_norm(out[rows], self.output_norm, eps, residual=h[rows])
-        return self.head(x, batch)
+        logits = self.head(x, batch)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2, as HF caps its logits
 
     def _attention(self, ops: Ops, layer: Layer, x: torch.Tensor, batch: ForwardBatch,
                    kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -213,7 +215,8 @@ class Transformer:
         q, k = ops.rope(q, k, batch.positions, layer.cos_sin)
         k_cache, v_cache = kv
         ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        o = ops.attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, window=layer.window)
+        o = ops.attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, window=layer.window,
+                          softcap=c.attn_softcap)
         return layer.o(o.view(n, c.q_size), batch)
 
     # ------------------------------------------------------------------------------------ rectangular [batch, T]
