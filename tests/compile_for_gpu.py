@@ -132,6 +132,7 @@ ATTENTION_KINDS = ("store_kv", "flash", "flash_causal", "flash_paged", "flash_pa
                    "flash_causal_window", "flash_paged_causal_window", "flash_paged_causal_window_softcap",
                    "paged_decode_softcap", "paged_verify_softcap")
 HEAD_DIMS = (64, 128)
+ATTENTION_SCALARS = {"qk_scale": "fp32", "softcap2": "fp32"}  # float arguments; the rest are int32
 
 
 def compile_layer_case(kind: str, dtype: torch.dtype, arch: int):
@@ -170,7 +171,7 @@ def compile_attention_case(kind: str, dtype: torch.dtype, head_dim: int, arch: i
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim,
                           CAUSAL="causal" in kind, PAGED=paged, PAGE_SIZE=16 if paged else 1,
                           DOT_PRECISION=dot_precision(dtype), WINDOWED="window" in kind, SOFTCAP="softcap" in kind)
-        return _compile(flash_module._flash_attention_kernel, tensors, constexprs, arch, scalars={"qk_scale": "fp32", "softcap2": "fp32"})
+        return _compile(flash_module._flash_attention_kernel, tensors, constexprs, arch, scalars=ATTENTION_SCALARS)
     if kind == "paged_decode_combine":
         return _compile(paged_module._combine_kernel, dict(out_ptr=act, part_o_ptr=f32, part_lse_ptr=f32),
                         {"BLOCK_S": 32, "BLOCK_D": head_dim}, arch)
@@ -182,14 +183,14 @@ def compile_attention_case(kind: str, dtype: torch.dtype, head_dim: int, arch: i
                        k_cache_ptr=act, v_cache_ptr=act, cu_q_ptr=idx, seq_lens_ptr=idx, block_table_ptr=idx)
         constexprs = dict(BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim, SPLIT=split,
                           DOT_PRECISION=dot_precision(dtype), SOFTCAP="softcap" in kind)
-        return _compile(verify_module._paged_verify_kernel, tensors, constexprs, arch, scalars={"qk_scale": "fp32", "softcap2": "fp32"},
+        return _compile(verify_module._paged_verify_kernel, tensors, constexprs, arch, scalars=ATTENTION_SCALARS,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     split = kind == "paged_decode_split"
     tensors = dict(out_ptr=act, part_o_ptr=f32 if split else act, part_lse_ptr=f32 if split else act, q_ptr=act,
                    k_cache_ptr=act, v_cache_ptr=act, seq_lens_ptr=idx, block_table_ptr=idx)
     constexprs = dict(BLOCK_M=16, BLOCK_N=paged_module.PagedDecodeConfig().block_n, BLOCK_D=head_dim, SPLIT=split,
                       DOT_PRECISION=dot_precision(dtype), SOFTCAP="softcap" in kind)
-    return _compile(paged_module._paged_decode_kernel, tensors, constexprs, arch, scalars={"qk_scale": "fp32", "softcap2": "fp32"})
+    return _compile(paged_module._paged_decode_kernel, tensors, constexprs, arch, scalars=ATTENTION_SCALARS)
 
 
 def resources(compiled) -> str:

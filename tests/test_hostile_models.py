@@ -276,6 +276,7 @@ CONFIG_KEYS = [f"{A}.{k}" for k in (
     "context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.type", "rope.scale_linear",
     "rope.scaling.factor", "attention.sliding_window", "attention.sliding_window_pattern", "attention.key_length_swa",
     "rope.freq_base_swa", "rope.dimension_count_swa", "attn_logit_softcapping", "final_logit_softcapping",
+    "expert_count",
 )] + ["general.architecture", "general.name"]
 TOKENIZER_KEYS = [
     "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",

@@ -298,3 +298,22 @@ def test_batched_generation_adapters_and_speculation(tmp_path, case):
     spec = llm.generate(ENGINE_PROMPTS, [params(n, adapter=a, speculative="ngram")
                                          for n, a in zip(ENGINE_TOKENS, adapters, strict=True)])
     assert [o.token_ids for o in spec] == alone
+
+
+# ------------------------------------------------------------------------------------------ refused by name
+
+@pytest.mark.parametrize("change,message", [
+    (dict(metadata={"llama.expert_count": MetadataValue(8, V.UINT32)}),
+     r"a mixture-of-experts model \(llama.expert_count = 8\) is not supported"),
+    (dict(extra_tensors={"blk.0.ffn_gate_exps.weight": torch.ones(4, 8)}),
+     r"a mixture-of-experts model \(tensor 'blk.0.ffn_gate_exps.weight'\)"),
+    (dict(metadata={"clip.vision.image_size": MetadataValue(224, V.UINT32)}),
+     r"a vision or audio tower \(metadata clip.vision.image_size\) is not supported"),
+    (dict(extra_tensors={"v.patch_embd.weight": torch.ones(4, 8)}), r"a vision or audio tower \(vision/audio tensors"),
+    (dict(metadata={"llama.rope.scaling.type": MetadataValue("dynamic", V.STRING)}),
+     r"rope scaling 'dynamic' is not supported"),
+])
+def test_unsupported_features_are_named(tmp_path, change, message):
+    write_tiny_llama(tmp_path / "m.gguf", **change)
+    with pytest.raises(ModelError, match=message):
+        load_weights(tmp_path / "m.gguf")

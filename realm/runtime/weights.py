@@ -210,6 +210,21 @@ def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
     )
 
 
+def _refuse_what_realm_does_not_run(path: Path, md: Metadata, tensors: _Tensors) -> None:
+    """Mixture-of-experts layers and vision or audio towers, named, before anything else is read."""
+    arch = md.get("general.architecture")
+    experts = md.get(f"{arch}.expert_count") if isinstance(arch, str) else None
+    expert_tensors = sorted(n for n in tensors.by_name if "_exps" in n or "_shexp" in n)
+    if experts or expert_tensors:
+        what = f"{arch}.expert_count = {experts}" if experts else f"tensor {expert_tensors[0]!r}"
+        raise ModelError(f"{path}: a mixture-of-experts model ({what}) is not supported")
+    towers = sorted(k for k in md._values if k.startswith(("clip.", f"{arch}.vision.", f"{arch}.audio.")))
+    if towers or any(n.startswith(("v.", "mm.", "a.")) for n in tensors.by_name):
+        what = f"metadata {towers[0]}" if towers else "vision/audio tensors (v.*, mm.*, a.*)"
+        raise ModelError(f"{path}: a vision or audio tower ({what}) is not supported; realm runs the text model "
+                         "(llama.cpp keeps towers in a separate mmproj file)")
+
+
 def model_file(model: str | os.PathLike) -> Path:
     """The GGUF file of a packaged model name (`realm.models.MODELS`) or a path; FileNotFoundError naming both."""
     path = resolve_model(model)
@@ -229,6 +244,7 @@ def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
         raise ModelError(f"{path}: no token_embd.weight; not a llama-family model file")
     embd_rows = tensor_shape(tensors.by_name["token_embd.weight"])[0]
     md = Metadata(metadata)
+    _refuse_what_realm_does_not_run(path, md, tensors)
     try:
         config = ModelConfig.from_metadata(md, vocab_size=embd_rows, has_freq_factors=tensors.has("rope_freqs.weight"))
     except ModelError as e:
