@@ -38,3 +38,9 @@ fi
 if [ "${REALM_LLAMA_SERVER_BUILD:-0}" = 1 ]; then
     PYTHON="$PY" bash scripts/build_llama_server.sh >/dev/null
 fi
+
+# --- llama.cpp's vocabulary test files (tests/test_tokenizer.py) ---------------------------------------------------
+# models/ggml-vocab-*.gguf (+ .inp/.out test strings) of the llama.cpp that llama-cpp-python 0.3.36's sdist vendors,
+# about 75 MB, extracted into $REALM_LLAMA_CPP_VOCAB, else ~/.cache/realm/llama-cpp-vocab-0.3.36 (not the repository).
+# The sdist comes through pip's cache; a second run finds the files and downloads nothing.
+"$PY" tests/llama_cpp_vocab.py >/dev/null

@@ -281,7 +281,7 @@ CONFIG_KEYS = [f"{A}.{k}" for k in (
 TOKENIZER_KEYS = [
     "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
     "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.add_space_prefix",
-    "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.chat_template",
     *(f"tokenizer.ggml.{n}_token_id" for n in ("bos", "eos", "unknown", "padding", "eot", "eom", "fim_pre", "fim_suf",
                                                 "fim_mid", "fim_pad", "fim_rep", "fim_sep", "prefix", "suffix",
                                                 "middle")),

@@ -6,14 +6,25 @@
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     ids = tok.encode(prompt, parse_special=True)     # <|im_start|> etc. become their ids
 
-Two vocabulary types (`tokenizer.ggml.model`), each mirroring llama.cpp's `llama-vocab.cpp` (llama-cpp-python 0.3.36):
-- "gpt2": byte-level BPE. The text is split by the regexes that `tokenizer.ggml.pre` names (llama.cpp's adapted
-  versions, in `PRE_TOKENIZERS`), each piece is byte-level encoded and merged by merge rank. Runs on HF `tokenizers`
-  (Split pre-tokenizers + ByteLevel + BPE, with `ignore_merges` where llama.cpp sets it).
-- "llama": SentencePiece-style. Spaces become "▁", a space is prepended to every text fragment (unless
-  `tokenizer.ggml.add_space_prefix` is false), and adjacent pieces merge by the score of the merged piece, highest
-  first, leftmost on ties; characters no piece covers become `<0xNN>` byte tokens. Runs on a `tokenizers` BPE model
-  whose merge list is every split of every vocabulary piece, ranked by that piece's score (see `_spm_merges`).
+Three vocabulary types (`tokenizer.ggml.model`), each mirroring llama.cpp's `llama-vocab.cpp` (llama-cpp-python
+0.3.36's vendored llama.cpp):
+- "gpt2": BPE. The text is split by the regexes that `tokenizer.ggml.pre` names (`PRE_TOKENIZERS`: every name
+  llama.cpp knows, with its regexes verbatim and the settings it gives the name), each piece is byte-level encoded
+  and merged by merge rank. Runs on HF `tokenizers` (Split pre-tokenizers + ByteLevel + BPE, with `ignore_merges`
+  where llama.cpp sets it). llama.cpp runs its regexes with C++ std::regex on a changed text (non-ASCII characters
+  stand for their Unicode category, non-ASCII whitespace for "\v"), and a few through hand-written splitters (Kimi
+  K2, AFMoE's digit groups); `_onig` turns each into the Oniguruma regex that splits real text the same way.
+  SentencePiece-style BPE pre-tokenizers (Gemma 4's, sarvam-moe) merge raw UTF-8 with spaces as "▁" and `<0xNN>`
+  byte fallback instead.
+- "gemma4": Gemma 4's BPE, as llama.cpp runs it: "gpt2" with the gemma4 pre-tokenizer whatever the file names.
+- "llama": SentencePiece-style (Llama 2, Phi-3, Gemma 2/3). Spaces become "▁", a space is prepended to every text
+  fragment (unless `tokenizer.ggml.add_space_prefix` is false, as for Gemma), and adjacent pieces merge by the score of
+  the merged piece, highest first, leftmost on ties; characters no piece covers become `<0xNN>` byte tokens. Runs on a
+  `tokenizers` BPE model whose merge list is every split of every vocabulary piece, ranked by that piece's score (see
+  `_spm_merges`; Gemma's 262k pieces load in about 3 s).
+Other types are refused by name (`REFUSED_MODELS`: "bert" WordPiece, "t5" Unigram, "rwkv", "plamo2", ...), as are
+the "whitespace" pre-tokenizer (`REFUSED_PRE_TOKENIZERS`) and a `tokenizer.ggml.pre` llama.cpp does not know: realm
+never tokenizes with a guessed pre-tokenizer.
 
 Special tokens (control, user-defined, unknown) are split out of the text before either model runs, by a port of
 llama.cpp's `tokenizer_st_partition` (`_partition`): tokens in order of decreasing length, each found left to right in
@@ -39,6 +50,7 @@ import os
 import re
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import Enum, IntFlag
 from pathlib import Path
 from typing import Any
@@ -56,41 +68,264 @@ from .config import MAX_VOCAB, Metadata
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODELS = ("gpt2", "llama")
-MAX_MERGES = 2**24  # tokenizer.ggml.merges entries (Llama 3: 280147)
+SUPPORTED_MODELS = ("gpt2", "llama", "gemma4")
+# tokenizer.ggml.model values llama.cpp knows and realm refuses: what each needs that realm does not implement
+REFUSED_MODELS = {
+    "bert": "WordPiece (llama.cpp's WPM) with BERT's normalizer, for embedding models",
+    "t5": "Unigram (llama.cpp's UGM) with a precompiled SentencePiece normalizer",
+    "rwkv": "RWKV's greedy trie tokenizer with escaped byte pieces",
+    "plamo2": "PLaMo 2's Aho-Corasick tokenizer",
+    "whitespace": "BPE on whitespace-separated, optionally lowercased words (Jina embeddings)",
+    "hybriddna": "DNA k-mer tokenization",
+    "no_vocab": "no vocabulary: give prompts as token ids",
+    "none": "no vocabulary: give prompts as token ids",
+}
+MAX_MERGES = 2**24  # tokenizer.ggml.merges entries (Llama 3: 280147, Gemma 4: 514906)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NEWLINE_RUNS = re.compile("(\n+)")
 
-# ------------------------------------------------------------------------------------------ pre-tokenizer regexes
-# llama.cpp's adapted regexes (llama-vocab.cpp, llm_tokenizer_bpe): case-insensitive contractions spelled out as
-# '[sS]', which keeps onig's Unicode case folding (e.g. 'ſ' ~ 's') out of it.
+
+# ------------------------------------------------------------------------------------------ pre-tokenizers
+@dataclass(frozen=True)
+class PreTokenizer:
+    """One `tokenizer.ggml.pre` as llama.cpp 0.3.36 (llama-cpp-python's) tokenizes it: the regexes of its
+    LLAMA_VOCAB_PRE_TYPE_* (llm_tokenizer_bpe), verbatim, and the settings llama_vocab::impl::load gives the name.
+
+    The regexes apply in turn, each splitting the pieces the previous one left (text no regex matches stays a piece of
+    its own); `onig_splits` are the same splits for HF tokenizers' Oniguruma (see `_onig`).
+    """
+
+    regexes: tuple[str, ...]
+    ignore_merges: bool = False  # a piece that is a whole token is taken as is, without merging
+    add_bos: bool = False  # BOS by default (tokenizer.ggml.add_bos_token overrides)
+    byte_level: bool = True  # GPT-2's byte-to-unicode pieces; False: raw UTF-8 pieces, <0xNN> byte fallback tokens
+    escape_spaces: bool = False  # " " -> "▁" before splitting (SentencePiece-style BPE)
+    newline_tokens: bool = False  # a run of newlines that is a token is taken whole, without merging (Gemma 4)
+    always_bos: bool = False  # BOS by default even where tokenizer.ggml.add_bos_token is false (Gemma 4)
+
+    def onig_splits(self) -> tuple[tuple[str, str], ...]:
+        """(Oniguruma regex, HF Split behavior) for each regex, in order."""
+        return tuple(_onig(r) for r in self.regexes)
+
+
+# llama.cpp's adapted regexes (llama-vocab.cpp, llm_tokenizer_bpe), verbatim: case-insensitive contractions spelled out
+# as '[sS]', which also keeps onig's Unicode case folding (e.g. 'ſ' ~ 's') out of them.
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_RE = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_RE = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN35_RE = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_JAIS2_RE = _CONTRACTIONS + (
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s{512}(?!\S)|\s{256}(?!\S)"
+    r"|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}"
+)
+# [^a-z] after a \p{L} lookahead: a letter that is not ASCII lowercase (llama.cpp's stand-in for \p{Lu} etc.)
+_UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
 _GPT4O_RE = (
-    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+" + _CONTRACTIONS + "?"
-    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*" + _CONTRACTIONS + "?"
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_DEFAULT_RES = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]")
+_TEKKEN_RE = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_UPPER_M, _LOWER_M = r"((?=[\p{L}\p{M}])([^a-z]))", r"((?=[\p{L}\p{M}])([^A-Z]))"
+_GRANITE_EMB_RE = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER_M}*{_LOWER_M}+{_CONTRACTIONS}?"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER_M}+{_LOWER_M}*{_CONTRACTIONS}?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CASED_WORDS = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
+)
+_TINY_AYA_RE = _CASED_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_YOUTU_RE = _CASED_WORDS + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_YOUTU_CJK_RE = "[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[一-龥\u3040-ゟ゠-ヿ]+"
+_DEEPSEEK_CJK_RE = "[一-龥ࠀ-一가-\ud7ff]+"
+# NFC-variant characters escaped (U+1F7D, U+2126 ...): an editor that normalizes the file would change them
+_DEEPSEEK_LLM_LETTERS_RE = (
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7d"
+    "ᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎ"
+    "ꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
+)
+_AFMOE_WORDS_RE = (
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"""
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# the same with carriage return and line feed themselves in place of \r and \n, as llama.cpp's source has it
+_DEEPSEEK_V3_RES = (r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+", _AFMOE_WORDS_RE.replace(r"\r\n", "\r\n"))
+_BLOOM_RE = r" ?[^(\s|.,!?…。，、।۔،)]+"
+_NEWLINES_RE = r"[^\n]+|[\n]+"
 
-# tokenizer.ggml.pre -> (regexes applied in turn, ignore_merges); llama.cpp's name -> LLAMA_VOCAB_PRE_TYPE_* table,
-# restricted to the types that differ from these only in their name
-PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "default": (_DEFAULT_RES, False),
-    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), ((_GPT2_RE,), False)),
-    # llama3: a word that is a whole token is taken as is, without merging (llama.cpp's ignore_merges)
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), ((_LLAMA3_RE,), True)),
-    **dict.fromkeys(("dbrx", "smaug-bpe"), ((_LLAMA3_RE,), False)),
+_DEFAULT = PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"))
+_GPT2 = PreTokenizer((_GPT2_RE,))
+_STARCODER = PreTokenizer((r"\p{N}", _GPT2_RE))
+_LLAMA3 = PreTokenizer((_LLAMA3_RE,), ignore_merges=True, add_bos=True)
+_QWEN2 = PreTokenizer((_QWEN2_RE,))
+_DEEPSEEK_V3 = PreTokenizer(_DEEPSEEK_V3_RES)
+_GPT4O = PreTokenizer((_GPT4O_RE,))
+_TINY_AYA = PreTokenizer((r"\d{1,3}(?=(?:\d{3})*\b)", _TINY_AYA_RE))
+_BAILINGMOE_RE = (
+    r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]"
+    r"|\s+(?!\S)|\s+"
+)
+_CHATGLM4 = PreTokenizer((_LLAMA3_RE,))
+# SentencePiece-style BPE: spaces become "▁", merges run on each line's raw UTF-8 text
+_GEMMA4 = PreTokenizer(
+    (_NEWLINES_RE,), add_bos=True, byte_level=False, escape_spaces=True, newline_tokens=True, always_bos=True
+)
+
+# tokenizer.ggml.pre -> how llama.cpp tokenizes it: every name of llama_vocab::impl::load's table
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "default": _DEFAULT,
     **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-        ((r"\p{N}", _GPT2_RE), False),
+        ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+         "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "exaone4", "trillion",
+         "granite-docling"),
+        _GPT2,
     ),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), ((_QWEN2_RE,), False)),
-    **dict.fromkeys(("gpt-4o", "llama4"), ((_GPT4O_RE,), False)),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+        _LLAMA3,
+    ),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((_LLAMA3_RE,))),
+    "jais-2": PreTokenizer((_JAIS2_RE,)),
+    "minicpm5": PreTokenizer((r"\p{N}{1,3}", _QWEN2_RE.replace(r"|\p{N}|", r"|\p{N}+|")), ignore_merges=True),
+    "deepseek-llm": PreTokenizer(
+        ("[\r\n]", _DEEPSEEK_LLM_LETTERS_RE, r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", _DEEPSEEK_CJK_RE, r"\p{N}+")
+    ),
+    "deepseek-coder": PreTokenizer(("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK_RE, r"\p{N}")),
+    **dict.fromkeys(("deepseek-v3", "hunyuan-dense", "hy_v4", "joyai-llm"), _DEEPSEEK_V3),
+    "spark2_5": PreTokenizer((*_DEEPSEEK_V3_RES[:2], _DEEPSEEK_V3_RES[2].replace("[\r\n]*|\\s*[\r\n]+", "|[\r\n]"),
+                              r"\p{N}")),
+    "youtu": PreTokenizer((_YOUTU_CJK_RE, _YOUTU_RE), ignore_merges=True),
+    "falcon": PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, r"[0-9][0-9][0-9]")),
+    **dict.fromkeys(
+        ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"), _STARCODER
+    ),
+    **dict.fromkeys(
+        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open", "grok-2"),
+        _QWEN2,
+    ),
+    "qwen35": PreTokenizer((_QWEN35_RE,)),
+    **dict.fromkeys(("poro-chat", "bloom", "gpt3-finnish"), PreTokenizer((_BLOOM_RE,))),
+    "chatglm-bpe": _CHATGLM4,
+    **dict.fromkeys(("glm4", "glm5"), PreTokenizer((_LLAMA3_RE,), ignore_merges=True)),
+    "viking": PreTokenizer((_BLOOM_RE, r"\p{N}")),
+    "tekken": PreTokenizer((_TEKKEN_RE,), ignore_merges=True, add_bos=True),
+    "chameleon": PreTokenizer(
+        (r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
+         r"[\p{P}!-/:-@\[-`{-~]", _GPT2_RE),
+        add_bos=True,
+    ),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
+    "granite-embed-multi-97m": PreTokenizer((_GRANITE_EMB_RE,), ignore_merges=True),
+    **dict.fromkeys(("tiny_aya", "cohere2moe"), _TINY_AYA),
+    "superbpe": PreTokenizer((r"\p{N}+", r"(?=(\d{3})+(?!\d))")),
+    **dict.fromkeys(("bailingmoe", "bailingmoe2", "llada-moe"), PreTokenizer((_BAILINGMOE_RE,))),
+    "seed-coder": PreTokenizer((
+        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",
+    )),
+    "kimi-k2": PreTokenizer((r"\p{Han}+",)),  # llama.cpp's hand-written splitter (see _CUSTOM)
+    "ufakzeka": PreTokenizer((_QWEN2_RE[len(_CONTRACTIONS) + 1 :],)),
+    "afmoe": PreTokenizer((
+        r"\p{AFMoE_digits}",  # llama.cpp's hand-written splitter (see _CUSTOM)
+        # "\u8c48-": llama.cpp's source has U+8C48 where U+F900 (its canonical equivalent) was meant
+        "[一-鿿㐀-䶿\u8c48-\ufaff\u3040-ゟ゠-ヿ･-ﾟ⼀-\u2fdfเ-\u0e7f\u0e80-\u0effក-\u17ffက-႟ꩠ-ꩿꧠ-\ua9ff가-\ud7afᄀ-ᇿ]+",
+        _AFMOE_WORDS_RE,
+    )),
+    "laguna": PreTokenizer((_NEWLINES_RE, _QWEN2_RE)),
+    "exaone-moe": PreTokenizer((
+        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?"
+        r"|\s*[\r\n]|\s+(?!\S)|\s+",
+    )),
+    **dict.fromkeys(("gemma4", "granite-embed-multi-311m"), _GEMMA4),
+    "sarvam-moe": PreTokenizer((_NEWLINES_RE,), byte_level=False, escape_spaces=True),
+}  # fmt: skip
+# names llama.cpp knows that realm refuses, and why
+REFUSED_PRE_TOKENIZERS = {
+    # LLAMA_VOCAB_PRE_TYPE_WHITESPACE ("\S+", raw UTF-8) is meant for the "whitespace" model (refused), which drops the
+    # whitespace; with a gpt2 model llama.cpp keeps it and aborts on a piece of two spaces (find_bpe_rank's assert)
+    "whitespace": "Jina's whitespace pre-tokenizer, which llama.cpp runs only with its 'whitespace' model",
 }
-# pre types for which llama.cpp adds BOS by default (tokenizer.ggml.add_bos_token overrides it)
-_ADD_BOS_PRE = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"))
+
+# llama.cpp's hand-written splitters (unicode_regex_split_custom), which it picks by the regex's exact text, as regexes
+# unicode_cpt_is_han's ranges (Onig's \p{Han} is the Unicode script, which differs)
+_HAN = (
+    r"\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}\x{2B740}-\x{2B81F}"
+    r"\x{2B820}-\x{2CEAF}\x{2CEB0}-\x{2EBEF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}"
+)
+# digits in groups of 3 from the right, each group merged with the text before it: the first group of a run takes the
+# text since the previous run (AFMoE's splitter, linear: the lookahead runs at the start of a run only)
+_DIGIT_GROUPS = (r"(?<!\p{N})\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))|\p{N}{3}", "merged_with_previous")
+_CUSTOM: dict[str, tuple[str, str]] = {
+    # Kimi K2: Han runs; words of non-Han letters (not marks, upper and lower case alike) with a contraction
+    r"\p{Han}+": (
+        rf"[{_HAN}]+|[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}&&[^{_HAN}]]+(?:'[sStTmMdD]|'[rR][eE]|'[vV][eE]|'[lL][lL])?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "isolated",
+    ),
+    r"\p{AFMoE_digits}": _DIGIT_GROUPS,
+    r"\d{1,3}(?=(?:\d{3})*\b)": _DIGIT_GROUPS,  # tiny_aya: llama.cpp runs AFMoE's splitter for it
+}
+# llama.cpp runs a regex with a Unicode category (\p{L} ...) on a copy of the text where each non-ASCII character is
+# one byte standing for its category, and \p{Lu}, \p{Ll}, \p{Lt}, \p{Lm}, \p{Lo} all stand for every letter
+_CATEGORY = re.compile(r"\\p\{(?:N|L|P|M|S|Lu|Ll|Lt|Lm|Lo)\}")
+_UNICODE_SPACES = r"\x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}"  # not ASCII
+
+
+def _onig(regex: str) -> tuple[str, str]:
+    """llama.cpp's pre-tokenizer regex as an Oniguruma regex, and the HF Split behavior, that split text the same way
+    (checked against llama.cpp's own splitter for every PRE_TOKENIZERS entry, tests/test_tokenizer.py).
+
+    llama.cpp runs its regexes with C++ std::regex (ECMAScript), on a changed text: non-ASCII whitespace becomes "\\v",
+    and, in a regex with a Unicode category, every other non-ASCII character becomes its category. So \\d, \\w and
+    class ranges are ASCII-only there, `$` is the end of the piece, \\p{Lu} etc. are any letter, and a character class
+    of non-ASCII characters never matches non-ASCII whitespace. Oniguruma sees the real text: this spells those out.
+    """
+    if regex in _CUSTOM:
+        return _CUSTOM[regex]
+    collapsed = _CATEGORY.search(regex) is not None
+    out: list[str] = []
+    i, n = 0, len(regex)
+    klass: int | None = None  # index in out where the open character class starts
+    while i < n:
+        c = regex[i]
+        if c == "\\":
+            esc = regex[i : i + 2]
+            cat = re.match(r"\\p\{L[ultmo]\}", regex[i:])
+            if collapsed and cat:
+                out.append(r"\p{L}")
+                i += len(cat.group())
+                continue
+            if esc == r"\d":
+                out.append("0-9" if klass is not None else "[0-9]")
+            elif esc == r"\D" and klass is None:
+                out.append("[^0-9]")
+            elif esc in (r"\w", r"\W", r"\b", r"\B", r"\D"):
+                raise ValueError(f"pre-tokenizer regex {regex!r}: {esc} has no Oniguruma equivalent here")
+            else:
+                out.append(esc)
+            i += 2
+            continue
+        if klass is None and c == "[":
+            klass = len(out)
+            out.append(c)
+        elif klass is not None and c == "]":
+            body = "".join(out[klass + 1 :])
+            if not collapsed and not body.startswith("^") and any(ord(ch) > 127 for ch in body):
+                out.append(f"&&[^{_UNICODE_SPACES}]")
+            out.append(c)
+            klass = None
+        elif klass is None and c == "$":
+            out.append(r"\z")
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out), "isolated"
 
 
 # ------------------------------------------------------------------------------------------ token types and attrs
@@ -272,19 +507,24 @@ class Tokenizer:
         if model is None:
             raise ValueError("the metadata has no tokenizer.ggml.model: this GGUF file carries no tokenizer")
         if model not in SUPPORTED_MODELS:
+            what = f" ({REFUSED_MODELS[model]})" if model in REFUSED_MODELS else ""
             raise ValueError(
-                f"unsupported tokenizer.ggml.model {model[:40]!r}: supported are "
+                f"unsupported tokenizer.ggml.model {model[:40]!r}{what}: supported are "
                 f"{', '.join(map(repr, SUPPORTED_MODELS))}"
             )
         self.model = model
-        self.pre = md.string("tokenizer.ggml.pre", default="") or "default"
-        if model == "gpt2" and self.pre not in PRE_TOKENIZERS:
+        # llama.cpp reads no pre-tokenizer for SPM, and always takes Gemma 4's for the gemma4 model
+        self.pre = "gemma4" if model == "gemma4" else md.string("tokenizer.ggml.pre", default="") or "default"
+        if model != "llama" and self.pre in REFUSED_PRE_TOKENIZERS:
+            raise ValueError(f"unsupported tokenizer.ggml.pre {self.pre!r}: {REFUSED_PRE_TOKENIZERS[self.pre]}")
+        if model != "llama" and self.pre not in PRE_TOKENIZERS:
             raise ValueError(
-                f"unsupported tokenizer.ggml.pre {self.pre[:40]!r} for a gpt2 (BPE) vocabulary: supported are "
-                f"{', '.join(map(repr, PRE_TOKENIZERS))}"
+                f"unsupported tokenizer.ggml.pre {self.pre[:40]!r} for a {model} (BPE) vocabulary: llama.cpp "
+                f"0.3.36 knows {', '.join(map(repr, PRE_TOKENIZERS))}"
             )
         if model == "gpt2" and "tokenizer.ggml.pre" not in md:
             log.warning("tokenizer.ggml.pre is missing: using the 'default' pre-tokenizer, as llama.cpp does")
+        self._pre: PreTokenizer | None = None if model == "llama" else PRE_TOKENIZERS[self.pre]
 
         tokens = md.strings("tokenizer.ggml.tokens", MAX_VOCAB, default=None)
         if not tokens:
@@ -306,7 +546,11 @@ class Tokenizer:
 
         is_spm = model == "llama"
         self.add_space_prefix = md.boolean("tokenizer.ggml.add_space_prefix", default=is_spm)
-        self.add_bos_default = md.boolean("tokenizer.ggml.add_bos_token", default=is_spm or self.pre in _ADD_BOS_PRE)
+        pre = self._pre
+        self.add_bos_default = md.boolean("tokenizer.ggml.add_bos_token", default=is_spm or pre.add_bos)
+        self.add_bos_default |= pre is not None and pre.always_bos
+        # llama.cpp appends EOS when it adds special tokens and this is set (realm's encode never does)
+        self.add_eos_default = md.boolean("tokenizer.ggml.add_eos_token", default=False)
         # llama.cpp's defaults when the keys are missing: 1/2/0 for SPM; for BPE it uses 11/11, a real piece in most
         # vocabularies (',' in GPT-2), so realm reports no BOS/EOS instead
         self.bos_id = self._id(md, "bos", 1 if is_spm else None)
@@ -397,6 +641,10 @@ class Tokenizer:
         ):
             eog.discard(ids["<|end|>"])
             attrs[ids["<|end|>"]] = TokenAttr.USER_DEFINED
+        # Gemma 4 and PLaMo: "</s>" is a normal token
+        if "</s>" in eog_texts and eog_texts & {"<|tool_response>", "<|plamo:eos|>"}:
+            eog.discard(ids["</s>"])
+            attrs[ids["</s>"]] = TokenAttr.NORMAL
         self.stop_ids = frozenset(eog)
 
         name = md.string("general.name", default="").lower()
@@ -415,24 +663,31 @@ class Tokenizer:
             raise ValueError("a gpt2 (BPE) vocabulary needs tokenizer.ggml.merges, which the metadata lacks")
         # llama.cpp splits "a b" at the first space after the first character; no byte-level piece holds a space
         pairs = list(map(tuple, map(operator.methodcaller("split", " ", 1), merges)))
-        if any(m.startswith(" ") or len(p) != 2 for m, p in zip(merges, pairs, strict=True)):
+        if (pairs and min(map(len, pairs)) < 2) or any(map(str.startswith, merges, itertools.repeat(" "))):
             pairs = [(m[: m.find(" ", 1)], m[m.find(" ", 1) + 1 :]) for m in merges if m.find(" ", 1) > 0]
         if len(set(pairs)) != len(pairs):
             pairs = list(dict.fromkeys(pairs))  # llama.cpp keeps a pair's first rank
-        vocab = self._token_to_id
-        unknown = (set(itertools.chain.from_iterable(pairs)) | set(map("".join, pairs))) - vocab.keys()
-        if unknown:
-            # tokenizers' BPE cannot hold them (it panics); llama.cpp applies them and then falls back to bytes
+        vocab, pre = self._token_to_id, self._pre
+        # raw UTF-8 pieces: a character no token covers becomes its <0xNN> byte tokens, as in llama.cpp
+        options = dict(ignore_merges=pre.ignore_merges, byte_fallback=not pre.byte_level)
+        try:
+            model = hf_models.BPE(vocab, pairs, **options)
+        except Exception as e:  # tokenizers' BPE cannot hold a merge of pieces outside the vocabulary
+            if "out of vocabulary" not in str(e):
+                raise
+            # llama.cpp applies them, then falls back to bytes for the piece it cannot find: drop them, and say so
             pairs = [p for p in pairs if p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
             log.warning(
                 "%d merges name pieces that are not in the vocabulary: dropped; ids may differ from llama.cpp's "
                 "for text that needs them",
                 len(merges) - len(pairs),
             )
-        regexes, ignore_merges = PRE_TOKENIZERS[self.pre]
-        hf = HFTokenizer(hf_models.BPE(vocab, pairs, ignore_merges=ignore_merges))
-        splits = [hf_pre.Split(Regex(r), behavior="isolated") for r in regexes]
-        hf.pre_tokenizer = hf_pre.Sequence([*splits, hf_pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+            model = hf_models.BPE(vocab, pairs, **options)
+        hf = HFTokenizer(model)
+        steps = [hf_pre.Split(Regex(r), behavior=behavior) for r, behavior in pre.onig_splits()]
+        if pre.byte_level:
+            steps.append(hf_pre.ByteLevel(add_prefix_space=False, use_regex=False))
+        hf.pre_tokenizer = hf_pre.Sequence(steps)
         return hf
 
     def _build_spm(self, md: Metadata) -> HFTokenizer:
@@ -462,7 +717,20 @@ class Tokenizer:
                 prefix = " " if self.add_space_prefix else ""
                 ids.extend(self._hf.encode((prefix + fragment).replace(" ", "▁"), add_special_tokens=False).ids)
             else:
-                ids.extend(self._hf.encode(fragment, add_special_tokens=False).ids)
+                ids.extend(self._encode_bpe(fragment))
+        return ids
+
+    def _encode_bpe(self, text: str) -> list[int]:
+        if self._pre.escape_spaces:
+            text = text.replace(" ", "▁")
+        if not self._pre.newline_tokens:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for part in _NEWLINE_RUNS.split(text):  # lines and runs of newlines, the pieces the regex splits out
+            if part[:1] == "\n" and part in self._token_to_id:
+                ids.append(self._token_to_id[part])  # llama.cpp takes it whole, even where no merges lead to it
+            elif part:
+                ids.extend(self._hf.encode(part, add_special_tokens=False).ids)
         return ids
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
@@ -518,7 +786,7 @@ class Tokenizer:
         if attr & (_SPECIAL | TokenAttr.USER_DEFINED):
             return text.encode()
         if attr & TokenAttr.NORMAL:
-            if self.model == "llama":
+            if self.model == "llama" or self._pre.escape_spaces:
                 return text.replace("▁", " ").encode()
             # a character outside the byte alphabet is kept as its UTF-8 (llama.cpp writes "[UNK_BYTE_0x..]")
             return b"".join(bytes((_BYTE_DECODER[c],)) if c in _BYTE_DECODER else c.encode() for c in text)
@@ -625,18 +893,27 @@ def _spm_merges(tokens: list[str], token_to_id: dict[str, int], scores: np.ndarr
     scores the longer left part ranks first: that reproduces llama.cpp's left-to-right growth of runs, the one tie
     that occurs in practice (Llama's whitespace pieces "▁▁" .. "▁"*16 all score -1e9). Other ties between
     overlapping candidates of equal score could still merge in another order.
+
+    Gemma 3's 262k pieces have 1.2M splits (515k of them merges): about 1 s here, most of its vocabulary's load time.
     """
     if scores is None:
         scores = np.zeros(len(tokens), dtype=np.float32)
-    score = scores.tolist()
-    merges = []
+    lefts: list[str] = []
+    rights: list[str] = []
+    pids: list[int] = []
+    ks: list[int] = []
+    add_left, add_right, add_pid, add_k = lefts.append, rights.append, pids.append, ks.append
     for piece, pid in token_to_id.items():
         for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in token_to_id and right in token_to_id:
-                merges.append((-score[pid], -k, pid, left, right))
-    merges.sort()
-    return [(left, right) for *_, left, right in merges]
+            if piece[:k] in token_to_id and piece[k:] in token_to_id:
+                add_left(piece[:k])
+                add_right(piece[k:])
+                add_pid(pid)
+                add_k(k)
+    pid_array = np.array(pids, dtype=np.int64)
+    # rank by score (highest first), then longer left part, then piece id
+    order = np.lexsort((pid_array, -np.array(ks, dtype=np.int64), -scores.astype(np.float64)[pid_array]))
+    return [(lefts[i], rights[i]) for i in order.tolist()]
 
 
 def check_text(text: Any, what: str = "the prompt") -> str:
@@ -682,4 +959,14 @@ class _IdDecoder:
         return ""
 
 
-__all__ = ["PRE_TOKENIZERS", "SUPPORTED_MODELS", "IdTokenizer", "StreamDecoder", "TokenAttr", "Tokenizer"]
+__all__ = [
+    "PRE_TOKENIZERS",
+    "REFUSED_MODELS",
+    "REFUSED_PRE_TOKENIZERS",
+    "SUPPORTED_MODELS",
+    "IdTokenizer",
+    "PreTokenizer",
+    "StreamDecoder",
+    "TokenAttr",
+    "Tokenizer",
+]
