@@ -269,6 +269,7 @@ ENGINE_CASES = {
     "phi3 + window": dict(arch="phi3", metadata=window_metadata("phi3")),
     "mistral window + yarn": dict(arch="llama", metadata=window_metadata("llama") | rope_case("yarn")[0]),
     "gemma3": dict(arch="gemma3", tied=True, dims=GEMMA_DIMS, metadata=window_metadata("gemma3")),
+    "gemma2": dict(arch="gemma2", tied=True, dims={"layers": 4}, metadata=window_metadata("gemma2") | GEMMA2_CAPS),
 }
 ENGINE_PROMPTS = [[(5 * i + 1) % TINY["vocab"] for i in range(n)] for n in (21, 3, 14, 30)]
 ENGINE_TOKENS = [14, 9, 18, 12]

@@ -354,6 +354,11 @@ def test_chat_template_helpers_and_errors(vocab):
     assert isinstance(e.value.__cause__, jinja2.exceptions.SecurityError)
     with pytest.raises(ValueError, match="no chat template"):
         vocab("llama-spm").apply_chat_template([{"role": "user", "content": "x"}])
+    # an undefined name through a filter: `default` supplies it (the bounded filters once tripped on jinja's Undefined)
+    defaults = "{{ enable_thinking | default(false) }}/{{ (name | default('ab')) | upper }}/{{ messages | length }}"
+    tok = Tokenizer.from_metadata(_tiny_spm_metadata(**{"tokenizer.chat_template": defaults}))
+    assert tok.apply_chat_template([]) == "False/AB/0"
+    assert tok.apply_chat_template([], enable_thinking=True) == "True/AB/0"
 
 
 # ---------------------------------------------------------------------------------------------------- loading, errors
@@ -562,10 +567,8 @@ def _compare_with_llama_cpp(llama_cpp, path: Path, tok: Tokenizer, n_fuzz: int =
             {"role": "assistant", "content": "Hello.\n  How can I help?"},
             {"role": "user", "content": "A joke,\tplease 😁"},
         ]
-        # enable_thinking: Gemma 4's template reads it through `| default(false)`, which realm's bounded filters
-        # refuse for an undefined variable (chat_template.py)
         texts += [
-            tok.apply_chat_template(messages, enable_thinking=False),
+            tok.apply_chat_template(messages),  # Gemma 4's reads enable_thinking through `| default(false)`
             tok.apply_chat_template(messages, add_generation_prompt=False, enable_thinking=False),
         ]
     for text in texts:

@@ -101,6 +101,7 @@ def _check_format(fmt: Any) -> None:
 def compile_template(source: str):
     """A chat template compiled as HF transformers does: sandboxed, trim_blocks/lstrip_blocks, its helpers; with
     realm's size limits on operators, calls and filters (see `render` for time and depth)."""
+    from jinja2 import Undefined
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -142,7 +143,9 @@ def compile_template(source: str):
     def bounded_filter(name: str, f):
         @functools.wraps(f)  # keeps jinja's pass_context/pass_environment marks
         def wrapper(*args, **kwargs):
-            values = [a for a in (*args, *kwargs.values()) if not hasattr(a, "environment")]  # not the context
+            # not the context, nor an undefined name (`x | default(1)`): hasattr on jinja's Undefined raises
+            values = [a for a in (*args, *kwargs.values())
+                      if not isinstance(a, Undefined) and not hasattr(a, "environment")]
             if name == "format" and values:
                 _check_format(values[0])
             _check_growth(values, f"the filter {name!r}")
