@@ -123,7 +123,7 @@ def test_qk_norm_tensors_are_required_where_the_architecture_has_them_and_refuse
     with pytest.raises(ModelError, match=r"'blk\.1\.attn_k_norm\.weight' is missing"):
         load_weights(tmp_path / "q.gguf")
     write_tiny_llama(tmp_path / "l.gguf", extra_tensors={"blk.0.attn_q_norm.weight": torch.ones(TINY["head_dim"])})
-    with pytest.raises(ModelError, match="a Q/K norm in a llama file"):
+    with pytest.raises(ModelError, match=r"attn_q_norm\.weight in a llama file, whose architecture has no Q/K norm"):
         load_weights(tmp_path / "l.gguf")
 
 
@@ -318,3 +318,9 @@ def test_unsupported_features_are_named(tmp_path, change, message):
     write_tiny_llama(tmp_path / "m.gguf", **change)
     with pytest.raises(ModelError, match=message):
         load_weights(tmp_path / "m.gguf")
+
+
+def test_post_norms_are_refused_where_the_architecture_has_none(tmp_path):
+    write_tiny_llama(tmp_path / "q.gguf", "qwen3", extra_tensors={"blk.1.post_ffw_norm.weight": torch.ones(64)})
+    with pytest.raises(ModelError, match=r"post_ffw_norm\.weight in a qwen3 file, whose architecture has no post-"):
+        load_weights(tmp_path / "q.gguf")

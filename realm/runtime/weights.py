@@ -162,6 +162,18 @@ def _gate_up(tensors: _Tensors, c: ModelConfig, p: str) -> tuple[QTensor, QTenso
             tensors.matrix(p + "ffn_up.weight", "ffn_hidden", "hidden"))
 
 
+def _optional_norms(tensors: _Tensors, c: ModelConfig, p: str, names: tuple[str, ...], size: str, present: bool,
+                    what: str) -> tuple[torch.Tensor | None, ...]:
+    """Norm weights an architecture has (all of `names` required) or has not (any of them refused: never ignored)."""
+    if present:
+        return tuple(tensors.vector(f"{p}{name}.weight", size) for name in names)
+    for name in names:
+        if tensors.has(f"{p}{name}.weight"):
+            raise ModelError(f"{tensors.path}: {p}{name}.weight in a {c.arch.name} file, whose architecture has no "
+                             f"{what} (realm would ignore it)")
+    return (None,) * len(names)
+
+
 def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
     p = f"blk.{i}."
     wq, wk, wv = _qkv(tensors, p)
@@ -172,24 +184,10 @@ def _layer(tensors: _Tensors, c: ModelConfig, i: int) -> LayerWeights:
         if bq is not None or bk is not None:
             raise ModelError(f"{tensors.path}: Q/K biases on an architecture with permuted rope rows are not supported")
     w_gate, w_up = _gate_up(tensors, c, p)
-    q_norm = k_norm = None
-    if c.arch.qk_norm:
-        q_norm = tensors.vector(p + "attn_q_norm.weight", "head_dim")
-        k_norm = tensors.vector(p + "attn_k_norm.weight", "head_dim")
-    else:
-        for name in ("attn_q_norm", "attn_k_norm"):
-            if tensors.has(f"{p}{name}.weight"):
-                raise ModelError(f"{tensors.path}: {p}{name}.weight: a Q/K norm in a {c.arch.name} file, whose "
-                                 "architecture has none (realm would ignore it)")
-    post_attn_norm = post_ffn_norm = None
-    if c.arch.post_norms:
-        post_attn_norm = tensors.vector(p + "post_attention_norm.weight", "hidden")
-        post_ffn_norm = tensors.vector(p + "post_ffw_norm.weight", "hidden")
-    else:
-        for name in ("post_attention_norm", "post_ffw_norm"):
-            if tensors.has(f"{p}{name}.weight"):
-                raise ModelError(f"{tensors.path}: {p}{name}.weight in a {c.arch.name} file, whose architecture has "
-                                 "no such norm (realm would ignore it)")
+    q_norm, k_norm = _optional_norms(tensors, c, p, ("attn_q_norm", "attn_k_norm"), "head_dim", c.arch.qk_norm,
+                                     "Q/K norm")
+    post_attn_norm, post_ffn_norm = _optional_norms(tensors, c, p, ("post_attention_norm", "post_ffw_norm"), "hidden",
+                                                    c.arch.post_norms, "post-attention/post-FFN norm")
     return LayerWeights(
         attn_norm=tensors.vector(p + "attn_norm.weight", "hidden"),
         wq=wq,
