@@ -148,8 +148,11 @@ def window_metadata(arch: str) -> dict:
 
 @pytest.mark.parametrize("arch,cls", [("llama", "Mistral"), ("phi3", "Phi3")])
 def test_sliding_window_matches_hf(tmp_path, arch, cls):
-    """Mistral (stored as llama, as convert_hf_to_gguf.py stores it) and Phi-3 with a window shorter than the
-    prompt: every position past the window differs from full attention, and realm follows HF."""
+    """Mistral (architecture llama, as convert_hf_to_gguf.py stores MistralForCausalLM) and Phi-3 with a window
+    shorter than the prompt: every position past the window differs from full attention, and realm follows HF. The
+    converter (llama.cpp as in llama-cpp-python 0.3.36) writes Phi-3's window but not Mistral's, so a converted
+    Mistral file runs with full attention, in llama.cpp and in realm; this file sets llama.attention.sliding_window,
+    as a file that wants HF's window must."""
     state = write_tiny_llama(tmp_path / "m.gguf", arch, context_length=CONTEXT, metadata=window_metadata(arch))
     weights = load_weights(tmp_path / "m.gguf")
     assert weights.config.sliding_window == WINDOW
