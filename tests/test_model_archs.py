@@ -327,3 +327,11 @@ def test_post_norms_are_refused_where_the_architecture_has_none(tmp_path):
     write_tiny_llama(tmp_path / "q.gguf", "qwen3", extra_tensors={"blk.1.post_ffw_norm.weight": torch.ones(64)})
     with pytest.raises(ModelError, match=r"post_ffw_norm\.weight in a qwen3 file, whose architecture has no post-"):
         load_weights(tmp_path / "q.gguf")
+
+
+def test_tensors_realm_does_not_use_are_refused(tmp_path):
+    """Phi-3's longrope factors, or any tensor realm has no use for, would otherwise be silently ignored."""
+    write_tiny_llama(tmp_path / "p.gguf", "phi3", extra_tensors={"rope_factors_long.weight": torch.ones(8)})
+    with pytest.raises(ModelError, match=r"1 tensor\(s\) realm does not use for a phi3 model, e.g. "
+                                         r"'rope_factors_long.weight'; refusing the file"):
+        load_weights(tmp_path / "p.gguf")

@@ -104,11 +104,22 @@ class _Tensors:
         self.by_name = {t.name: t for t in reader.tensors}
         self.path = path
         self.config: ModelConfig | None = None
+        self.read: set[str] = set()
+
+    def check_all_read(self) -> None:
+        """Every tensor of the file was used: one realm does not know (longrope's rope_factors_long, a bias of an
+        architecture without biases, ...) would otherwise be ignored and change nothing it should change."""
+        unread = sorted(set(self.by_name) - self.read)
+        if unread:
+            arch = self.config.arch.name if self.config is not None else "?"
+            raise ModelError(f"{self.path}: {len(unread)} tensor(s) realm does not use for a {arch} model, e.g. "
+                             f"{', '.join(map(repr, unread[:4]))}; refusing the file rather than ignoring them")
 
     def has(self, name: str) -> bool:
         return name in self.by_name
 
     def _get(self, name: str, fields: tuple[str, ...]):
+        self.read.add(name)
         t = self.by_name.get(name)
         c = self.config
         if t is None:
@@ -262,12 +273,15 @@ def load_weights(model: str | os.PathLike = "smollm2") -> ModelWeights:
         # the tokenizer's types are checked when it is built; here only that every token id has an embedding
         raise ModelError(f"{path}: GGUF metadata tokenizer.ggml.tokens has {len(tokens)} tokens but the model only "
                          f"{config.vocab_size} embeddings (token_embd.weight rows)")
+    layers = tuple(_layer(tensors, config, i) for i in range(config.n_layers))
+    output_norm = tensors.vector("output_norm.weight", "hidden")
+    tensors.check_all_read()
     return ModelWeights(
         config=config,
         metadata=metadata,
         token_embd=token_embd,
-        layers=tuple(_layer(tensors, config, i) for i in range(config.n_layers)),
-        output_norm=tensors.vector("output_norm.weight", "hidden"),
+        layers=layers,
+        output_norm=output_norm,
         output=output,
         path=path,
         rope_freqs=rope_freqs,
