@@ -34,7 +34,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
         echo "setup: could not install Debian's chromium: the demo page test will skip" >&2
 fi
 # llama.cpp's server, for bench/serve.py's comparison and its test (tests/test_bench_serve.py skips without it): opt in
-# with REALM_LLAMA_SERVER_BUILD=1, since the build takes about 7 minutes on 2 cores (scripts/build_llama_server.sh).
+# with REALM_LLAMA_SERVER_BUILD=1, since the build takes several minutes on 2 cores (scripts/build_llama_server.sh).
 if [ "${REALM_LLAMA_SERVER_BUILD:-0}" = 1 ]; then
     PYTHON="$PY" bash scripts/build_llama_server.sh >/dev/null
 fi

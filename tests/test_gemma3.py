@@ -17,8 +17,9 @@ from realm.runtime import Backend, Model, load_weights
 from realm.runtime.sampling import SamplingParams
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "gemma3_270m_hf_reference.json").read_text())
-# HF and realm both dequantize to float32 and compute in float32; what differs is the order of a few reductions.
-LOGIT_ATOL = 1e-3
+# HF and realm both dequantize to float32 and compute in float32; what differs is the order of a few reductions
+# (1.9e-5 at most here; 5x that for other BLAS builds). The recorded top-1 margins go down to 0.017.
+LOGIT_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -71,4 +72,16 @@ def test_realm_generate_continues_a_prompt_as_hf_does():
     assert run.returncode == 0, run.stderr
     assert run.stdout == case["text"] + "\n"
     assert "40 generated" in run.stderr
-    assert time.perf_counter() - start < 120  # measured ~12 s on the 2-core CI machine (loading ~3 s of it)
+    assert time.perf_counter() - start < 120  # a bound, not a benchmark: ~12 s on this 2-core machine
+
+
+def test_the_header_reads_in_seconds():
+    """Metadata arrays read in one pass (realm.gguf_io): gguf-py's per-item views took ~27 s for this header here."""
+    import time
+
+    from realm.gguf_io import open_gguf, read_metadata
+
+    start = time.process_time()
+    metadata = read_metadata(open_gguf(GEMMA3_270M.path()))
+    assert len(metadata["tokenizer.ggml.tokens"].value) == 262144
+    assert time.process_time() - start < 5.0  # CPU seconds: about 0.8 here
