@@ -44,3 +44,8 @@ fi
 # about 75 MB, extracted into $REALM_LLAMA_CPP_VOCAB, else ~/.cache/realm/llama-cpp-vocab-0.3.36 (not the repository).
 # The sdist comes through pip's cache; a second run finds the files and downloads nothing.
 "$PY" tests/llama_cpp_vocab.py >/dev/null
+
+# --- the onednn backend's CPU attention kernel ----------------------------------------------------------------------
+# Built with the system C compiler into ~/.cache/realm/kernels (realm.kernels.cpu_attention); without one, the backend
+# runs the reference attention and says so, and tests/test_cpu_attention.py skips naming why.
+"$PY" -c "from realm.kernels.cpu_attention import unavailable_reason as r; print('setup: CPU attention kernel:', r() or 'built')"

@@ -61,6 +61,7 @@ class AttentionMetadata:
     _decode_plans: dict = field(default_factory=dict, repr=False)
     _verify_plans: dict = field(default_factory=dict, repr=False)
     _key_slots: list[torch.Tensor] | None = field(default=None, repr=False)
+    _cpu_plans: dict = field(default_factory=dict, repr=False)  # realm.kernels.cpu_attention's, per cache shape
 
     @classmethod
     def build(cls, query_lens, context_lens, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
@@ -204,31 +205,33 @@ def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     mask as HF passes its sliding-window mask to SDPA; with a softcap, HF's eager attention (Gemma 2: scores times
     scale, capped, masked, softmax in float32, times V), which SDPA cannot do. k, v are unused: the pages hold
     them."""
-    n, n_heads, head_dim = q.shape
     k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [slots, n_kv_heads, head_dim]
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    out = torch.empty(n, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     first = 0
-    for q_len, seq_len, keys in zip(meta.query_lens, meta.context_lens, meta.key_slots(k_cache.shape[1]),
-                                    strict=True):
-        q_seq = q[first : first + q_len].transpose(0, 1)[None]  # [1, heads, q_len, head_dim]
-        k_seq = k_flat[keys].transpose(0, 1)[None]  # [1, kv_heads, seq_len, head_dim]
-        v_seq = v_flat[keys].transpose(0, 1)[None]
-        start = seq_len - q_len
-        if softcap is not None:
-            out[first : first + q_len] = _eager_softcapped(q[first : first + q_len], k_flat[keys], v_flat[keys], start,
-                                                           scale, softcap, window)
-            first += q_len
-            continue
-        if window is not None and seq_len > window:
-            mask = _causal_mask(start, q_len, q.device, window)
-        else:
-            mask = _causal_mask(start, q_len, q.device) if start and q_len > 1 else None
-        o = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask, is_causal=mask is None and q_len > 1,
-                                           scale=scale, enable_gqa=True)
-        out[first : first + q_len] = o[0].transpose(0, 1)
+    for q_len, keys in zip(meta.query_lens, meta.key_slots(k_cache.shape[1]), strict=True):
+        out[first : first + q_len] = attend_sequence(q[first : first + q_len], k_flat[keys], v_flat[keys], scale,
+                                                     window, softcap)
         first += q_len
     return out
+
+
+def attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """One sequence of the reference: q [q_len, heads, D], the last q_len of its seq_len tokens; k, v [seq_len,
+    kv_heads, D] gathered -> [q_len, heads, D]."""
+    q_len, seq_len = q.shape[0], k.shape[0]
+    start = seq_len - q_len
+    if softcap is not None:
+        return _eager_softcapped(q, k, v, start, scale, softcap, window)
+    if window is not None and seq_len > window:
+        mask = _causal_mask(start, q_len, q.device, window)
+    else:
+        mask = _causal_mask(start, q_len, q.device) if start and q_len > 1 else None
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask, is_causal=mask is None and q_len > 1, scale=scale,
+                                       enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def _eager_softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, softcap: float,

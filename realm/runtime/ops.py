@@ -20,8 +20,9 @@ matrices with `F.linear` (cuBLAS/MKL, as HF does), and its attention is SDPA per
 | store_kv  | store_kv                                        | store_kv_ref                               |
 | attention | paged_attention (flash / paged decode / paged flash) | paged_attention_ref (SDPA per sequence) |
 
-Backend.ONEDNN is the reference with one change, for speed on CPUs: its linear layers multiply the dequantized
-matrices packed once into oneDNN's layout (`PackedWeight`), not through F.linear.
+Backend.ONEDNN is the reference with two changes, for speed on CPUs: its linear layers multiply the dequantized
+matrices packed once into oneDNN's layout (`PackedWeight`), not through F.linear, and its attention reads short chunks
+(decodes, verification) in place from the pages in a C kernel (`realm.kernels.cpu_attention`), not gathered for SDPA.
 """
 
 from __future__ import annotations
@@ -183,8 +184,10 @@ def check_onednn(device: torch.device, dtype: torch.dtype) -> None:
 
 @functools.cache
 def onednn_ops() -> Ops:
+    from realm.kernels.cpu_attention import paged_attention_cpu
+
     return dataclasses.replace(reference_ops(), backend=Backend.ONEDNN, prepare_linear=_packed_part,
-                               matmul=_packed_matmul, prepare_dense=_pack)
+                               matmul=_packed_matmul, prepare_dense=_pack, attention=paged_attention_cpu)
 
 
 def backends_for(device: torch.device | str) -> list[Backend]:
