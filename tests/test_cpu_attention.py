@@ -167,7 +167,8 @@ def test_a_failed_build_says_what_the_compiler_said(fresh_build, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'error: this compiler refuses' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
-    with pytest.raises(ca.CpuKernelUnavailable, match=r"could not build cpu_attention\.c: error: this compiler refuses"):
+    refusal = r"could not build cpu_attention\.c: error: this compiler refuses"
+    with pytest.raises(ca.CpuKernelUnavailable, match=refusal):
         ca.library()
     assert [p.name for p in fresh_build.iterdir()] == ["cc"]  # no half-written library left behind
 
