@@ -64,6 +64,26 @@ static void row_scores_transposed(const float *restrict qr, const float *restric
     }
 }
 
+/* Every row's scores against a block from K transposed, four rows at a time: each load of K feeds four independent
+ * FMA chains (the rows), instead of one. s: [rows, width]. */
+static void block_scores_transposed(const float *restrict qs, const float *restrict kt, int rows, int head_dim,
+                                    int width, float *restrict s) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *q0 = qs + (int64_t)r * head_dim, *q1 = q0 + head_dim, *q2 = q1 + head_dim, *q3 = q2 + head_dim;
+        for (int c = 0; c < width; c += LANES) {
+            vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int d = 0; d < head_dim; d++) {
+                const vfloat kd = vload(kt + (int64_t)d * width + c);
+                a0 += q0[d] * kd, a1 += q1[d] * kd, a2 += q2[d] * kd, a3 += q3[d] * kd;
+            }
+            float *sr = s + (int64_t)r * width + c;
+            vstore(sr, a0), vstore(sr + width, a1), vstore(sr + 2 * width, a2), vstore(sr + 3 * width, a3);
+        }
+    }
+    for (; r < rows; r++) row_scores_transposed(qs + (int64_t)r * head_dim, kt, head_dim, width, s + (int64_t)r * width);
+}
+
 /* The same scores as dot products along head_dim (for few rows per block, where transposing K costs more than it
  * saves). */
 static void row_scores_direct(const float *restrict qr, const float *restrict k, int64_t key_stride, int keys,
@@ -79,11 +99,21 @@ static void row_scores_direct(const float *restrict qr, const float *restrict k,
     }
 }
 
-/* a = a * alpha + sum_t p[t] v_t over t in [t_lo, t_hi), LANES dimensions at a time (the rest one by one), two
- * accumulators per chunk. */
+/* a = a * alpha + sum_t p[t] v_t over t in [t_lo, t_hi): 4 * LANES dimensions at a time, then LANES (two
+ * accumulators), then one by one. */
 static void row_values(float *restrict a, float alpha, const float *restrict p, const float *restrict v,
                        int64_t key_stride, int t_lo, int t_hi, int head_dim) {
     int d0 = 0;
+    for (; d0 + 4 * LANES <= head_dim; d0 += 4 * LANES) {  // four independent chains: 64 dimensions in registers
+        vfloat a0 = vload(a + d0) * alpha, a1 = vload(a + d0 + LANES) * alpha;
+        vfloat a2 = vload(a + d0 + 2 * LANES) * alpha, a3 = vload(a + d0 + 3 * LANES) * alpha;
+        for (int t = t_lo; t < t_hi; t++) {
+            const float pt = p[t], *vt = v + t * key_stride + d0;
+            a0 += pt * vload(vt), a1 += pt * vload(vt + LANES), a2 += pt * vload(vt + 2 * LANES);
+            a3 += pt * vload(vt + 3 * LANES);
+        }
+        vstore(a + d0, a0), vstore(a + d0 + LANES, a1), vstore(a + d0 + 2 * LANES, a2), vstore(a + d0 + 3 * LANES, a3);
+    }
     for (; d0 + LANES <= head_dim; d0 += LANES) {
         vfloat even = vload(a + d0) * alpha, odd = {0};
         int t = t_lo;
@@ -127,19 +157,20 @@ static void attend(const float *q, int64_t q_row_stride, const float *k_cache, c
         const int64_t base = ((int64_t)blocks[j] * block_size * n_kv_heads + kv_head) * head_dim;
         const float *k = k_cache + base, *v = v_cache + base;
         const int transposed = rows >= TRANSPOSE_FROM_ROWS;
-        for (int d = 0; transposed && d < head_dim; d++) {
-            float *kd = kt + (int64_t)d * width;
-            for (int t = 0; t < keys; t++) kd[t] = k[t * key_stride + d];
-            for (int t = keys; t < width; t++) kd[t] = 0.0f;
+        if (transposed) {
+            for (int d = 0; d < head_dim; d++) {
+                float *kd = kt + (int64_t)d * width;
+                for (int t = 0; t < keys; t++) kd[t] = k[t * key_stride + d];
+                for (int t = keys; t < width; t++) kd[t] = 0.0f;
+            }
+            block_scores_transposed(qs, kt, rows, head_dim, width, s);  // rows that see no key here are not read
         }
         for (int r = 0; r < rows; r++) {
             const int pos = start + r / group;  // this row's query position: it sees keys lo .. pos
             const int t_lo = max_int((window > 0 ? pos - window + 1 : 0) - t0, 0), t_hi = min_int(pos - t0 + 1, keys);
             if (t_hi <= t_lo) continue;  // no key of this block is visible to this row
             float *sr = s + (int64_t)r * width;
-            if (transposed)
-                row_scores_transposed(qs + (int64_t)r * head_dim, kt, head_dim, width, sr);
-            else
+            if (!transposed)
                 row_scores_direct(qs + (int64_t)r * head_dim, k, key_stride, keys, head_dim, sr);
             if (softcap > 0.0f) {
 #pragma omp simd
