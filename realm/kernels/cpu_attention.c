@@ -134,29 +134,33 @@ static void row_values(float *restrict a, float alpha, const float *restrict p, 
 /* From this many rows per task (query heads per KV head x queries), scores come from K transposed once per block. */
 #define TRANSPOSE_FROM_ROWS 8
 
-/* One (sequence, KV head). Its rows = q_len * group query rows (row r: query r / group of head kv_head * group +
- * r % group) keep an online softmax each over the blocks of keys: scores from K transposed once per block for all
- * rows, masked (causal, window), exponentiated in one vector loop, then P @ V. Scratch: see scratch_floats. */
+/* One (sequence, KV head, tile of rows). The sequence's rows = q_len * group query rows (row r: query r / group of
+ * head kv_head * group + r % group); this task takes rows [row_begin, row_end), each keeping an online softmax over
+ * the blocks of keys it may see: scores (from K transposed once per block when the tile has many rows), masked
+ * (causal, window), exponentiated in one vector loop, then P @ V. Scratch: see the caller's scratch_floats. */
 static void attend(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache, float *out,
-                   const int32_t *blocks, int q0, int q_len, int seq_len, int kv_head, int n_heads, int n_kv_heads,
-                   int head_dim, int block_size, float scale, int window, float softcap, float *scratch) {
-    const int group = n_heads / n_kv_heads, rows = q_len * group, start = seq_len - q_len;
+                   const int32_t *blocks, int q0, int q_len, int seq_len, int kv_head, int row_begin, int row_end,
+                   int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, int window, float softcap,
+                   float *scratch) {
+    const int group = n_heads / n_kv_heads, rows = row_end - row_begin, start = seq_len - q_len;
     const int width = round_up(block_size, LANES);
     const int64_t key_stride = (int64_t)n_kv_heads * head_dim;
     float *qs = scratch, *acc = qs + (int64_t)rows * head_dim, *m = acc + (int64_t)rows * head_dim, *l = m + rows;
     float *kt = l + rows, *s = kt + (int64_t)head_dim * width;
-    for (int r = 0; r < rows; r++) {
+    for (int i = 0; i < rows; i++) {
+        const int r = row_begin + i;
         const float *src = q + (int64_t)(q0 + r / group) * q_row_stride + (int64_t)(kv_head * group + r % group) * head_dim;
-        for (int d = 0; d < head_dim; d++) qs[(int64_t)r * head_dim + d] = src[d] * scale;
-        m[r] = MASKED, l[r] = 0.0f;
+        for (int d = 0; d < head_dim; d++) qs[(int64_t)i * head_dim + d] = src[d] * scale;
+        m[i] = MASKED, l[i] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * (size_t)rows * head_dim);
-    const int first_key = window > 0 ? max_int(start - window + 1, 0) : 0;
-    for (int j = first_key / block_size; j * block_size < seq_len; j++) {
+    const int first_pos = start + row_begin / group, last_pos = start + (row_end - 1) / group;
+    const int first_key = window > 0 ? max_int(first_pos - window + 1, 0) : 0;
+    const int transposed = rows >= TRANSPOSE_FROM_ROWS;
+    for (int j = first_key / block_size; j * block_size <= last_pos; j++) {
         const int t0 = j * block_size, keys = min_int(seq_len - t0, block_size);
         const int64_t base = ((int64_t)blocks[j] * block_size * n_kv_heads + kv_head) * head_dim;
         const float *k = k_cache + base, *v = v_cache + base;
-        const int transposed = rows >= TRANSPOSE_FROM_ROWS;
         if (transposed) {
             for (int d = 0; d < head_dim; d++) {
                 float *kd = kt + (int64_t)d * width;
@@ -165,38 +169,44 @@ static void attend(const float *q, int64_t q_row_stride, const float *k_cache, c
             }
             block_scores_transposed(qs, kt, rows, head_dim, width, s);  // rows that see no key here are not read
         }
-        for (int r = 0; r < rows; r++) {
-            const int pos = start + r / group;  // this row's query position: it sees keys lo .. pos
+        for (int i = 0; i < rows; i++) {
+            const int pos = start + (row_begin + i) / group;  // this row's query position: it sees keys lo .. pos
             const int t_lo = max_int((window > 0 ? pos - window + 1 : 0) - t0, 0), t_hi = min_int(pos - t0 + 1, keys);
             if (t_hi <= t_lo) continue;  // no key of this block is visible to this row
-            float *sr = s + (int64_t)r * width;
+            float *sr = s + (int64_t)i * width;
             if (!transposed)
-                row_scores_direct(qs + (int64_t)r * head_dim, k, key_stride, keys, head_dim, sr);
+                row_scores_direct(qs + (int64_t)i * head_dim, k, key_stride, keys, head_dim, sr);
             if (softcap > 0.0f) {
 #pragma omp simd
                 for (int t = 0; t < keys; t++) sr[t] = softcap * tanhf(sr[t] / softcap);
             }
             float block_max = MASKED;
             for (int t = t_lo; t < t_hi; t++) block_max = sr[t] > block_max ? sr[t] : block_max;
-            const float m_new = block_max > m[r] ? block_max : m[r];
-            const float alpha = expf(m[r] - m_new);  // 0 on the row's first block (m = MASKED, acc = 0)
+            const float m_new = block_max > m[i] ? block_max : m[i];
+            const float alpha = expf(m[i] - m_new);  // 0 on the row's first block (m = MASKED, acc = 0)
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int t = t_lo; t < t_hi; t++) {
                 sr[t] = expf(sr[t] - m_new);
                 sum += sr[t];
             }
-            l[r] = l[r] * alpha + sum;
-            m[r] = m_new;
-            row_values(acc + (int64_t)r * head_dim, alpha, sr, v, key_stride, t_lo, t_hi, head_dim);
+            l[i] = l[i] * alpha + sum;
+            m[i] = m_new;
+            row_values(acc + (int64_t)i * head_dim, alpha, sr, v, key_stride, t_lo, t_hi, head_dim);
         }
     }
-    for (int r = 0; r < rows; r++) {
+    for (int i = 0; i < rows; i++) {
+        const int r = row_begin + i;
         float *o = out + ((int64_t)(q0 + r / group) * n_heads + kv_head * group + r % group) * head_dim;
-        const float inv = 1.0f / l[r];
-        for (int d = 0; d < head_dim; d++) o[d] = acc[(int64_t)r * head_dim + d] * inv;
+        const float inv = 1.0f / l[i];
+        for (int d = 0; d < head_dim; d++) o[d] = acc[(int64_t)i * head_dim + d] * inv;
     }
 }
+
+/* Rows per task at most: a verification chunk's 16 queries x 3 heads (SmolLM2) become two tasks per KV head, so that
+ * a single sequence's 3 KV heads split evenly over 2 threads (6 tasks, not 3); each tile reads the sequence's K and V
+ * again, from cache. */
+#define TILE_ROWS 24
 
 /* Returns 0, or -1 when scratch memory could not be allocated (out is then incomplete). */
 int realm_paged_attention_f32(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache,
@@ -205,24 +215,27 @@ int realm_paged_attention_f32(const float *q, int64_t q_row_stride, const float 
                               int head_dim, int block_size, float scale, int window, float softcap, int threads) {
     int max_q = 0;
     for (int b = 0; b < batch; b++) max_q = q_len[b] > max_q ? q_len[b] : max_q;
-    const int64_t rows = (int64_t)max_q * (n_heads / n_kv_heads);
-    const int width = (block_size + LANES - 1) / LANES * LANES;
-    const size_t scratch_floats = (size_t)(rows * (2 * head_dim + 2 + width) + head_dim * width);
-    const int tasks = batch * n_kv_heads;
+    const int group = n_heads / n_kv_heads, max_rows = max_q * group;
+    const int tiles = (max_rows + TILE_ROWS - 1) / TILE_ROWS, rows = min_int(max_rows, TILE_ROWS);
+    const int width = round_up(block_size, LANES);
+    const size_t scratch_floats = (size_t)rows * (2 * head_dim + 2 + width) + (size_t)head_dim * width;
+    const int tasks = batch * n_kv_heads * tiles;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *scratch = malloc(sizeof(float) * scratch_floats);
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < tasks; task++) {
-            const int b = task / n_kv_heads;
+            const int b = task / (n_kv_heads * tiles), kv_head = task / tiles % n_kv_heads, tile = task % tiles;
+            const int row_begin = tile * TILE_ROWS, row_end = min_int(row_begin + TILE_ROWS, q_len[b] * group);
+            if (row_begin >= row_end) continue;  // a shorter chunk than the longest
             if (!scratch) {  // every thread must reach the loop; one without memory marks the call failed
                 failed = 1;
                 continue;
             }
             attend(q, q_row_stride, k_cache, v_cache, out, block_tables + (int64_t)b * bt_stride, q_start[b],
-                   q_len[b], seq_lens[b], task % n_kv_heads, n_heads, n_kv_heads, head_dim, block_size, scale, window,
-                   softcap, scratch);
+                   q_len[b], seq_lens[b], kv_head, row_begin, row_end, n_heads, n_kv_heads, head_dim, block_size,
+                   scale, window, softcap, scratch);
         }
         free(scratch);
     }
