@@ -100,16 +100,23 @@ def test_queries_inside_a_wider_row():
     assert_equal(_run(strided, k_cache, v_cache, meta, 0.125), _run(q, k_cache, v_cache, meta, 0.125))
 
 
-def test_the_same_result_on_any_thread_count():
-    """Each (sequence, KV head) is one task summed in one order: the threads change nothing, bit for bit."""
-    q, k_cache, v_cache, meta = _step([1] * 6 + [9], [50, 3, 17, 80, 16, 1, 30], 16, 9, 3, 64, seed=3)
+@pytest.mark.parametrize(("query_lens", "context_lens"), [
+    ([1] * 6 + [9], [50, 3, 17, 80, 16, 1, 30]),  # many tasks: one per (sequence, KV head) at any thread count
+    ([9, 16], [40, 70]),  # few tasks: with 2 threads or more, the 27 and 48 rows are cut into tiles of 24
+])
+def test_the_same_result_on_any_thread_count(query_lens, context_lens):
+    """Every row is summed in one order however the threads share the work (tiles included): bit for bit."""
+    q, k_cache, v_cache, meta = _step(query_lens, context_lens, 16, 9, 3, 64, seed=3)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = _run(q, k_cache, v_cache, meta, 0.125)
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            results.append(_run(q, k_cache, v_cache, meta, 0.125))
     finally:
         torch.set_num_threads(threads)
-    assert_equal(_run(q, k_cache, v_cache, meta, 0.125), one)
+    for other in results[1:]:
+        assert_equal(other, results[0])
 
 
 def test_other_dtypes_run_the_reference():

@@ -48,19 +48,14 @@ static inline float hsum(vfloat x) {
 }
 
 /* Scores of one row against a block's keys, LANES keys at a time: s[t] = q . k_t, from K transposed (kt [head_dim,
- * width], zero past the block's keys). Two accumulators: consecutive FMAs into one register would wait on each
- * other's latency. */
+ * width], zero past the block's keys); summed in the order of block_scores_transposed's four-row loop, so that a row
+ * gets the same bits whichever loop computes it. */
 static void row_scores_transposed(const float *restrict qr, const float *restrict kt, int head_dim, int width,
                                   float *restrict s) {
     for (int c = 0; c < width; c += LANES) {
-        vfloat even = {0}, odd = {0};
-        int d = 0;
-        for (; d + 1 < head_dim; d += 2) {
-            even += qr[d] * vload(kt + (int64_t)d * width + c);
-            odd += qr[d + 1] * vload(kt + (int64_t)(d + 1) * width + c);
-        }
-        if (d < head_dim) even += qr[d] * vload(kt + (int64_t)d * width + c);
-        vstore(s + c, even + odd);
+        vfloat a = {0};
+        for (int d = 0; d < head_dim; d++) a += qr[d] * vload(kt + (int64_t)d * width + c);
+        vstore(s + c, a);
     }
 }
 
@@ -156,7 +151,8 @@ static void attend(const float *q, int64_t q_row_stride, const float *k_cache, c
     memset(acc, 0, sizeof(float) * (size_t)rows * head_dim);
     const int first_pos = start + row_begin / group, last_pos = start + (row_end - 1) / group;
     const int first_key = window > 0 ? max_int(first_pos - window + 1, 0) : 0;
-    const int transposed = rows >= TRANSPOSE_FROM_ROWS;
+    // Chosen per sequence, not per tile: a row's bits must not depend on how its sequence was tiled (threads).
+    const int transposed = q_len * group >= TRANSPOSE_FROM_ROWS;
     for (int j = first_key / block_size; j * block_size <= last_pos; j++) {
         const int t0 = j * block_size, keys = min_int(seq_len - t0, block_size);
         const int64_t base = ((int64_t)blocks[j] * block_size * n_kv_heads + kv_head) * head_dim;
@@ -203,9 +199,8 @@ static void attend(const float *q, int64_t q_row_stride, const float *k_cache, c
     }
 }
 
-/* Rows per task at most: a verification chunk's 16 queries x 3 heads (SmolLM2) become two tasks per KV head, so that
- * a single sequence's 3 KV heads split evenly over 2 threads (6 tasks, not 3); each tile reads the sequence's K and V
- * again, from cache. */
+/* Rows per task at most when tasks are few: a verification chunk's 16 queries x 3 heads (SmolLM2) become two tasks
+ * per KV head, so that a single sequence's 3 KV heads split evenly over 2 threads (6 tasks, not 3). */
 #define TILE_ROWS 24
 
 /* Returns 0, or -1 when scratch memory could not be allocated (out is then incomplete). */
@@ -216,7 +211,11 @@ int realm_paged_attention_f32(const float *q, int64_t q_row_stride, const float 
     int max_q = 0;
     for (int b = 0; b < batch; b++) max_q = q_len[b] > max_q ? q_len[b] : max_q;
     const int group = n_heads / n_kv_heads, max_rows = max_q * group;
-    const int tiles = (max_rows + TILE_ROWS - 1) / TILE_ROWS, rows = min_int(max_rows, TILE_ROWS);
+    // Tiles only where (sequence, KV head) tasks are too few to keep the threads busy: each tile reads and transposes
+    // the sequence's K again.
+    const int split = batch * n_kv_heads < 4 * threads;
+    const int tile_rows = split ? TILE_ROWS : max_rows;
+    const int tiles = (max_rows + tile_rows - 1) / tile_rows, rows = min_int(max_rows, tile_rows);
     const int width = round_up(block_size, LANES);
     const size_t scratch_floats = (size_t)rows * (2 * head_dim + 2 + width) + (size_t)head_dim * width;
     const int tasks = batch * n_kv_heads * tiles;
@@ -227,7 +226,7 @@ int realm_paged_attention_f32(const float *q, int64_t q_row_stride, const float 
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < tasks; task++) {
             const int b = task / (n_kv_heads * tiles), kv_head = task / tiles % n_kv_heads, tile = task % tiles;
-            const int row_begin = tile * TILE_ROWS, row_end = min_int(row_begin + TILE_ROWS, q_len[b] * group);
+            const int row_begin = tile * tile_rows, row_end = min_int(row_begin + tile_rows, q_len[b] * group);
             if (row_begin >= row_end) continue;  // a shorter chunk than the longest
             if (!scratch) {  // every thread must reach the loop; one without memory marks the call failed
                 failed = 1;
