@@ -30,7 +30,6 @@ from harness import RESULTS, append_jsonl, environment, positive_int, print_tabl
 
 from realm.kernels.attention import AttentionMetadata, paged_attention_ref
 from realm.kernels.cpu_attention import paged_attention_cpu, unavailable_reason
-from realm.kernels.paged import gather_kv
 from realm.runtime.config import ModelConfig
 from realm.runtime.weights import load_weights
 
@@ -69,7 +68,10 @@ def make_step(config: ModelConfig, batch: int, q_len: int, context: int, seed: i
 
 
 def gathers(k_cache, v_cache, meta):
-    return gather_kv(k_cache, meta.block_tables, meta.seq_lens), gather_kv(v_cache, meta.block_tables, meta.seq_lens)
+    """What paged_attention_ref copies before its SDPA calls: each sequence's keys and values, through the slots the
+    step computes once (AttentionMetadata.key_slots)."""
+    k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    return [(k_flat[slots], v_flat[slots]) for slots in meta.key_slots(k_cache.shape[1])]
 
 
 def measure(config: ModelConfig, batches, q_lens, context: int, repeats: int) -> list[dict]:
