@@ -1,11 +1,12 @@
 /* Paged attention for short query chunks (decodes and speculative verification) on the CPU, in float32.
  *
- * The onednn backend's attention for the rows the Triton backend sends to paged_decode / paged_verify: each
- * (sequence, KV head) is one task, which walks the sequence's blocks in place (no gather: the reference copies
- * every key and value of every sequence before SDPA, a copy that cost as much as the attention itself) and keeps,
- * for every query row the KV head serves (its group of query heads times the chunk's queries), an online softmax
- * (Milakov & Gimelshein 2018) over the keys that row may see: causal, optionally within a sliding window, with
- * optionally soft-capped scores (Gemma 2). Each key and value is read once per task, for all its rows.
+ * The onednn backend's attention for the rows the Triton backend sends to paged_decode / paged_verify. Each
+ * (sequence, KV head) is one task (cut into tiles of query rows only when tasks are fewer than the threads can
+ * share), which walks the sequence's blocks in place (no gather: the reference copies every key and value of every
+ * sequence before SDPA, more than half of its time at 32 sequences) and keeps, for every query row the KV head
+ * serves (its group of query heads times the chunk's queries), an online softmax (Milakov & Gimelshein 2018) over
+ * the keys that row may see: causal, optionally within a sliding window, with optionally soft-capped scores
+ * (Gemma 2). Each key and value is read once per task, for all its rows.
  *
  * Layouts (realm/kernels/paged.py): q [tokens, n_heads, head_dim] with a row stride, heads adjacent; out the same,
  * contiguous; k_cache, v_cache [num_blocks, block_size, n_kv_heads, head_dim] contiguous; block_tables int32

@@ -5,8 +5,8 @@ reads K and V in place from the pages, longer chunks by the reference's SDPA.
     o = paged_attention_ref(...)        # the reference (realm.kernels.attention): SDPA per sequence on gathered keys
 
 Why: the reference gathers every key and value of every sequence into new tensors before each SDPA call. At 32
-decoding sequences of SmolLM2 the gathers cost about as much as the attention itself, and attention was most of a
-step (bench/cpu_attention.py measures the three). Triton, realm's kernel language, has no CPU code generation (its
+decoding sequences of SmolLM2 the gathers are more than half of its time, and attention was most of a step
+(bench/cpu_attention.py measures the reference, its gathers alone, and this kernel). Triton, realm's kernel language, has no CPU code generation (its
 interpreter runs the GPU kernels as numpy, for tests), so this one op is C: `cpu_attention.c`, the paged decode /
 verify kernels' computation (one task per sequence and KV head, all its query rows in one online softmax, each key and
 value read once) with OpenMP over the tasks.
