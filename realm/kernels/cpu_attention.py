@@ -6,12 +6,13 @@ reads K and V in place from the pages, longer chunks by the reference's SDPA.
 
 Why: the reference gathers every key and value of every sequence into new tensors before each SDPA call. At 32
 decoding sequences of SmolLM2 the gathers are more than half of its time, and attention was most of a step
-(bench/cpu_attention.py measures the reference, its gathers alone, and this kernel). Triton, realm's kernel language, has no CPU code generation (its
-interpreter runs the GPU kernels as numpy, for tests), so this one op is C: `cpu_attention.c`, the paged decode /
-verify kernels' computation (one task per sequence and KV head, all its query rows in one online softmax, each key and
-value read once) with OpenMP over the tasks.
+(bench/cpu_attention.py measures the reference, its gathers alone, and this kernel). Triton, realm's kernel
+language, has no CPU code generation (its interpreter runs the GPU kernels as numpy, for tests), so this one op is C:
+`cpu_attention.c`, the paged decode / verify kernels' computation (one task per sequence and KV head, cut into tiles
+of query rows only when the tasks are too few for the threads; all of a task's query rows in one online softmax pass,
+each key and value read once per task) with OpenMP over the tasks.
 
-It is built on first use with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) into
+It is built on first use with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -ffast-math -fopenmp`) into
 $REALM_KERNEL_DIR, else $XDG_CACHE_HOME/realm/kernels (~/.cache/realm/kernels), named by a hash of the source, the
 flags, the compiler and this CPU, and linked against the OpenMP runtime torch has loaded (libgomp, one thread pool).
 Where no compiler works, or for dtypes other than float32, the reference runs instead, with one warning that says
