@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import RESULTS, append_jsonl, environment, positive_int, print_table, replot, shown, time_cpu
+from harness import RESULTS, environment, positive_int, print_table, record, replot, time_cpu, torch_threads
 
 from realm.kernels.attention import AttentionMetadata, paged_attention_ref
 from realm.kernels.cpu_attention import paged_attention_cpu, unavailable_reason
@@ -157,20 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     reason = unavailable_reason()
     if reason:
         p.error(f"the CPU attention kernel is unavailable ({reason}): nothing to compare")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         model, config = head_layout(args.model)
         rows = measure(config, sorted(set(args.batch)), sorted(set(args.q_len)), args.context, args.repeats)
-    finally:
-        torch.set_num_threads(threads)
     env = {**environment(), "model": model, "threads": args.threads, "repeats": args.repeats}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    append_jsonl(args.out, rows, env)
-    rows = [{**env, **r} for r in rows]
-    print(f"wrote {shown(args.out)} and {shown(plot(rows, args.out.with_suffix('.png')))}")
-    summary(rows)
-    return 0
+    return record(args.out, rows, env, plot, summary)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from harness import (
     RESULTS,
-    append_jsonl,
     environment,
     positive_int,
     print_table,
+    record,
     replot,
-    shown,
     time_cpu,
+    torch_threads,
 )
 
 from realm.runtime import Backend
@@ -159,20 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         return replot(args.out, KEY, p, plot, summary)
     if not torch.backends.mkldnn.is_available():
         p.error("this torch has no oneDNN (torch.backends.mkldnn.is_available() is False): nothing to compare")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         model, matrices = dense_matrices(args.model)
         rows = measure(matrices, sorted(set(args.rows)), args.hints, args.repeats)
-    finally:
-        torch.set_num_threads(threads)
     env = {**environment(), "model": model, "threads": args.threads, "repeats": args.repeats}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    append_jsonl(args.out, rows, env)
-    rows = [{**env, **r} for r in rows]
-    print(f"wrote {shown(args.out)} and {shown(plot(rows, args.out.with_suffix('.png')))}")
-    summary(rows)
-    return 0
+    return record(args.out, rows, env, plot, summary)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ results carry the same fields and every timing is a median with 20/80 quantiles 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import itertools
@@ -95,6 +96,28 @@ def append_jsonl(path: str | Path, rows: Iterable[dict], env: dict | None = None
             f.write(json.dumps({**env, **row}) + "\n")
             n += 1
     return n
+
+
+def record(path: Path, rows: list[dict], env: dict, plot: Callable[[list[dict], Path], Path],
+           summary: Callable[[list[dict]], object]) -> int:
+    """A measured run's end: rows (merged with env) appended to the JSONL at path, the plot next to it, where both
+    went and the summary printed. Returns the exit status, 0."""
+    append_jsonl(path, rows, env)
+    rows = [{**env, **r} for r in rows]
+    print(f"wrote {shown(path)} and {shown(plot(rows, path.with_suffix('.png')))}")
+    summary(rows)
+    return 0
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
