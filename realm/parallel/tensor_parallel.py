@@ -1,0 +1,161 @@
+"""A model's forward split over the ranks of a torch.distributed process group (Megatron-style tensor parallelism),
+on the one model definition: each rank builds realm's Transformer from its shard of the weights (shard.py) and
+attaches the collectives to the linear layers' epilogue contract (realm.runtime.linear: `reduce`).
+
+    net = tensor_parallel_transformer(load_weights(path), rank, world)    # in every rank, after init_process_group
+    logits = net.forward_tokens(tokens, cache)                            # every rank: the same call, the same logits
+
+Per layer: Q/K/V and gate/up are column-parallel (the rank's heads and FFN channels: no communication), the
+attention output and down projections row-parallel (partial sums: one all-reduce each, in their epilogue), so a
+layer costs two all-reduces of [tokens, hidden]. Each rank's KV cache holds only its KV heads (the rank's config has
+its own head counts). The output head is vocabulary-parallel: each rank computes the logits of its 1 / world of the
+vocabulary, gathered in its epilogue into the whole row. Norms and the embedding are whole on every rank (the
+embedding's vocabulary-parallel lookup is still to come).
+
+The communication per step, in elements: 2 x layers x tokens x hidden all-reduced, plus rows x vocab gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+
+from realm.runtime.config import ModelConfig
+from realm.runtime.kv_cache import DEFAULT_BLOCK_SIZE
+from realm.runtime.model import Model
+from realm.runtime.ops import Backend, backend_of
+from realm.runtime.plan import StepPlan
+from realm.runtime.runner import ModelRunner
+from realm.runtime.tokenizer import Tokenizer
+from realm.runtime.transformer import Transformer
+from realm.runtime.weights import ModelWeights, load_weights
+
+from .shard import Cut, ShardError, shard_config, shard_layer, take_rows, working_worlds
+
+
+def shard_weights(weights: ModelWeights, rank: int, world: int) -> ModelWeights:
+    """Rank `rank`'s weights: every layer sharded (shard_layer), the output head's rows of its vocabulary range (the
+    token embedding's when tied), the rest whole; with the rank's config (its head and FFN sizes)."""
+    c = weights.config
+    head_name = "token_embd.weight (the tied output head)" if weights.tied else "output.weight"
+    vocab = Cut(c.vocab_size, 1, world)
+    if not vocab.works():
+        raise ShardError(f"{head_name}: a vocabulary of {c.vocab_size} does not split evenly over {world} ranks; "
+                         f"rank counts that work: {', '.join(map(str, working_worlds(c.vocab_size, 1)))}")
+    layers = tuple(shard_layer(layer, c, rank, world, i) for i, layer in enumerate(weights.layers))
+    return dataclasses.replace(weights, config=shard_config(c, rank, world), layers=layers,
+                               output=take_rows(weights.output, *vocab.range(rank)))
+
+
+class RankFailure(RuntimeError):
+    """A collective failed: another rank stopped (its process died, its connection closed) or the group's timeout
+    passed. The forward cannot finish on any rank."""
+
+
+def _collective(what: str, run) -> None:
+    try:
+        run()
+    except (RuntimeError, dist.DistError) as e:  # gloo: connection closed by peer, or the timeout
+        raise RankFailure(f"tensor parallel: {what} failed, so this step cannot finish: another rank stopped or did "
+                          f"not answer within the process group's timeout ({str(e).splitlines()[0]})") from e
+
+
+class AllReduce:
+    """A row-parallel layer's epilogue: the ranks' partial outputs summed, in place, on every rank."""
+
+    def __init__(self, name: str, group: dist.ProcessGroup | None = None):
+        self.name, self.group = name, group
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        _collective(f"the all-reduce of {self.name}", lambda: dist.all_reduce(y, group=self.group))
+        return y
+
+
+class GatherColumns:
+    """The vocabulary-parallel head's epilogue: every rank's logits [rows, vocab / world] joined into [rows, vocab]
+    in rank order, on every rank."""
+
+    def __init__(self, world: int, group: dist.ProcessGroup | None = None):
+        self.world, self.group = world, group
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(y) for _ in range(self.world)]
+        _collective("the gather of the output head's logits",
+                    lambda: dist.all_gather(parts, y.contiguous(), group=self.group))
+        return torch.cat(parts, dim=-1)
+
+
+def tensor_parallel_transformer(weights: ModelWeights, rank: int, world: int, backend: Backend | str = Backend.TORCH,
+                                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                                group: dist.ProcessGroup | None = None) -> Transformer:
+    """This rank's Transformer: its shard of the weights, the all-reduces and the vocabulary gather in the linear
+    layers' epilogues. Every rank must call forward with the same steps (the collectives pair up in layer order).
+    A rank that stops makes the others' forward raise RankFailure (at once where its connection closes, else after
+    the group's timeout), never wait forever."""
+    net = Transformer(shard_weights(weights, rank, world), backend, device, dtype)
+    attach_collectives(net, weights.config, world, group)
+    return net
+
+
+def attach_collectives(net: Transformer, config: ModelConfig, world: int, group: dist.ProcessGroup | None = None):
+    """A sharded Transformer's epilogues: all-reduce after each row-parallel layer, the vocabulary gather after the
+    head; the attention scale of the whole model (config: the unsharded one; Gemma 27B's scale depends on its head
+    count)."""
+    net.scale = config.attention_scale
+    for layer in net.layers:
+        layer.o.reduce = AllReduce(layer.o.name, group)
+        layer.down.reduce = AllReduce(layer.down.name, group)
+    net.head.reduce = GatherColumns(world, group)
+
+
+def load_tensor_parallel(model: str | os.PathLike, rank: int, world: int, backend: Backend | str = Backend.TORCH,
+                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                         group: dist.ProcessGroup | None = None) -> Model:
+    """realm.load for one rank of `world`: a Model (tokenizer, engine API) whose transformer is this rank's shard.
+    Rank 0's drives an Engine through `PlanBroadcast`; the other ranks run `follow_plans`."""
+    weights = load_weights(model)
+    m = Model(shard_weights(weights, rank, world), Tokenizer.from_metadata(weights.metadata), backend_of(backend),
+              torch.device(device), dtype)
+    attach_collectives(m.transformer, weights.config, world, group)
+    return m
+
+
+STOP = "stop"  # what rank 0 broadcasts instead of a plan when it is done
+
+
+class PlanBroadcast:
+    """Rank 0's side: wraps its engine's runner so that every step plan (StepPlan: plain data) goes to the other
+    ranks before rank 0 runs it; they run the same plan on their shards, and the forward's collectives pair up.
+    Sampling is rank 0's (the other ranks' samples are not used)."""
+
+    def __init__(self, runner: ModelRunner, group: dist.ProcessGroup | None = None):
+        self.runner, self.group = runner, group
+        self._execute = runner.execute
+        runner.execute = self.execute
+
+    def execute(self, plan: StepPlan, draft_probs=None):
+        _collective("sending the step plan", lambda: dist.broadcast_object_list([plan], src=0, group=self.group))
+        return self._execute(plan, draft_probs)
+
+    def stop(self) -> None:
+        """Ends the other ranks' follow_plans."""
+        _collective("sending stop", lambda: dist.broadcast_object_list([STOP], src=0, group=self.group))
+
+
+def follow_plans(model: Model, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                 group: dist.ProcessGroup | None = None) -> int:
+    """The other ranks' side: a runner on this rank's shard (num_blocks and block_size as rank 0's engine), running
+    each plan rank 0 sends until it sends STOP. Returns the number of steps run."""
+    runner = ModelRunner(model.transformer, num_blocks, block_size, model.tokenizer.vocab_size, seed=0)
+    steps = 0
+    while True:
+        box: list = [None]
+        _collective("receiving the step plan", functools.partial(dist.broadcast_object_list, box, src=0, group=group))
+        if isinstance(box[0], str) and box[0] == STOP:
+            return steps
+        runner.execute(box[0])
+        steps += 1
