@@ -84,12 +84,22 @@ def _rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
 
 def measure(model: str, backend: str, worlds, batches, context: int, steps: int, threads: int) -> list[dict]:
+    """Rows per (world, batch); a world size the model cannot be cut for is skipped, saying why (SmolLM2's 9 query
+    heads do not split over 2 ranks)."""
+    from realm.parallel import ShardError
+    from realm.parallel.tensor_parallel import shard_weights
     from realm.runtime.weights import load_weights
 
-    c = load_weights(model).config
+    weights = load_weights(model)
+    c = weights.config
     rows = []
     base = {}
     for world in worlds:
+        try:
+            shard_weights(weights, 0, world)  # every cut checked before any process starts
+        except ShardError as e:
+            print(f"world {world} skipped: {e}", file=sys.stderr)
+            continue
         args = {"model": model, "backend": backend, "batches": list(batches), "context": context, "steps": steps,
                 "threads_per_rank": max(1, threads // world)}
         with tempfile.TemporaryDirectory() as tmp:
