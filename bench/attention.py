@@ -77,6 +77,7 @@ from harness import (
     read_jsonl,
     require_gpu,
     rotation_sets,
+    save_figure,
     shown,
     target_results,
     time_gpu,
@@ -613,11 +614,7 @@ def plot(rows: list[dict], path: Path, dtype: str) -> Path:
     r0 = max(rows, key=lambda r: r["date"]) if rows else None
     devices = ", ".join(sorted({r["device"] for r in rows})) or "no rows"
     latest_run = f"; latest {r0['git_commit']} {r0['date'][:10]}" if r0 else ""
-    fig.suptitle(f"realm attention, {dtype}: {devices}{latest_run}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"realm attention, {dtype}: {devices}{latest_run}", fontsize=11)
 
 
 def _log2_axis(ax, xs: list[int], label: str) -> None:

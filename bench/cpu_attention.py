@@ -26,7 +26,17 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import RESULTS, environment, positive_int, print_table, record, replot, time_cpu, torch_threads
+from harness import (
+    RESULTS,
+    environment,
+    positive_int,
+    print_table,
+    record,
+    replot,
+    save_figure,
+    time_cpu,
+    torch_threads,
+)
 
 from realm.kernels.attention import AttentionMetadata, paged_attention_ref
 from realm.kernels.cpu_attention import paged_attention_cpu, unavailable_reason
@@ -118,12 +128,8 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     r0 = rows[0]
-    fig.suptitle(f"{r0.get('model')} attention, one layer, context ~{r0['context']}, {r0['device']}, "
+    return save_figure(fig, path, f"{r0.get('model')} attention, one layer, context ~{r0['context']}, {r0['device']}, "
                  f"{r0.get('threads')} threads, {r0['git_commit']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def summary(rows: list[dict]) -> None:

@@ -38,6 +38,7 @@ from harness import (
     print_table,
     record,
     replot,
+    save_figure,
     time_cpu,
     torch_threads,
 )
@@ -123,12 +124,8 @@ def plot(rows: list[dict], path: Path) -> Path:
         a.grid(alpha=0.3)
         a.legend()
     r0 = rows[0]
-    fig.suptitle(f"{r0.get('model')}: linear layers on {r0['device']}, {r0.get('threads')} threads, "
+    return save_figure(fig, path, f"{r0.get('model')}: linear layers on {r0['device']}, {r0.get('threads')} threads, "
                  f"{r0['git_commit']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def summary(rows: list[dict]) -> None:

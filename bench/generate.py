@@ -49,6 +49,7 @@ from harness import (
     print_table,
     read_jsonl,
     replot,
+    save_figure,
     shown,
     time_cpu,
     time_gpu,
@@ -344,12 +345,9 @@ def plot(rows: list[dict], path: Path) -> Path:
     axes[0].legend(fontsize=8)
     r0 = max(rows, key=lambda r: r["date"])
     devices = ", ".join(sorted({r["device"] for r in rows}))
-    fig.suptitle(f"realm vs llama.cpp generation, {r0.get('model', '?')}: {devices}, {r0.get('threads')} threads; "
-                 f"latest {r0['git_commit']} {r0['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = (f"realm vs llama.cpp generation, {r0.get('model', '?')}: {devices}, {r0.get('threads')} threads; "
+             f"latest {r0['git_commit']} {r0['date'][:10]}")
+    return save_figure(fig, path, title, fontsize=10)
 
 
 TABLE = [("engine", None), ("prompt_tokens", None), ("new_tokens", None), ("decode_tok_s", ".1f"),

@@ -109,6 +109,18 @@ def record(path: Path, rows: list[dict], env: dict, plot: Callable[[list[dict], 
     return 0
 
 
+def save_figure(fig, path: Path, title: str, **title_options) -> Path:
+    """A plot's end: the figure's title (title_options: suptitle's, e.g. fontsize), a tight layout, the PNG at path
+    (110 dpi), the figure closed. Returns path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, **title_options)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's CPU threads set to n inside the block, restored after."""

@@ -64,6 +64,7 @@ from harness import (
     print_table,
     read_jsonl,
     replot,
+    save_figure,
     shown,
     target_results,
     time_gpu,
@@ -470,12 +471,9 @@ def plot(rows: list[dict], path: Path) -> Path:
             if pts:
                 ax.legend(fontsize=6)
     r0 = max(rows, key=lambda r: r["date"])
-    fig.suptitle(f"realm multi-LoRA: throughput lost to adapters, {r0.get('model', '?')}; latest {r0['git_commit']} "
-                 f"{r0['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = (f"realm multi-LoRA: throughput lost to adapters, {r0.get('model', '?')}; latest {r0['git_commit']} "
+             f"{r0['date'][:10]}")
+    return save_figure(fig, path, title, fontsize=10)
 
 
 # ---- main --------------------------------------------------------------------------------------------------------

@@ -44,7 +44,18 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import RESULTS, Target, append_jsonl, environment, positive_int, print_table, replot, shown, target_results
+from harness import (
+    RESULTS,
+    Target,
+    append_jsonl,
+    environment,
+    positive_int,
+    print_table,
+    replot,
+    save_figure,
+    shown,
+    target_results,
+)
 from speculative_texts import chat_prompts, grounded_prompts
 
 from realm.models import resolve_model
@@ -222,12 +233,8 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     r0 = max(rows, key=lambda r: r["date"])
-    fig.suptitle(f"realm serve vs llama.cpp server, {r0.get('model')} on {r0['device']}, max_tokens "
+    return save_figure(fig, path, f"realm serve vs llama.cpp server, {r0.get('model')} on {r0['device']}, max_tokens "
                  f"{r0.get('max_tokens')}, {r0['git_commit']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def summary(rows: list[dict]) -> None:

@@ -121,6 +121,7 @@ from harness import (
     print_table,
     read_jsonl,
     replot,
+    save_figure,
     shown,
     target_results,
 )
@@ -496,14 +497,11 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.legend(fontsize=7)
     r0 = max(rows, key=lambda r: r["date"])
     devices = ", ".join(sorted({r["device"] for r in rows}))
-    fig.suptitle(f"realm speculative decoding, {r0.get('model', '?')} ({r0.get('backend')} {r0.get('dtype')}): "
-                 f"{devices}; latest {r0['git_commit']} {r0['date'][:10]}\nk={r0.get('k_max')}, max_tokens "
-                 f"{r0.get('max_tokens')}, draft layers {r0.get('draft_layers')}, {r0.get('threads')} threads"
-                 + (" (--quick)" if r0.get("quick") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = (f"realm speculative decoding, {r0.get('model', '?')} ({r0.get('backend')} {r0.get('dtype')}): "
+             f"{devices}; latest {r0['git_commit']} {r0['date'][:10]}\nk={r0.get('k_max')}, max_tokens "
+             f"{r0.get('max_tokens')}, draft layers {r0.get('draft_layers')}, {r0.get('threads')} threads"
+             + (" (--quick)" if r0.get("quick") else ""))
+    return save_figure(fig, path, title, fontsize=9)
 
 
 TABLE = [("workload", None), ("concurrency", None), ("mode", None), ("requests", None), ("output_tokens", None),

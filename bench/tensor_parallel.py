@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import RESULTS, environment, positive_int, print_table, record, replot
+from harness import RESULTS, environment, positive_int, print_table, record, replot, save_figure
 
 JSONL = RESULTS / "tensor_parallel.jsonl"
 KEY = ("device", "model", "backend", "world", "batch", "context", "threads_per_rank")
@@ -143,12 +143,9 @@ def plot(rows: list[dict], path: Path) -> Path:
         a.grid(alpha=0.3)
         a.legend()
     r0 = rows[0]
-    fig.suptitle(f"tensor parallel decode: {r0.get('model')} ({r0.get('backend')}), gloo ranks on {r0['device']}, "
-                 f"context {r0['context']}, {r0['git_commit']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = (f"tensor parallel decode: {r0.get('model')} ({r0.get('backend')}), gloo ranks on {r0['device']}, "
+             f"context {r0['context']}, {r0['git_commit']}")
+    return save_figure(fig, path, title)
 
 
 def summary(rows: list[dict]) -> None:

@@ -91,6 +91,7 @@ from harness import (
     print_table,
     read_jsonl,
     replot,
+    save_figure,
     shown,
     target_results,
 )
@@ -559,14 +560,10 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.legend(fontsize=7)
     r0 = max(rows, key=lambda r: r["date"])
     devices = ", ".join(sorted({r["device"] for r in rows}))
-    fig.suptitle(f"realm serving throughput, {r0.get('model', '?')}: {devices}; latest {r0['git_commit']} "
-                 f"{r0['date'][:10]}\nprompts {r0['prompt_dist']}, outputs {r0['output_dist']}; max_num_seqs "
-                 f"{r0['max_num_seqs']}, max_batch_tokens {r0['max_batch_tokens']}, {r0.get('threads')} threads",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = (f"realm serving throughput, {r0.get('model', '?')}: {devices}; latest {r0['git_commit']} "
+             f"{r0['date'][:10]}\nprompts {r0['prompt_dist']}, outputs {r0['output_dist']}; max_num_seqs "
+             f"{r0['max_num_seqs']}, max_batch_tokens {r0['max_batch_tokens']}, {r0.get('threads')} threads")
+    return save_figure(fig, path, title, fontsize=9)
 
 
 TABLE = [("engine", None), ("mode", None), ("n_requests", None), ("wall_s", ".1f"), ("output_tokens", None),
