@@ -180,6 +180,15 @@ def test_a_failed_build_says_what_the_compiler_said(fresh_build, monkeypatch):
     assert [p.name for p in fresh_build.iterdir()] == ["cc"]  # no half-written library left behind
 
 
+def test_loading_the_kernel_leaves_the_process_floating_point_mode_alone(fresh_build):
+    """Linked with -ffast-math, GCC 12 adds crtfastmath.o, which turns on flush-to-zero for the whole process when the
+    library loads: every torch op after it would turn subnormals into 0 (and other tests' numerics with them)."""
+    subnormal = torch.tensor([1e-40])
+    before = (subnormal * 3.0).item()
+    ca.library()
+    assert before > 0 and (subnormal * 3.0).item() == before  # not flushed to 0
+
+
 def test_built_once_per_source_and_cpu(fresh_build):
     lib = ca.library()
     built = list(fresh_build.glob("cpu_attention-*.so"))

@@ -12,9 +12,10 @@ language, has no CPU code generation (its interpreter runs the GPU kernels as nu
 of query rows only when the tasks are too few for the threads; all of a task's query rows in one online softmax pass,
 each key and value read once per task) with OpenMP over the tasks.
 
-It is built on first use with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -ffast-math -fopenmp`) into
-$REALM_KERNEL_DIR, else $XDG_CACHE_HOME/realm/kernels (~/.cache/realm/kernels), named by a hash of the source, the
-flags, the compiler and this CPU, and linked against the OpenMP runtime torch has loaded (libgomp, one thread pool).
+It is built on first use with the system C compiler (`$CC`, else `cc`; compiled with `-O3 -march=native -ffast-math
+-fopenmp`, linked without fast-math's flush-to-zero start file) into $REALM_KERNEL_DIR, else
+$XDG_CACHE_HOME/realm/kernels (~/.cache/realm/kernels), named by a hash of the source, the flags, the compiler and
+this CPU, and linked against the OpenMP runtime torch has loaded (libgomp, one thread pool).
 Where no compiler works, or for dtypes other than float32, the reference runs instead, with one warning that says
 why. Not bit-exact with the reference (another summation order): tests/test_cpu_attention.py holds it to the
 attention tolerance of the Triton kernels.
@@ -42,8 +43,12 @@ from .paged import check_block_table, check_kv_cache
 from .verify_attention import MAX_VERIFY_QUERIES
 
 SOURCE = Path(__file__).with_suffix(".c")
-# -ffast-math: glibc's vector expf and tanhf in the `omp simd` loops (masked scores are finite, see the source).
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+# -ffast-math: glibc's vector expf and tanhf in the `omp simd` loops (masked scores are finite, see the source). For
+# the compile only: linked with it, GCC 12 adds crtfastmath.o, whose constructor switches the whole process to
+# flush-to-zero when the library loads (torch's subnormals would become 0 everywhere).
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11")
+LINK_FLAGS = ("-shared", "-fopenmp")
+FLAGS = COMPILE_FLAGS + LINK_FLAGS
 # Chunks up to this many queries run in the kernel (a task keeps q_len x group accumulators); longer ones, prompt
 # chunks, are compute-bound and run in SDPA's tiled kernel.
 MAX_KERNEL_QUERIES = MAX_VERIFY_QUERIES
@@ -82,17 +87,24 @@ def _build(cc: str, target: Path) -> None:
     # Built under a temporary name and renamed: processes building at once never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    obj = tmp[: -len(".so")] + ".o"
     try:
-        try:
-            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
-        except OSError as e:
-            raise CpuKernelUnavailable(f"could not run the C compiler {cc}: {e}") from None
-        if done.returncode:
-            raise CpuKernelUnavailable(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-800:]}")
+        _run(cc, [*COMPILE_FLAGS, "-c", "-o", obj, str(SOURCE)])
+        _run(cc, [*LINK_FLAGS, "-o", tmp, obj, "-lmvec", "-lm"])
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _run(cc: str, args: list[str]) -> None:
+    try:
+        done = subprocess.run([cc, *args], capture_output=True, text=True)
+    except OSError as e:
+        raise CpuKernelUnavailable(f"could not run the C compiler {cc}: {e}") from None
+    if done.returncode:
+        raise CpuKernelUnavailable(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-800:]}")
 
 
 @functools.cache
