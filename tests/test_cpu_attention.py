@@ -119,10 +119,21 @@ def test_the_same_result_on_any_thread_count(query_lens, context_lens):
         assert_equal(other, results[0])
 
 
-def test_other_dtypes_run_the_reference():
+def test_other_dtypes_run_the_reference_and_say_so():
+    ca._warn_fallback.cache_clear()
     q, k_cache, v_cache, meta = _step(*STEPS["mixed"], 16, 9, 3, 64, dtype=torch.bfloat16, seed=4)
-    assert_equal(_run(q, k_cache, v_cache, meta, 0.125), paged_attention_ref(q, None, None, k_cache, v_cache, meta,
-                                                                             0.125))
+    with pytest.warns(RuntimeWarning, match=r"unavailable \(it computes float32 on the CPU, not torch\.bfloat16"):
+        got = _run(q, k_cache, v_cache, meta, 0.125)
+    assert_equal(got, paged_attention_ref(q, None, None, k_cache, v_cache, meta, 0.125))
+
+
+def test_a_chunk_without_queries_has_no_rows():
+    """As the reference: a sequence with 0 new queries in the step contributes no output rows."""
+    q, k_cache, v_cache, meta = _step([1, 4], [20, 30], 16, 9, 3, 64, seed=7)
+    cu = torch.tensor([0, 1, 1, 5], dtype=torch.int32)
+    table = torch.cat([meta.block_tables[:1], meta.block_tables])
+    empty = AttentionMetadata.build([1, 0, 4], [20, 20, 30], cu, torch.tensor([20, 20, 30], dtype=torch.int32), table)
+    assert_equal(_run(q, k_cache, v_cache, empty, 0.125), _run(q, k_cache, v_cache, meta, 0.125))
 
 
 def test_bad_input_is_refused_by_name():

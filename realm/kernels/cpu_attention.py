@@ -16,8 +16,8 @@ It is built on first use with the system C compiler (`$CC`, else `cc`; compiled 
 -fopenmp`, linked without fast-math's flush-to-zero start file) into $REALM_KERNEL_DIR, else
 $XDG_CACHE_HOME/realm/kernels (~/.cache/realm/kernels), named by a hash of the source, the flags, the compiler and
 this CPU, and linked against the OpenMP runtime torch has loaded (libgomp, one thread pool).
-Where no compiler works, or for dtypes other than float32, the reference runs instead, with one warning that says
-why. Not bit-exact with the reference (another summation order): tests/test_cpu_attention.py holds it to the
+Where no compiler works, or for dtypes other than float32, the reference runs instead, with one warning per reason
+that says why. Not bit-exact with the reference (another summation order): tests/test_cpu_attention.py holds it to the
 attention tolerance of the Triton kernels.
 """
 
@@ -169,9 +169,10 @@ def plan_cpu_attention(meta: AttentionMetadata, num_blocks: int, block_size: int
     starts = meta.cu_seqlens_q.tolist()
     short, rest = [], []
     for b, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
-        if not 0 < q_len <= seq_len:
+        if not 0 <= q_len <= seq_len:
             raise ValueError(f"sequence {b} has {q_len} queries for {seq_len} tokens in the cache")
-        (short if q_len <= MAX_KERNEL_QUERIES else rest).append(b)
+        if q_len:  # a chunk without queries has no output rows (the reference's empty slice)
+            (short if q_len <= MAX_KERNEL_QUERIES else rest).append(b)
     rows = torch.tensor(short, dtype=torch.long)
     i32 = functools.partial(torch.tensor, dtype=torch.int32)
     tables = meta.block_tables if len(short) == len(starts) - 1 else meta.block_tables[rows]
@@ -190,6 +191,7 @@ def paged_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     machine where the kernel cannot be built, run the reference."""
     num_blocks, block_size, n_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
     if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or q.device.type != "cpu":
+        _warn_fallback(f"it computes float32 on the CPU, not {q.dtype} on {q.device}")
         return paged_attention_ref(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
     try:
         lib = library()
