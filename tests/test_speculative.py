@@ -44,9 +44,11 @@ from realm.runtime.speculative import (
     Acceptance,
     Candidate,
     CostModel,
+    NgramIndex,
     SpeculationController,
     SpeculativeConfig,
     expected_tokens,
+    match_ngram,
     propose_ngram,
 )
 
@@ -72,6 +74,24 @@ def test_ngram_proposes_what_followed_the_longest_latest_match():
     assert propose_ngram([1], 4) == []
     assert propose_ngram([7, 7], 4) == [7]  # the continuation may run into the suffix itself
     assert propose_ngram([1, 2, 1, 2, 1], 4, 1, 2) == [2, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.integers(0, 3), min_size=0, max_size=60),
+       cuts=st.lists(st.tuples(st.integers(1, 7), st.integers(0, 3)), min_size=1, max_size=12),
+       bounds=st.tuples(st.integers(1, 4), st.integers(0, 3)), k=st.integers(1, 6))
+def test_ngram_index_matches_the_scan_as_the_sequence_grows_and_is_cut(tokens, cuts, bounds, k):
+    """The engine's incremental index answers as match_ngram's scan of the whole sequence after every growth (a
+    step's accepted tokens) and after cuts (truncation; a small vocabulary: many repeats, many candidates)."""
+    ngram_min, ngram_max = bounds[0], bounds[0] + bounds[1]
+    index = NgramIndex(ngram_min, ngram_max)
+    seq, at = [], 0
+    for grow, cut in cuts:
+        seq += tokens[at : at + grow]
+        at += grow
+        if cut and cut < len(seq):  # cut, then replaced by other tokens: the index must not keep what was cut
+            seq[-cut:] = [(t + 1) % 4 for t in seq[-cut:]]
+        assert index.match(seq, k) == match_ngram(seq, k, ngram_min, ngram_max)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -395,6 +415,47 @@ def test_controller_gives_copying_sequences_long_proposals():
     est = c.estimate(1)
     assert est.first < 0.5 and est.then > 0.9
     assert c.choose([Candidate(1, 8)], base_tokens=1, decoding=1) == {1: 8}
+
+
+def test_controller_never_takes_a_larger_step_for_a_cheaper_one():
+    """Per-count means are noisy and the machine drifts between the steps that measured them: 40 rows measured in a
+    faster moment than 32 must not make 8 proposals look like a saving. Priced at plain's cost (never less), their
+    expected tokens are within the noise of plain's time, and none is taken."""
+    c = SpeculationController()
+    for i in range(8):
+        c.observe_step(32, 0.120 * (1 + 0.1 * (-1) ** i))
+        c.observe_step(40, 0.100)
+    for _ in range(6):
+        c.observe_verification(1, 8, 1)
+    assert c.choose([Candidate(1, 8)], base_tokens=32, decoding=32) == {}
+
+
+def test_controller_does_not_bet_on_a_gain_within_the_noise():
+    """One proposal beside 8 decodes, expected to add about 7% more tokens for 0.5% more time: taken when the
+    plain step's measured time is steady, not when its standard error (+-10% samples: 3.8%) puts that gain within
+    two standard errors."""
+    for spread, speculates in ((0.0, True), (0.10, False)):
+        c = SpeculationController()
+        for i in range(8):
+            c.observe_step(8, 0.100 * (1 + spread * (-1) ** i))
+            c.observe_step(9, 0.1005)
+        for _ in range(10):
+            c.observe_verification(1, 1, 0)
+        for _ in range(4):
+            c.observe_verification(1, 1, 1)
+        assert (c.choose([Candidate(1, 1)], base_tokens=8, decoding=8) == {1: 1}) is speculates, spread
+    assert c.target.relative_error(8) > 0.03 and c.target.relative_error(9) == 0.0
+
+
+def test_the_engine_prices_proposals_by_decode_steps_only(tiny):
+    """Prefill tokens cost far less than rows with logits (the output head, sampling): a step with a prefill chunk
+    is not a measure of what proposals cost, and the controller's cost model never sees one."""
+    model = tiny[0][Backend.TORCH]
+    llm = LLM(model, max_batch_tokens=64, block_size=4)
+    prompt = list(range(3, 40))  # a 37-token prefill: more tokens than any decode or verification step here
+    llm.generate([prompt, prompt[::-1]], [greedy(12, SpeculativeConfig("ngram", num_speculative_tokens=4))] * 2)
+    sizes = set(llm.engine.speculation.target.table())
+    assert sizes and max(sizes) <= 2 * (4 + 1), sizes
 
 
 def test_controller_explores_before_it_has_a_cost_model():

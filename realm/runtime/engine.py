@@ -65,9 +65,11 @@ from .sampling import SamplingParams
 from .scheduler import Batching, Chunk, Scheduler, SchedulerConfig, Step
 from .sequence import Sequence as Seq
 from .speculative import (
+    NGRAM_INDEX_MAX,
     Candidate,
     DraftProposer,
     DraftRequest,
+    NgramIndex,
     SpecMethod,
     SpeculationController,
     SpeculativeConfig,
@@ -293,6 +295,7 @@ class Engine:
         self.spec_stats = SpeculativeStats()  # every request's speculation, summed
         self._draft: DraftProposer | None = None  # made at the first request that asks for the draft model
         self._draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q of its proposals, until verified
+        self._ngram_index: dict[int, NgramIndex] = {}  # seq_id -> its prompt-lookup index (n-gram proposals)
         self._proposal_kind: dict[int, object] = {}  # seq_id -> what proposed its last proposals (n-gram length)
 
     def __repr__(self) -> str:
@@ -456,7 +459,8 @@ class Engine:
                 # written before speculation stay valid
                 output = (self.runner.execute(plan, self._draft_probs) if self._draft_probs
                           else self.runner.execute(plan))
-                self.speculation.observe_step(plan.num_tokens, time.perf_counter() - began)
+                if plan.num_logits == plan.num_tokens:  # decodes and verifications only (SpeculationController)
+                    self.speculation.observe_step(plan.num_tokens, time.perf_counter() - began)
             except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
                 failed_plan = e.failures
             except Exception as e:  # a step of one chunk, or the copies: these requests fail, the engine goes on
@@ -523,12 +527,11 @@ class Engine:
         """Proposals (Sequence.propose) for the running sequences about to decode whose requests speculate, k per
         sequence from the controller (adaptive) or the request's k."""
         candidates, found, fixed = [], {}, {}
-        decoding, base = 0, 0
+        decoding = 0
         for seq in self.scheduler.running:
             if seq.num_draft:  # left by a step that did not run: proposed afresh
                 seq.drop_proposals()
                 self._draft_probs.pop(seq.seq_id, None)
-            base += seq.remaining
             request = self.requests.get(seq.seq_id)
             if seq.remaining != 1 or request is None:
                 continue
@@ -542,7 +545,7 @@ class Engine:
                 continue  # the model's draft was removed after the request came: it decodes plainly
             if spec.method is SpecMethod.NGRAM:
                 began = time.perf_counter()
-                proposal, kind = match_ngram(seq.token_ids, max_k, spec.ngram_min, spec.ngram_max)
+                proposal, kind = self._match_ngram(seq, spec, max_k)
                 self.spec_stats.propose_s += time.perf_counter() - began
                 if not proposal:
                     continue
@@ -560,12 +563,24 @@ class Engine:
                 fixed[seq.seq_id] = max_k
         if not candidates and not fixed:
             return
-        base = min(base, self.config.max_batch_tokens) + sum(fixed.values())
+        # The step's rows that yield a token, priced as a step of only those: the cost model knows decode and
+        # verification steps alone (a prefill chunk's tokens cost less than rows with logits; see choose)
+        base = decoding + sum(fixed.values())
         uses_draft = any(method is SpecMethod.DRAFT for _, method in candidates)
         chosen = self.speculation.choose([c for c, _ in candidates], base, decoding,
                                          self._draft.costs if uses_draft and self._draft is not None else None)
         chosen.update(fixed)
         self._apply_proposals(chosen, found)
+
+    def _match_ngram(self, seq: Seq, spec: SpeculativeConfig, k: int) -> tuple[list[int], int]:
+        """match_ngram on the sequence's tokens, through its NgramIndex (kept across steps) where the n-gram bounds
+        are short enough for an index of every n-gram to stay small."""
+        if spec.ngram_max > NGRAM_INDEX_MAX:
+            return match_ngram(seq.token_ids, k, spec.ngram_min, spec.ngram_max)
+        index = self._ngram_index.get(seq.seq_id)
+        if index is None or (index.ngram_min, index.ngram_max) != (spec.ngram_min, spec.ngram_max):
+            index = self._ngram_index[seq.seq_id] = NgramIndex(spec.ngram_min, spec.ngram_max)
+        return index.match(seq.token_ids, k)
 
     def _apply_proposals(self, chosen: dict[int, int], found: dict[int, list[int]]) -> None:
         wants = []
@@ -853,6 +868,7 @@ class Engine:
         self._release_adapter(request)
         self.speculation.forget(seq.seq_id)
         self._proposal_kind.pop(seq.seq_id, None)
+        self._ngram_index.pop(seq.seq_id, None)
         self._draft_probs.pop(seq.seq_id, None)
         if self._draft is not None:
             self._draft.release(seq.seq_id)

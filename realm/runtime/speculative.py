@@ -19,11 +19,12 @@ Proposers:
 
 Adaptive k (`SpeculationController`): from each sequence's recent acceptance (two rates, `Acceptance`: of a first
 proposal, and of a proposal after an accepted one) and a cost model measured online (the target's step time by its
-tokens, as measured at each token count, else fitted linearly; the draft's likewise, its catch-up on a sequence's
-prompt included), it gives each sequence the k that
+tokens, on steps of decodes and verifications only, as measured at each token count, else fitted linearly; the
+draft's likewise, its catch-up on a sequence's prompt included), it gives each sequence the k that
 maximises the step's expected tokens per second, 0 where a proposal costs more than it is expected to earn: with
 large batches the forward stops being memory-bound, each verified token costs nearly a decoded one, and speculation
-switches itself off.
+switches itself off. A step with proposals is never priced below the plain step, and a gain within two standard
+errors of the plain step's measured time is not taken (the machine's noise must not buy proposals).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SPECULATIVE_TOKENS = 15  # k + 1 <= 16 queries per sequence: the verification attention kernel's tile
+NGRAM_INDEX_MAX = 16  # longest n-gram bound kept in an NgramIndex (its size grows with n^2 per token); above, scans
 
 
 class SpecMethod(str, enum.Enum):
@@ -135,6 +137,44 @@ def match_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 
             start = int(hits[-1]) + n
             return ids[start : start + k].tolist(), n
     return [], 0
+
+
+class NgramIndex:
+    """Prompt lookup for one sequence, kept as it grows: every n-gram (ngram_min <= n <= ngram_max) followed by a
+    token, mapped to its latest start. `match` gives match_ngram's answer with at most ngram_max - ngram_min + 1 dict
+    lookups, where match_ngram scans the whole sequence once per n: at 32 sequences of a few hundred tokens the scans
+    cost about 3 ms a step (propose_s in bench/results/speculative.jsonl), a few percent of a CPU decode step.
+
+    A sequence's verified tokens only grow; when they were cut (or replaced) since the last call, the index is
+    rebuilt. A wrong guess here would cost speed, never exactness: verification decides."""
+
+    def __init__(self, ngram_min: int = 1, ngram_max: int = 4):
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self._latest: dict[tuple[int, ...], int] = {}
+        self._length = 0  # tokens indexed: n-grams ending before the last of them
+        self._last: int | None = None  # the last indexed token: a cheap check that the sequence was not cut
+
+    def match(self, token_ids: Sequence[int], k: int) -> tuple[list[int], int]:
+        """match_ngram(token_ids, k, ngram_min, ngram_max)."""
+        total = len(token_ids)
+        if total < self._length or (self._length and token_ids[self._length - 1] != self._last):
+            self._latest.clear()
+            self._length = 0
+        self._extend(token_ids)
+        for n in range(min(self.ngram_max, total - 1), self.ngram_min - 1, -1):
+            start = self._latest.get(tuple(token_ids[total - n :]))
+            if start is not None:
+                return list(token_ids[start + n : start + n + k]), n
+        return [], 0
+
+    def _extend(self, token_ids: Sequence[int]) -> None:
+        total = len(token_ids)
+        # an n-gram at s is eligible once a token follows it: s + n <= total - 1
+        for stop in range(max(self._length, 1), total):
+            for n in range(self.ngram_min, min(self.ngram_max, stop) + 1):
+                self._latest[tuple(token_ids[stop - n : stop])] = stop - n
+        self._length = total
+        self._last = token_ids[total - 1] if total else None
 
 
 # ---- the draft model ---------------------------------------------------------------------------------------------
@@ -285,6 +325,7 @@ COST_SAMPLES = 8  # steps kept per token count: recent enough to follow the mach
 COST_SIZES = 64  # token counts kept: the batch sizes and proposal counts of recent steps
 ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per verification
 PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 1/2
+MARGIN_Z = 2.0  # speculation must beat plain by this many standard errors of the plain step's measured time
 
 
 class CostModel:
@@ -324,6 +365,14 @@ class CostModel:
         b, _a = np.polyfit(n, t, 1)
         b = max(float(b), 0.0)  # noise must not make tokens look free-er than free
         return max(float(t.mean() - b * n.mean()), 0.0), b
+
+    def relative_error(self, tokens: int) -> float:
+        """The standard error of the mean time at this count, relative to it (0 with fewer than two samples)."""
+        times = self._by_size.get(tokens)
+        if times is None or len(times) < 2:
+            return 0.0
+        t = np.asarray(times, dtype=np.float64)
+        return float(t.std(ddof=1) / np.sqrt(len(t)) / t.mean())
 
     def table(self) -> dict[int, float]:
         """Mean seconds per measured token count."""
@@ -439,6 +488,10 @@ class SpeculationController:
         self._explore_plain = False
 
     def observe_step(self, tokens: int, seconds: float) -> None:
+        """A step of decodes and verifications only (every token a logits row). Steps with prefill chunks are not
+        taken: their tokens cost far less than rows with logits (the output head's product, sampling), so a step of
+        32 decodes and a 29-token prefill chunk costs less than one of 32 decodes and 29 proposals; priced by
+        them, proposals looked nearly free at 32 sequences, where on a CPU each costs about what a decode costs."""
         self.target.add(tokens, seconds)
 
     def observe_verification(self, seq_id: int, proposed: int, accepted: int, kind: object = None) -> None:
@@ -459,9 +512,10 @@ class SpeculationController:
 
     def choose(self, candidates: Iterable[Candidate], base_tokens: int, decoding: int,
                draft: CostModel | None = None) -> dict[int, int]:
-        """k per candidate's seq_id. base_tokens: the step's tokens without proposals; decoding: sequences that
-        will emit a token in it (each yields one without speculation); draft: the draft model's costs (None for
-        n-gram, whose proposals cost nothing measurable)."""
+        """k per candidate's seq_id. base_tokens: the step's rows that yield a token, without proposals (its
+        decodes: the cost model is measured on steps of decodes and verifications alone, `observe_step`); decoding:
+        sequences that will emit a token in it (each yields one without speculation); draft: the draft model's costs
+        (None for n-gram, whose proposals cost nothing measurable)."""
         candidates = [c for c in candidates if c.max_k > 0]
         if not candidates:
             return {}
@@ -489,14 +543,21 @@ class SpeculationController:
         depth = [0] * (max(c.max_k for c in candidates) + 2)
         setup = {c.seq_id: max(c.setup_tokens, 1) for c in candidates}
         gain, drafting = float(decoding), 0.0
-        best, best_rate = 0, gain / target(base_tokens)
+        plain = target(base_tokens)
+        # A gain within the noise of the plain step's measured cost is not taken: MARGIN_Z standard errors
+        best, best_rate = 0, gain / plain * (1.0 + MARGIN_Z * self.target.relative_error(base_tokens))
+        # A step with more rows never costs less than the plain step: a mean at a larger count below plain's is
+        # noise, or the machine's drift between the steps that measured them, and the best of many noisy prefixes
+        # is biased towards such luck (proposals bought for nothing). (Not a linear trend either: one sequence's
+        # verification on a CPU costs what a decode costs up to ~6 rows and more beyond, and a line fitted over
+        # 1-16 rows overprices the short proposals: tried by hand, it took grounded work at batch 1 below 1.8x.)
         for m, (seq_id, j, more) in enumerate(order, 1):
             gain += more
             tokens = setup[seq_id] if j == 1 else 1
             if draft_cost is not None:  # the draft's step j grows by this sequence's tokens
                 drafting += draft_cost(depth[j] + tokens) - (draft_cost(depth[j]) if depth[j] else 0.0)
             depth[j] += tokens
-            rate = gain / (target(base_tokens + m) + drafting)
+            rate = gain / (max(target(base_tokens + m), plain) + drafting)
             if rate > best_rate:
                 best, best_rate = m, rate
         k: dict[int, int] = {}
