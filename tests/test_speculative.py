@@ -447,6 +447,48 @@ def test_controller_does_not_bet_on_a_gain_within_the_noise():
     assert c.target.relative_error(8) > 0.03 and c.target.relative_error(9) == 0.0
 
 
+def test_controller_values_tokens_that_do_not_shorten_the_run_at_their_row():
+    """In a draining batch, a token accepted for a sequence that will not finish last saves only its row in a later
+    step. Where a row costs half the step's time per sequence (near compute-bound), a sequence accepting 60% of
+    its proposals pays as the critical one, and not otherwise."""
+    c = SpeculationController()
+    for n in range(8, 41, 4):
+        c.observe_step(n, 0.040 + 0.005 * n)  # at 8 rows: 10 ms per sequence, 5 ms of it the row's own
+    for _ in range(6):
+        c.observe_verification(1, 4, 2)
+        c.observe_verification(2, 4, 2)
+    k = c.choose([Candidate(1, 4, critical=True), Candidate(2, 4, critical=False)], base_tokens=8, decoding=8)
+    assert k.get(1, 0) >= 1 and 2 not in k
+    assert c.choose([Candidate(2, 4, critical=False)], base_tokens=8, decoding=8) == {}
+
+
+def test_the_engine_marks_the_sequence_that_finishes_last(tiny, monkeypatch):
+    """Critical: every sequence while requests wait; else only the one with the most tokens left (none when
+    several tie for it)."""
+    seen = []
+    choose = SpeculationController.choose
+
+    def spy(self, candidates, *args, **kw):
+        candidates = list(candidates)
+        seen.append({c.seq_id: c.critical for c in candidates})
+        return choose(self, candidates, *args, **kw)
+
+    monkeypatch.setattr(SpeculationController, "choose", spy)
+    model = tiny[0][Backend.TORCH]
+    spec = SpeculativeConfig("ngram", num_speculative_tokens=2)
+    prompt = list(range(DIMS["vocab"]))  # every token occurred: a 1-gram proposal at every step
+    for budgets, waiting, want in (((12, 6), False, [True, False]), ((9, 9), False, [False, False]),
+                                   ((12, 6), True, [True, True])):
+        seen.clear()
+        engine = Engine(model, EngineConfig(max_num_seqs=2, block_size=4, kv_blocks=64))
+        ids = [engine.add_request(prompt, greedy(n, spec)).seq.seq_id for n in budgets]
+        if waiting:
+            engine.add_request(prompt, greedy(4, spec))  # a third: it waits for a slot
+        engine.step()  # the prefills
+        engine.step()
+        assert seen and seen[0] == dict(zip(ids, want, strict=True)), (budgets, waiting, seen)
+
+
 def test_the_engine_prices_proposals_by_decode_steps_only(tiny):
     """Prefill tokens cost far less than rows with logits (the output head, sampling): a step with a prefill chunk
     is not a measure of what proposals cost, and the controller's cost model never sees one."""

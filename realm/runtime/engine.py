@@ -528,6 +528,7 @@ class Engine:
         sequence from the controller (adaptive) or the request's k."""
         candidates, found, fixed = [], {}, {}
         decoding = 0
+        longest = self._longest_budget()
         for seq in self.scheduler.running:
             if seq.num_draft:  # left by a step that did not run: proposed afresh
                 seq.drop_proposals()
@@ -558,7 +559,8 @@ class Engine:
             if spec.adaptive and (params.temperature == 0 or params.seed is None):
                 setup = 1 if spec.method is SpecMethod.NGRAM else self._draft_proposer().setup_tokens(
                     seq.seq_id, seq.token_ids)
-                candidates.append((Candidate(seq.seq_id, max_k, kind, setup), spec.method))
+                critical = longest is None or longest == seq.max_tokens - seq.num_output_tokens
+                candidates.append((Candidate(seq.seq_id, max_k, kind, setup, critical), spec.method))
             else:
                 fixed[seq.seq_id] = max_k
         if not candidates and not fixed:
@@ -571,6 +573,18 @@ class Engine:
                                          self._draft.costs if uses_draft and self._draft is not None else None)
         chosen.update(fixed)
         self._apply_proposals(chosen, found)
+
+    def _longest_budget(self) -> int | None:
+        """None while requests wait (a freed slot is taken at once: every accepted token is worth a decoded one);
+        else the tokens left to the one running sequence with the largest budget, the one expected to finish last
+        (-1 when several tie for it: SpeculationController._worth)."""
+        if self.scheduler.waiting:
+            return None
+        budgets = [seq.max_tokens - seq.num_output_tokens for seq in self.scheduler.running]
+        if not budgets:
+            return None
+        top = max(budgets)
+        return top if budgets.count(top) == 1 else -1
 
     def _match_ngram(self, seq: Seq, spec: SpeculativeConfig, k: int) -> tuple[list[int], int]:
         """match_ngram on the sequence's tokens, through its NgramIndex (kept across steps) where the n-gram bounds
