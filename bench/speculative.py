@@ -22,8 +22,9 @@ none shares another's prompt blocks) are submitted at once and the engine steps 
 greedy with --max-tokens (96) at most per request and its end-of-text token honoured (ignore_eos=False): the rows
 record the tokens generated. A run is timed from its first submission to its last token (the prompts' prefill, the
 same work in every mode, included); output tok/s = generated tokens / wall seconds; speedup = a mode's output tok/s
-/ plain's at the same (workload, N), in the same invocation. With --repeats R the modes' runs interleave (plain,
-ngram, draft, ..., plain, ...) and a row holds the median.
+/ plain's at the same (workload, N), in the same invocation. With --repeats R the modes' runs interleave, each
+repeat starting one mode later (plain, ngram, draft, ...; ngram, draft, ..., plain; ...), and a row holds the median
+(and every repeat's tok/s: output_tok_s_runs).
 
 Exactness: greedy speculation must give the plain output token for token. Every speculative run's tokens are compared
 with plain's at the same (workload, N); a difference is recorded in the row (outputs_match: the fraction of equal
@@ -336,6 +337,7 @@ def build_row(runs: Sequence[Run], fields: dict, kinds: Sequence[str] | None = N
            "decode_tok_s": statistics.median(_safe_div(r.decode_tokens, r.decode_s) or 0.0 for r in runs)
            if first.request_s is not None else None}
     row["output_tok_s_p20"], row["output_tok_s_p80"] = (float(v) for v in np.percentile(rates, [20, 80]))
+    row["output_tok_s_runs"] = rates  # every repeat's, in run order
     return row
 
 
@@ -404,6 +406,14 @@ def target_lines(rows: list[dict]) -> list[str]:
 
 # ---- measurement -------------------------------------------------------------------------------------------------
 
+def rotated(items: Sequence, r: int) -> list:
+    """Repeat r's order: one later start each repeat, so that no mode always runs first (or right after another):
+    this machine's speed drifts by several percent within a minute, and a fixed order gives that drift to the same
+    modes every time."""
+    r %= len(items)
+    return list(items[r:]) + list(items[:r])
+
+
 def measure(runners: Sequence[ModeRunner], prompts: dict[str, list[Prompt]], concurrency: Sequence[int],
             max_tokens: int, repeats: int, log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
     """Per workload and N, every mode's runs (interleaved over the repeats), its row, and its tokens against plain's.
@@ -413,8 +423,8 @@ def measure(runners: Sequence[ModeRunner], prompts: dict[str, list[Prompt]], con
         for n in concurrency:
             requests = requests_for(pool, n)
             runs: dict[str, list[Run]] = {r.mode.name: [] for r in runners}
-            for _ in range(repeats):
-                for runner in runners:
+            for r in range(repeats):
+                for runner in rotated(runners, r):
                     run = runner.run(requests, n, max_tokens)
                     runs[runner.mode.name].append(run)
                     tokens = sum(len(t) for t in run.token_ids)

@@ -67,6 +67,13 @@ def test_modes(bench):
         bench.mode_of("medusa")
 
 
+def test_repeats_rotate_the_order_of_modes(bench):
+    modes = ["plain", "ngram", "draft"]
+    orders = [bench.rotated(modes, r) for r in range(4)]
+    assert orders == [modes, ["ngram", "draft", "plain"], ["draft", "plain", "ngram"], modes]
+    assert [o[0] for o in orders[:3]] == modes  # each mode runs first once in 3 repeats
+
+
 def test_requests_and_kv_blocks(bench):
     pool = [bench.Prompt(f"p{i}", "edit", tuple(range(10 + i))) for i in range(3)]
     assert bench.requests_for(pool, 1) == pool  # N=1: every prompt, one after another
