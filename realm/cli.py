@@ -6,6 +6,11 @@
     realm chat "What is the capital of France?"          # one answer through the chat template; no question: a loop
     realm batch requests.jsonl -o results.jsonl          # many JSONL requests, continuously batched, one result each
     realm serve --tenants tenants.toml --port 8000       # an OpenAI-compatible HTTP server (realm/serve)
+    torchrun --nproc-per-node 2 -m realm serve ...       # tensor parallel: the model over 2 ranks (realm.parallel)
+
+Under torchrun (RANK and WORLD_SIZE set, WORLD_SIZE > 1), generate and serve split the model over the ranks: every
+rank checks the arguments and loads its shard; rank 0 runs the command, its engine sending each step plan to the
+other ranks, which follow until it stops (realm.parallel.launch).
 
 A subcommand is a `Command` (its arguments and what it runs) in `COMMANDS`; adding one there is all a new subcommand
 needs. Expected failures (bad input, a missing or broken file) print `realm: error: ...` and exit with status 2;
@@ -206,7 +211,11 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """The command's model. Under torchrun: this rank's shard; a rank other than 0 then follows rank 0's engine and
+    exits here (SystemExit with its status) when rank 0 stops."""
     _interpret_triton_on_cpu(args)
+    if getattr(args, "torchrun", None) is not None:
+        return _load_rank(args)
     import torch
 
     from .runtime import load
@@ -217,6 +226,54 @@ def _load(args: argparse.Namespace):
         else {}
     draft = {"draft_model": args.draft_model} if args.draft_model is not None else {}
     return load(args.model, device=args.device, backend=args.backend, dtype=dtype, **lora, **draft)
+
+
+def _load_rank(args: argparse.Namespace):
+    import torch
+
+    from .parallel import launch
+
+    env = args.torchrun
+    unsupported = [flag for flag, value in (("--lora", args.lora), ("--max-loras", args.max_loras),
+                                            ("--draft-model", args.draft_model)) if value]
+    if unsupported:
+        raise ValueError(f"under torchrun (WORLD_SIZE={env.world}), {', '.join(unsupported)} is not supported yet")
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    model = launch.torchrun_model(env, args.model, args.backend, args.device, dtype)
+    if env.rank:
+        raise SystemExit(launch.torchrun_follow(env, model))
+    return model
+
+
+@contextmanager
+def _rank_zero(args: argparse.Namespace, engine) -> Iterator[object]:
+    """Under torchrun, rank 0's engine drives the other ranks (RankZero) until the command ends; else nothing."""
+    if getattr(args, "torchrun", None) is None:
+        yield None
+        return
+    from .parallel import launch
+
+    rank_zero = launch.RankZero(engine)
+    try:
+        yield rank_zero
+    finally:
+        launch.leave(rank_zero)
+
+
+def _torchrun(args: argparse.Namespace):
+    """torchrun's environment when realm runs as one of several ranks (None otherwise); only generate and serve
+    run split over ranks."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    from .parallel import launch
+
+    env = launch.torchrun_env()
+    if env.world == 1:
+        return None
+    if args.command not in ("generate", "serve"):
+        raise ValueError(f"under torchrun (WORLD_SIZE={env.world}) realm runs generate and serve over the ranks; "
+                         f"run `realm {args.command}` in one process")
+    return env
 
 
 def _interpret_triton_on_cpu(args: argparse.Namespace) -> None:
@@ -262,7 +319,12 @@ def _generate_run(args: argparse.Namespace) -> int:
     params = _one_adapter(args)
     _check_model_args(args)
     model = _load(args)
-    _stream_to_terminal(model, model.encode(args.prompt), params, args.quiet)
+    ids = model.encode(args.prompt)
+    model.check_prompt(ids)
+    # the model's own engine, as model.stream will take it (under torchrun: wrapped first, to drive the other ranks)
+    engine = model.engine_for(len(ids) + min(params.max_tokens, model.config.context_length - len(ids)))
+    with _rank_zero(args, engine):
+        _stream_to_terminal(model, ids, params, args.quiet)
     return 0
 
 
@@ -457,7 +519,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 def _serve_run(args: argparse.Namespace) -> int:
     from .serve import cli
 
-    return cli.run(args, _check_model_args, _loras)
+    return cli.run(args, _check_model_args, _loras, _load, _rank_zero)
 
 
 COMMANDS: dict[str, Command] = {
@@ -522,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _sigterm_raises():
+            args.torchrun = _torchrun(args)
             return COMMANDS[args.command].run(args)
     # QuantError, GGUFError, ModelError: ValueErrors; FileNotFoundError: OSError; a failed forward: GenerationError
     except (ValueError, OSError, GenerationError) as e:

@@ -13,6 +13,10 @@ vocabulary, gathered in its epilogue into the whole row. Norms and the embedding
 embedding's vocabulary-parallel lookup is still to come).
 
 The communication per step, in elements: 2 x layers x tokens x hidden all-reduced, plus rows x vocab gathered.
+
+LoRA adapters shard with their layers (lora_shard.py): B by output rows on the column-parallel layers, A by input
+columns on the row-parallel ones, whose partial deltas the same all-reduce sums. Rank 0's Model checks and keeps the
+adapters (a ShardedLoraRegistry); its PlanBroadcast sends the other ranks each adapter new to a slot a step uses.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
 from realm.runtime.config import ModelConfig
 from realm.runtime.kv_cache import DEFAULT_BLOCK_SIZE
+from realm.runtime.lora import DEFAULT_MAX_LORAS, parse_lora_specs
 from realm.runtime.model import Model
 from realm.runtime.ops import Backend, backend_of
 from realm.runtime.plan import StepPlan
@@ -34,6 +40,7 @@ from realm.runtime.tokenizer import Tokenizer
 from realm.runtime.transformer import Transformer
 from realm.runtime.weights import ModelWeights, load_weights
 
+from .lora_shard import LoraMirror, LoraSender, ShardedLoraRegistry, shard_lora_registry
 from .shard import Cut, ShardError, shard_config, shard_layer, take_rows, working_worlds
 
 
@@ -114,13 +121,20 @@ def attach_collectives(net: Transformer, config: ModelConfig, world: int, group:
 
 def load_tensor_parallel(model: str | os.PathLike, rank: int, world: int, backend: Backend | str = Backend.TORCH,
                          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                         group: dist.ProcessGroup | None = None) -> Model:
+                         group: dist.ProcessGroup | None = None, *,
+                         lora: Mapping[str, str | os.PathLike] | None = None, max_loras: int = DEFAULT_MAX_LORAS,
+                         max_lora_rank: int | None = None) -> Model:
     """realm.load for one rank of `world`: a Model (tokenizer, engine API) whose transformer is this rank's shard.
-    Rank 0's drives an Engine through `PlanBroadcast`; the other ranks run `follow_plans`."""
+    Rank 0's drives an Engine through `PlanBroadcast`; the other ranks run `follow_plans`. Its `loras` is a
+    ShardedLoraRegistry: adapters (lora, or add_lora later; rank 0's only: the other ranks receive them) are read
+    against the whole model and sharded; max_loras and max_lora_rank size the pool as realm.load's."""
     weights = load_weights(model)
     m = Model(shard_weights(weights, rank, world), Tokenizer.from_metadata(weights.metadata), backend_of(backend),
-              torch.device(device), dtype)
+              torch.device(device), dtype, max_loras=max_loras, max_lora_rank=max_lora_rank)
     attach_collectives(m.transformer, weights.config, world, group)
+    loras = shard_lora_registry(m, weights.config, rank, world)
+    for name, source in parse_lora_specs(lora).items():
+        loras.add(name, source)
     return m
 
 
@@ -130,32 +144,46 @@ STOP = "stop"  # what rank 0 broadcasts instead of a plan when it is done
 class PlanBroadcast:
     """Rank 0's side: wraps its engine's runner so that every step plan (StepPlan: plain data) goes to the other
     ranks before rank 0 runs it; they run the same plan on their shards, and the forward's collectives pair up.
-    Sampling is rank 0's (the other ranks' samples are not used)."""
+    Sampling is rank 0's (the other ranks' samples are not used).
 
-    def __init__(self, runner: ModelRunner, group: dist.ProcessGroup | None = None):
+    loras: rank 0's ShardedLoraRegistry (model.loras of load_tensor_parallel), needed when plans use adapter slots:
+    with a plan goes a LoraSync (lora_shard.py) when the plan's slots hold adapters the other ranks do not have there
+    yet. Call execute with the registry's lock held until the forward has run, as the engine does."""
+
+    def __init__(self, runner: ModelRunner, group: dist.ProcessGroup | None = None,
+                 loras: ShardedLoraRegistry | None = None):
         self.runner, self.group = runner, group
+        self.loras = LoraSender(loras, runner)
         self._execute = runner.execute
         runner.execute = self.execute
 
     def execute(self, plan: StepPlan, draft_probs=None):
-        _collective("sending the step plan", lambda: dist.broadcast_object_list([plan], src=0, group=self.group))
+        sync = self.loras.pending(plan)  # an error here is rank 0's alone: raised before the other ranks hear of it
+        _collective("sending the step plan",
+                    lambda: dist.broadcast_object_list([plan, sync], src=0, group=self.group))
+        self.loras.sent(sync)
         return self._execute(plan, draft_probs)
 
     def stop(self) -> None:
         """Ends the other ranks' follow_plans."""
-        _collective("sending stop", lambda: dist.broadcast_object_list([STOP], src=0, group=self.group))
+        _collective("sending stop", lambda: dist.broadcast_object_list([STOP, None], src=0, group=self.group))
 
 
 def follow_plans(model: Model, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
                  group: dist.ProcessGroup | None = None) -> int:
     """The other ranks' side: a runner on this rank's shard (num_blocks and block_size as rank 0's engine), running
-    each plan rank 0 sends until it sends STOP. Returns the number of steps run."""
+    each plan rank 0 sends until it sends STOP, with the LoRA pool rank 0's plans need (LoraMirror: attached to the
+    rank's linear layers for the call). Returns the number of steps run."""
     runner = ModelRunner(model.transformer, num_blocks, block_size, model.tokenizer.vocab_size, seed=0)
+    mirror = LoraMirror(model.transformer, dist.get_rank(group), dist.get_world_size(group))
     steps = 0
     while True:
-        box: list = [None]
+        box: list = [None, None]  # the plan, and the LoraSync that comes with it (None: nothing new)
         _collective("receiving the step plan", functools.partial(dist.broadcast_object_list, box, src=0, group=group))
-        if isinstance(box[0], str) and box[0] == STOP:
+        plan, sync = box
+        if isinstance(plan, str) and plan == STOP:
             return steps
-        runner.execute(box[0])
+        if sync is not None:
+            mirror.apply(sync, runner)
+        runner.execute(plan)
         steps += 1

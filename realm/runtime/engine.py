@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -266,7 +267,22 @@ class _PlanError(Exception):
         self.failures = failures
 
 
+class EngineFailure(RuntimeError):
+    """The engine can run no step any more (a rank of its tensor-parallel model stopped): every request it held
+    failed with this cause, and new ones are refused with it."""
+
+
+def _fatal_errors() -> tuple[type[BaseException], ...]:
+    """The step failures that end the engine, not just the step's requests: tensor parallelism's RankFailure (the
+    other ranks cannot run this step or any later one). Looked up, not imported: a process that never loaded
+    realm.parallel.tensor_parallel has no such failure (and realm.runtime stays free of torch.distributed)."""
+    tp = sys.modules.get("realm.parallel.tensor_parallel")
+    return () if tp is None else (tp.RankFailure,)
+
+
 class Engine:
+    failure: str | None = None  # why the engine can run no more steps (EngineFailure); None while it can
+
     def __init__(self, model: Model, config: EngineConfig | None = None, *, seed: int | None = None):
         """seed: of the sampler's generator for requests without their own seed (None: random)."""
         self.model = model
@@ -323,6 +339,8 @@ class Engine:
         blocks. adapter: the name of a LoRA adapter loaded in the model (`model.loras`), overriding params.adapter;
         its requests share prefix-cache blocks only with each other. on_event(request, event) runs in the thread that
         steps the engine."""
+        if self.failure is not None:
+            raise EngineFailure(self.failure)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -451,6 +469,7 @@ class Engine:
         # The step's adapter slots stay as planned until its forward has run. Failures are delivered after the lock is
         # released: their callbacks must not run while it blocks other engines on the model.
         failed_plan = failed_step = None
+        fatal = None
         with self.loras.lock:
             try:
                 plan = self._plan(step, chunks, requests)
@@ -463,6 +482,8 @@ class Engine:
                     self.speculation.observe_step(plan.num_tokens, time.perf_counter() - began)
             except _PlanError as e:  # those requests fail; the others are scheduled again by the next step
                 failed_plan = e.failures
+            except _fatal_errors() as e:  # no step can run any more: every request fails (_fail_engine)
+                fatal = e
             except Exception as e:  # a step of one chunk, or the copies: these requests fail, the engine goes on
                 if isinstance(e, BlockCopyError):  # and so does any sequence whose copied block was not written
                     requests += [r for r in self.requests.values() if r not in requests
@@ -475,6 +496,9 @@ class Engine:
         if failed_plan is not None:
             self.scheduler.abort(step)
             return self._fail_requests(failed_plan)
+        if fatal is not None:
+            self.scheduler.abort(step)
+            return self._fail_engine(fatal)
         if failed_step is not None:
             return self._fail_step(step, requests, failed_step)
         failed = {r.seq.seq_id: (r, error) for r, error in zip(requests, output.errors or (), strict=False)
@@ -701,6 +725,20 @@ class Engine:
         for request, message in failures:
             self._deliver_end(request, self._finish(request, FinishReason.ERROR, error=message))
         return [request for request, _ in failures]
+
+    def _fail_engine(self, cause: BaseException) -> list[Request]:
+        """A fatal step failure (_fatal_errors): every request fails with it, those in the inbox too, and add_request
+        refuses new ones (EngineFailure) with the same message."""
+        self.failure = f"the engine stopped: {type(cause).__name__}: {cause}"
+        log.error("%s; failing its %d requests and refusing new ones", self.failure, len(self.requests))
+        failed = self._fail_requests([(request, self.failure) for request in list(self.requests.values())])
+        with self._wake:
+            inbox, self._inbox = self._inbox, deque()
+        for kind, request in inbox:
+            if kind == "add":
+                self._end_unscheduled(request, self.failure)
+                failed.append(request)
+        return failed
 
     def run(self) -> None:
         """Step until every request has finished (in this thread; not while the loop runs)."""

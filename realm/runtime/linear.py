@@ -16,8 +16,9 @@ The epilogue: after y = x @ W.T (+ bias), in this order and nowhere else,
 2. `deltas`: other per-row additions into y, each called as delta(x, y, batch) and writing y in place.
 3. `reduce`: y = reduce(y), applied once the full local y is known. This is where the all-reduce of a
    row-parallel (tensor-parallel) layer goes; a column-parallel layer has none.
-`deltas` and `reduce` are not used yet; both are tested with stand-ins, so that the features that need them plug in
-here and nowhere else.
+`reduce` carries tensor parallelism's all-reduce and vocabulary gather (realm.parallel.tensor_parallel); it runs
+after the LoRA delta, so a row-parallel layer's one all-reduce sums the ranks' partial deltas with their partial
+outputs (realm.parallel.lora_shard). `deltas` is not used yet; it is tested with stand-ins.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@
     llm.generate(["Hi", "Hi"], [SamplingParams(adapter="pirate"), SamplingParams()])   # one batch, two models
     for i, completion in llm.completions(prompts): ...        # as each finishes (realm batch writes them so)
     llm = realm.LLM("smollm2", speculative="ngram")           # speculative decoding: same output, faster
+    with realm.LLM("smollm2", tensor_parallel=3) as llm: ...  # 3 ranks: this process and 2 workers it spawns
 
 A request that cannot run (empty prompt, prompt over the context, more tokens than the KV cache holds, bad ids)
 gets a Completion with finish reason "error" and the reason in `error`; the other prompts run as if it were not
@@ -19,12 +20,13 @@ import logging
 import operator
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, EngineConfig, Request
+from .engine import Engine, EngineConfig, EngineFailure, Request
 from .generate import Completion, FinishReason, Timings, TokenEvent
 from .kv_cache import DEFAULT_BLOCK_SIZE
 from .lora import DEFAULT_MAX_LORAS, LoraMode, parse_lora_specs
@@ -48,17 +50,38 @@ class LLM:
                  batching: Batching | str = Batching.CONTINUOUS, lora: Mapping[str, str | os.PathLike] | None = None,
                  max_loras: int | None = None, max_lora_rank: int | None = None,
                  lora_mode: LoraMode | str = LoraMode.FUSED, speculative: SpeculativeConfig | str | None = None,
-                 draft_model: str | os.PathLike | Model | None = None):
+                 draft_model: str | os.PathLike | Model | None = None, tensor_parallel: int = 1,
+                 parallel_timeout: float | None = None):
         """model: a packaged model name, a GGUF path, or a loaded Model (then device and dtype must be left out, and
         backend, if given, be the model's); backend: None is the torch reference; lora: LoRA adapters to load,
         {name: PEFT directory or GGUF LoRA file}, that requests name in SamplingParams(adapter=...); max_loras,
         max_lora_rank: the device pool (realm.runtime.lora; default 4 slots; a loaded Model has its own);
         speculative: the requests' default speculative decoding ("ngram", "draft", or a SpeculativeConfig; requests
         may choose their own in SamplingParams); draft_model: the draft model for "draft" (a path, a packaged name, or a
-        loaded Model of the same vocabulary); the rest configures the engine (EngineConfig)."""
+        loaded Model of the same vocabulary); the rest configures the engine (EngineConfig).
+
+        tensor_parallel=N > 1: the model split over N ranks (realm.parallel), rank 0 in this process driving the
+        engine, ranks 1 .. N-1 worker processes it spawns on this machine (gloo on the CPU; NCCL on CUDA, rank r on
+        cuda:r). N must split the model's heads, FFN and vocabulary (ShardError names the counts that work).
+        The ranks form torch.distributed's default process group of this process, so a process that already has
+        one is refused (RuntimeError; under torchrun, use `torchrun ... -m realm`): replacing it would break the
+        caller's own collectives, and sharing it would pair realm's collectives with the caller's. One
+        tensor-parallel LLM per process at a time; close() (or `with`, or garbage collection, or the process's
+        exit) stops the workers and leaves the group. parallel_timeout: seconds a collective may wait for another
+        rank before it fails (default realm.parallel.launch.DEFAULT_TIMEOUT_S); a rank that dies fails at once. When a
+        rank fails, every request fails with the RankFailure's message and new ones raise EngineFailure. A model
+        given as a loaded Model and draft models are not supported with tensor_parallel > 1 yet; LoRA adapters are
+        (realm.parallel.lora_shard: rank 0 loads them, each rank uses its shard)."""
         config = EngineConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, kv_blocks=kv_blocks,
                               block_size=block_size, prefix_caching=prefix_caching, batching=batching,
                               lora_mode=lora_mode, speculative=speculative)
+        self._ranks = None
+        if type(tensor_parallel) is not int or tensor_parallel != 1:  # True and 1.0 are refused, not 1
+            self._start_ranks(model, tensor_parallel, parallel_timeout, backend, device, dtype, config, lora,
+                              max_loras, max_lora_rank, draft_model=draft_model)
+            return
+        if parallel_timeout is not None:
+            raise ValueError("parallel_timeout is for tensor_parallel > 1")
         if isinstance(model, Model):
             if device is not None or dtype is not None or (backend is not None and Backend(backend) is not
                                                             model.backend):
@@ -78,6 +101,43 @@ class LLM:
                          draft_model=draft_model)
         self.model = model
         self.engine = Engine(model, config)
+
+    def _start_ranks(self, model, world, timeout, backend, device, dtype, config, lora, max_loras, max_lora_rank,
+                     **unsupported) -> None:
+        from realm.parallel import launch
+
+        launch.check_world(world)
+        given = [name for name, value in unsupported.items() if value]
+        if isinstance(model, Model):
+            given.insert(0, "a loaded Model (pass its path or packaged name)")
+        if given:
+            raise ValueError(f"tensor_parallel={world} does not support {', '.join(given)} yet")
+        ranks = launch.spawn_ranks(model, world, backend, device, dtype,
+                                   launch.DEFAULT_TIMEOUT_S if timeout is None else timeout,
+                                   max_loras or DEFAULT_MAX_LORAS, max_lora_rank)
+        self._ranks = ranks
+        self._finalizer = weakref.finalize(self, ranks.close)  # also at exit: no worker outlives this process
+        try:
+            self.model = ranks.model
+            for name, source in parse_lora_specs(lora).items():  # rank 0's: the plans carry them to the others
+                ranks.model.add_lora(name, source)
+            self.engine = Engine(ranks.model, config)
+            ranks.attach(self.engine)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop a tensor-parallel LLM's worker processes and leave its process group (nothing otherwise); the LLM
+        cannot generate afterwards. Idempotent; also run when the LLM is garbage collected and at exit."""
+        if self._ranks is not None:
+            self._finalizer()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"LLM({self.engine!r})"
@@ -107,6 +167,10 @@ class LLM:
         `generate`. Leaving the iteration early cancels what is still running."""
         prompts = _prompt_list(prompts)
         params = self._params(sampling, len(prompts))
+        if self._ranks is not None and self._ranks.closed:
+            raise RuntimeError("this tensor-parallel LLM was closed: its ranks have stopped")
+        if self.engine.failure is not None:  # every request would fail alike: say it once
+            raise EngineFailure(self.engine.failure)
         running: dict[int, Request] = {}  # prompt index -> its request
         show = len(prompts) >= PROGRESS_FROM if progress is None else progress
         try:
@@ -117,6 +181,8 @@ class LLM:
                     running[i] = self.engine.add_request(prompt, p, on_event=callback)
                 except ValueError as e:  # this request alone fails
                     failed.append((i, _failed(prompt, e)))
+                except EngineFailure:  # the engine stopped (a rank failed) while the batch was being added
+                    raise
                 except Exception as e:  # not a refusal but a fault (a tokenizer bug?): still this request's alone
                     log.exception("request %d could not be added", i)
                     failed.append((i, _failed(prompt, f"the request could not be added: {type(e).__name__}: {e}")))

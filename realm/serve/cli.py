@@ -52,7 +52,8 @@ def _check_backend(args: argparse.Namespace) -> None:
         check_onednn(device, dtype)
 
 
-def run(args: argparse.Namespace, check_model_args, loras) -> int:
+def run(args: argparse.Namespace, check_model_args, loras, load=None, rank_zero=None) -> int:
+    """load(args), rank_zero(args, engine): realm.cli's, for torchrun (args.torchrun: run_ranks)."""
     import uvicorn
 
     from realm.runtime.engine import EngineConfig
@@ -77,9 +78,39 @@ def run(args: argparse.Namespace, check_model_args, loras) -> int:
                           engine=engine, max_waiting=args.max_waiting, default_max_tokens=args.default_max_tokens,
                           drain_s=args.drain_timeout)
     server = Server(config)  # the tenants file is read and checked here, before anything listens or loads
+    if getattr(args, "torchrun", None) is not None:
+        return run_ranks(args, config, load, rank_zero)
     print(f"realm serve: {config.model} as {server.model_id!r} on http://{args.host}:{args.port} "
           f"({'open access: no tenants file' if server.tenants.open else f'{len(server.tenants.tenants)} tenants'}"
           "); the model loads in the background, GET /health says when it is ready", file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout)
+    return 0
+
+
+def run_ranks(args: argparse.Namespace, config, load, rank_zero) -> int:
+    """Under torchrun: every rank loads its shard (before anything listens); ranks other than 0 follow rank 0's
+    engine inside `load` and exit there. Rank 0 serves; a rank that fails ends its server (every request in flight
+    fails with the RankFailure, new ones are refused) and the process exits with status 1; SIGTERM drains it, then
+    the other ranks are stopped."""
+    import uvicorn
+
+    from .app import Server, create_app
+
+    model = load(args)
+    server = Server(config, model=model)
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                                        timeout_graceful_shutdown=args.drain_timeout))
+
+    def shut_down(_failure) -> None:
+        web.should_exit = True
+
+    with rank_zero(args, server.engine) as ranks:
+        ranks.on_failure = shut_down
+        print(f"realm serve: {config.model} over {args.torchrun.world} ranks as {server.model_id!r} on "
+              f"http://{args.host}:{args.port}", file=sys.stderr)
+        web.run()
+    if ranks.failure is not None:
+        print(f"realm: error: {ranks.failure}", file=sys.stderr)
+        return 1
     return 0
