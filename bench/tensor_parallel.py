@@ -7,9 +7,11 @@ decode steps of the whole batch (every rank the same step; rank 0 reports). Thre
 1), so the ranks share the cores as they would share GPUs' work.
 
 Communication, from the model's shape (not measured on the wire): a step of T tokens all-reduces two [T, hidden]
-float32 tensors per layer (after the attention output and the down projection) and gathers the head's [T, vocab / W]
-logits from every rank:
+float32 tensors per layer (after the attention output and the down projection) and one more for the
+vocabulary-parallel embedding's lookup, and gathers the head's [T, vocab / W] logits from every rank:
     allreduce_bytes = 2 x layers x T x hidden x 4          (a ring all-reduce sends 2 (W - 1) / W of it per rank)
+    embed_bytes     = T x hidden x 4                       (the embedding's all-reduce: not in allreduce_mb, which
+                                                            stays the layers' so rows measured before it compare)
     gather_bytes    = T x vocab x 4 x (W - 1) / W          (received per rank)
 
 Rows (bench/results/tensor_parallel.jsonl, via harness: device, versions, commit, date): model, backend, world,

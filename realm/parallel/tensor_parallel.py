@@ -8,11 +8,13 @@ attaches the collectives to the linear layers' epilogue contract (realm.runtime.
 Per layer: Q/K/V and gate/up are column-parallel (the rank's heads and FFN channels: no communication), the
 attention output and down projections row-parallel (partial sums: one all-reduce each, in their epilogue), so a
 layer costs two all-reduces of [tokens, hidden]. Each rank's KV cache holds only its KV heads (the rank's config has
-its own head counts). The output head is vocabulary-parallel: each rank computes the logits of its 1 / world of the
-vocabulary, gathered in its epilogue into the whole row. Norms and the embedding are whole on every rank (the
-embedding's vocabulary-parallel lookup is still to come).
+its own head counts). The token embedding and the output head are vocabulary-parallel, on the same rows: rank r holds
+the rows of ids [v0, v1), its 1 / world of the vocabulary (the tied head shares them). The embedding looks up the ids
+in that range (zeros for the others) and one all-reduce in its epilogue sums the ranks' lookups into the whole
+[tokens, hidden] (exact: each id's row comes from one rank; Gemma's sqrt(hidden) scale follows the sum). The head
+computes the logits of the rank's ids, gathered in its epilogue into the whole row. Norms are whole on every rank.
 
-The communication per step, in elements: 2 x layers x tokens x hidden all-reduced, plus rows x vocab gathered.
+The communication per step, in elements: (2 x layers + 1) x tokens x hidden all-reduced, plus rows x vocab gathered.
 
 LoRA adapters shard with their layers (lora_shard.py): B by output rows on the column-parallel layers, A by input
 columns on the row-parallel ones, whose partial deltas the same all-reduce sums. Rank 0's Model checks and keeps the
@@ -45,17 +47,22 @@ from .shard import Cut, ShardError, shard_config, shard_layer, take_rows, workin
 
 
 def shard_weights(weights: ModelWeights, rank: int, world: int) -> ModelWeights:
-    """Rank `rank`'s weights: every layer sharded (shard_layer), the output head's rows of its vocabulary range (the
-    token embedding's when tied), the rest whole; with the rank's config (its head and FFN sizes)."""
+    """Rank `rank`'s weights: every layer sharded (shard_layer), the token embedding's and the output head's rows of
+    its vocabulary range (one shard, still tied, when the head is the embedding; vocab_start: the range's first id),
+    the norms whole; with the rank's config (its head and FFN sizes)."""
     c = weights.config
-    head_name = "token_embd.weight (the tied output head)" if weights.tied else "output.weight"
+    # the head's name: the embedding takes the same cut, so the head's error stands for both
+    names = "token_embd.weight (the tied output head)" if weights.tied else "output.weight"
     vocab = Cut(c.vocab_size, 1, world)
     if not vocab.works():
-        raise ShardError(f"{head_name}: a vocabulary of {c.vocab_size} does not split evenly over {world} ranks; "
+        raise ShardError(f"{names}: a vocabulary of {c.vocab_size} does not split evenly over {world} ranks; "
                          f"rank counts that work: {', '.join(map(str, working_worlds(c.vocab_size, 1)))}")
+    start, stop = vocab.range(rank)
+    token_embd = take_rows(weights.token_embd, start, stop)
+    output = token_embd if weights.tied else take_rows(weights.output, start, stop)
     layers = tuple(shard_layer(layer, c, rank, world, i) for i, layer in enumerate(weights.layers))
-    return dataclasses.replace(weights, config=shard_config(c, rank, world), layers=layers,
-                               output=take_rows(weights.output, *vocab.range(rank)))
+    return dataclasses.replace(weights, config=shard_config(c, rank, world), layers=layers, token_embd=token_embd,
+                               output=output, vocab_start=start)
 
 
 class RankFailure(RuntimeError):
@@ -109,10 +116,11 @@ def tensor_parallel_transformer(weights: ModelWeights, rank: int, world: int, ba
 
 
 def attach_collectives(net: Transformer, config: ModelConfig, world: int, group: dist.ProcessGroup | None = None):
-    """A sharded Transformer's epilogues: all-reduce after each row-parallel layer, the vocabulary gather after the
-    head; the attention scale of the whole model (config: the unsharded one; Gemma 27B's scale depends on its head
-    count)."""
+    """A sharded Transformer's epilogues: all-reduce after the embedding's lookup and after each row-parallel layer,
+    the vocabulary gather after the head; the attention scale of the whole model (config: the unsharded one; Gemma
+    27B's scale depends on its head count)."""
     net.scale = config.attention_scale
+    net.embed.reduce = AllReduce("token_embd", group)
     for layer in net.layers:
         layer.o.reduce = AllReduce(layer.o.name, group)
         layer.down.reduce = AllReduce(layer.down.name, group)

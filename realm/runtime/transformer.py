@@ -25,7 +25,7 @@ for bit. With the Triton ops the weights stay quantized and every kernel accumul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,49 @@ def indexed_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+@dataclass(eq=False)
+class Embedding:
+    """Token ids -> rows of the token embedding, with the linear layers' `reduce` epilogue (realm.runtime.linear).
+
+    A vocabulary-parallel shard (realm.parallel.tensor_parallel) holds only the rows of ids [start, start + rows):
+    it looks up the ids in its range and gives zeros for the others, and `reduce` (the all-reduce) sums the ranks'
+    lookups into the whole one. Each id's row comes from exactly one rank, the others adding zeros, so the sum is
+    the whole lookup bit for bit."""
+
+    weight: torch.Tensor  # [rows, hidden] in the compute dtype
+    vocab_size: int  # the whole model's vocabulary
+    start: int = 0  # the id of weight's first row
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        rows = self.weight.shape[0]
+        if self.start < 0 or self.start + rows > self.vocab_size:
+            raise ValueError(f"token_embd rows [{self.start}, {self.start + rows}) are not within the vocabulary of "
+                             f"{self.vocab_size}")
+
+    @property
+    def whole(self) -> bool:
+        return self.weight.shape[0] == self.vocab_size
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] -> [T, hidden]: the whole embeddings (a shard's after its reduce)."""
+        if not self.whole and self.reduce is None:  # the partial lookup alone would be silently wrong
+            raise ValueError(f"this token embedding holds only ids [{self.start}, {self.start + self.weight.shape[0]})"
+                             f" of {self.vocab_size}: a vocabulary-parallel shard needs its reduce (the all-reduce, "
+                             f"realm.parallel.tensor_parallel.attach_collectives)")
+        out = self.lookup(tokens)
+        return out if self.reduce is None else self.reduce(out)
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] -> this shard's part [T, hidden] before the reduce: its ids' rows, zeros for the other ids."""
+        if self.whole:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(torch.where(inside, local, 0), self.weight)  # row 0 stands in for ids outside
+        return out.masked_fill_(~inside.unsqueeze(-1), 0)
 
 
 @dataclass(eq=False)
@@ -90,7 +133,8 @@ class Transformer:
         if self.backend is Backend.ONEDNN:
             check_onednn(self.device, dtype)
         self.ops: Ops = ops_for(self.backend)
-        self.embedding = weights.token_embd.dequantize().to(device=self.device, dtype=dtype)  # [vocab, hidden]
+        self.embed = Embedding(weights.token_embd.dequantize().to(device=self.device, dtype=dtype), c.vocab_size,
+                               weights.vocab_start)
         # The reference's tied head multiplies the embedding matrix itself, as HF does; Triton's reads the quantized
         # embedding rows.
         tied_dense = self.embedding if weights.tied and not self.ops.group_by_format else None
@@ -106,6 +150,11 @@ class Transformer:
         self.embed_scale = torch.tensor(c.hidden**0.5, dtype=dtype) if c.arch.embed_scale else None
         self.gelu = c.arch.activation is Activation.GELU_TANH
         self.scale = c.attention_scale
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The token embedding's rows [rows, hidden] (a tensor-parallel shard's: its vocabulary range's)."""
+        return self.embed.weight
 
     def __repr__(self) -> str:
         return (f"Transformer({self.config.n_layers} layers, backend={self.backend.value}, device={self.device}, "
@@ -172,7 +221,7 @@ class Transformer:
 
     def _forward(self, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
         eps = self.config.rms_eps
-        out = F.embedding(batch.tokens, self.embedding)  # [tokens, hidden]
+        out = self.embed(batch.tokens)  # [tokens, hidden], whole on every rank (a shard's after its all-reduce)
         if self.embed_scale is not None:  # Gemma: times sqrt(hidden) rounded to the dtype, as HF scales it
             out = out * self.embed_scale
         h = None  # the residual stream; the first layer's input is the embedding itself

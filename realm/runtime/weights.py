@@ -71,6 +71,9 @@ class ModelWeights:
     output: QTensor  # [vocab, hidden]; the token embedding itself when tied
     path: Path
     rope_freqs: torch.Tensor | None = None  # float32 [head_dim // 2]: Llama 3's rope factors (rope_freqs.weight)
+    # The vocabulary id of token_embd's (and output's) first row: 0 for the whole model, v0 for a tensor-parallel
+    # rank's shard, which holds rows [v0, v0 + rows) of the vocabulary (realm.parallel.tensor_parallel).
+    vocab_start: int = 0
 
     @property
     def tied(self) -> bool:
