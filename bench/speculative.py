@@ -17,31 +17,35 @@ Modes (realm.runtime.speculative; one Engine per mode on the same loaded model):
 - ngram-fixed, draft-fixed: adaptive=False, always k proposals: what adaptivity saves (or costs).
 
 Concurrency N (--concurrency, default 1 8 32): at N=1 the workload's prompts run one after another, each alone (a
-batch of one); at N > 1, N requests (the workload's prompts in turn, each request its own prefix-cache salt, so
+batch of one), the modes taking turns prompt by prompt (`repeat_runs`: paired, so that the machine's drift reaches
+every mode alike); at N > 1, N requests (the workload's prompts in turn, each request its own prefix-cache salt, so
 none shares another's prompt blocks) are submitted at once and the engine steps until all have finished. Decoding is
 greedy with --max-tokens (96) at most per request and its end-of-text token honoured (ignore_eos=False): the rows
 record the tokens generated. A run is timed from its first submission to its last token (the prompts' prefill, the
-same work in every mode, included); output tok/s = generated tokens / wall seconds; speedup = a mode's output tok/s
-/ plain's at the same (workload, N), in the same invocation. With --repeats R the modes' runs interleave, each
-repeat starting one mode later (plain, ngram, draft, ...; ngram, draft, ..., plain; ...), and a row holds the median
-(and every repeat's tok/s: output_tok_s_runs).
+same work in every mode, included; at N=1 the sum of its prompts' own times); output tok/s = generated tokens / wall
+seconds; speedup = a mode's output tok/s / plain's at the same (workload, N) in the same repeat (speedup_runs), the
+median over the repeats. With --repeats R the modes' runs interleave, each repeat starting one mode later (plain,
+ngram, draft, ...; ngram, draft, ..., plain; ...), and a row holds the median (and every repeat's tok/s:
+output_tok_s_runs).
 
 Exactness: greedy speculation must give the plain output token for token. Every speculative run's tokens are compared
 with plain's at the same (workload, N); a difference is recorded in the row (outputs_match: the fraction of equal
 requests) and, after the rows are written, printed request by request, and the script exits with status 1.
 
 Rows (bench/results/speculative.jsonl, via harness: device, versions, git commit, date): workload, mode, method,
-adaptive, k, concurrency, requests, prompt and output tokens, wall_s, output_tok_s (p20/p80 over repeats), speedup,
-acceptance_rate (accepted / proposed proposals), mean_accepted_length (accepted per verification), proposed,
-accepted, verifications, steps (engine steps), tokens_per_step, draft_steps, propose_s (time spent proposing),
-outputs_match, stopped (requests that ended at their end-of-text), at N=1 decode_tok_s and decode_speedup (tokens
-after each request's first over the time after its first token: decoding alone, without the prefill all modes share;
-the targets judge output_tok_s, prefill included), kind_tok_s and kind_speedup (by kind of
+adaptive, k, concurrency, requests, prompt and output tokens, wall_s, output_tok_s (p20/p80 over repeats), speedup
+(speedup_runs: each repeat's), acceptance_rate (accepted / proposed proposals), mean_accepted_length (accepted per
+verification), proposed, accepted, verifications, steps (engine steps), tokens_per_step, draft_steps, propose_s
+(time spent proposing), outputs_match, stopped (requests that ended at their end-of-text), at N=1 decode_tok_s and
+decode_speedup (tokens after each request's first over the time after its first token: decoding alone, without the
+prefill all modes share; the targets judge output_tok_s, prefill included), kind_tok_s and kind_speedup (by kind of
 prompt: summary, quote, edit, chat; each request's tokens over its own wall time), the draft's file and layers,
 threads, and the CPUs other processes kept busy at the start and end; plain rows at N=1 also carry prompt lookup's
 ceiling on their outputs (`lookup_steps`, `lookup_tokens_per_step`, `lookup_bound_speedup`: the speedup n-gram
 speculation could reach if every step verified the full k=15 tokens of its match and a verification cost a decode
-step, the prefill unchanged). speculative.png: output tok/s, speedup and acceptance against N.
+step, the prefill unchanged; `lookup_steps_latest`: the steps if each match were the latest occurrence, prompt
+lookup's usual rule, instead of realm's most frequent continuation). speculative.png: output tok/s, speedup and
+acceptance against N.
 
 Backend: on the CPU, onednn by default (the reference's ops with the linear layers through oneDNN on weights packed
 once): on this project's CPU its float32 matmul of 2-16 rows costs about what one row costs (bench/cpu_linear.py),
@@ -341,17 +345,30 @@ def build_row(runs: Sequence[Run], fields: dict, kinds: Sequence[str] | None = N
     return row
 
 
-def lookup_steps(prompt: Sequence[int], output: Sequence[int], k: int = MAX_SPECULATIVE_TOKENS) -> int:
+def latest_match(token_ids: Sequence[int], k: int, ngram_min: int, ngram_max: int) -> tuple[list[int], int]:
+    """Prompt lookup's usual rule, which realm's match_ngram refines: the latest earlier occurrence of the longest
+    suffix n-gram, whatever followed it (for `lookup_steps_latest`, the comparison)."""
+    total = len(token_ids)
+    for n in range(min(ngram_max, total - 1), ngram_min - 1, -1):
+        suffix = list(token_ids[total - n :])
+        for s in range(total - n - 1, -1, -1):
+            if list(token_ids[s : s + n]) == suffix:
+                return list(token_ids[s + n : s + n + k]), n
+    return [], 0
+
+
+def lookup_steps(prompt: Sequence[int], output: Sequence[int], k: int = MAX_SPECULATIVE_TOKENS,
+                 match: Callable = match_ngram) -> int:
     """Steps prompt lookup needs to produce `output` after `prompt` (greedy) if every step verified the full k
-    tokens its n-gram match proposes (SpeculativeConfig's default n-gram bounds): its first token from the prefill,
-    then one step per accepted run and the token after it. No cost model, no step budget: the most tokens per step
-    n-gram proposals can give this output."""
+    tokens its n-gram match proposes (SpeculativeConfig's default n-gram bounds; `match`: realm's rule, or
+    `latest_match`): its first token from the prefill, then one step per accepted run and the token after it. No
+    cost model, no step budget: the most tokens per step n-gram proposals can give this output."""
     if not output:
         return 0
     spec = SpeculativeConfig("ngram")
     context, steps, at = [*prompt, output[0]], 1, 1
     while at < len(output):
-        proposal, _ = match_ngram(context, min(k, len(output) - at - 1), spec.ngram_min, spec.ngram_max)
+        proposal, _ = match(context, min(k, len(output) - at - 1), spec.ngram_min, spec.ngram_max)
         run = next((i for i, (a, b) in enumerate(zip(proposal, output[at:], strict=False)) if a != b), len(proposal))
         context += output[at : at + run + 1]
         at += run + 1
@@ -362,14 +379,17 @@ def lookup_steps(prompt: Sequence[int], output: Sequence[int], k: int = MAX_SPEC
 def lookup_ceiling(plain: Run, requests: Sequence[Prompt]) -> dict:
     """Plain rows at N=1: prompt lookup's ceiling on the plain outputs (`lookup_steps`), as decode tokens per step,
     and the speedup it would give if a verification step cost what a plain decode step costs (the plain run's
-    decoding time scaled by its steps; the prefill unchanged): an upper bound for n-gram speculation on this work."""
-    steps = sum(lookup_steps(p.ids, out) for p, out in zip(requests, plain.token_ids, strict=True))
+    decoding time scaled by its steps; the prefill unchanged): an upper bound for n-gram speculation on this work.
+    `lookup_steps_latest`: the steps with the latest occurrence's proposals instead (`latest_match`)."""
+    pairs = list(zip(requests, plain.token_ids, strict=True))
+    steps = sum(lookup_steps(p.ids, out) for p, out in pairs)
     decode_steps = steps - sum(1 for out in plain.token_ids if out)
     if not plain.decode_tokens or not plain.decode_s:
         return {}
     wall = plain.wall_s - plain.decode_s + plain.decode_s * decode_steps / plain.decode_tokens
     return {"lookup_steps": steps, "lookup_tokens_per_step": plain.decode_tokens / max(decode_steps, 1),
-            "lookup_bound_speedup": plain.wall_s / wall}
+            "lookup_bound_speedup": plain.wall_s / wall,
+            "lookup_steps_latest": sum(lookup_steps(p.ids, out, match=latest_match) for p, out in pairs)}
 
 
 def mark_best(rows: list[dict]) -> list[dict]:
@@ -414,18 +434,45 @@ def rotated(items: Sequence, r: int) -> list:
     return list(items[r:]) + list(items[:r])
 
 
+def merged(parts: Sequence[Run]) -> Run:
+    """One run of a mode from its runs of single prompts (N=1), in prompt order: times and counts summed."""
+    if not parts:
+        raise ValueError("merged needs at least one run")
+    return Run(sum(p.wall_s for p in parts), [t for p in parts for t in p.token_ids],
+               [f for p in parts for f in p.finish], sum(p.steps for p in parts), sum(p.proposed for p in parts),
+               sum(p.accepted for p in parts), sum(p.verifications for p in parts),
+               sum(p.draft_steps for p in parts), sum(p.propose_s for p in parts),
+               [s for p in parts for s in (p.request_s or [p.wall_s])], sum(p.decode_tokens for p in parts),
+               sum(p.decode_s for p in parts))
+
+
+def repeat_runs(runners: Sequence[ModeRunner], requests: Sequence[Prompt], n: int, max_tokens: int,
+                r: int) -> list[tuple[ModeRunner, Run]]:
+    """Repeat r: one run per mode. At N > 1 each mode runs the batch in turn (`rotated`). At N=1 the modes take
+    turns prompt by prompt (each prompt's order rotated once more than the previous one's), so a mode's requests
+    and plain's are seconds apart: this machine's speed drifts by tens of percent over minutes, and a mode whose
+    whole run of 12 prompts (half a minute or more) could fall into a slow stretch that plain's run missed (seen by
+    hand before this change: one mode's repeats spread far wider than plain's; not kept)."""
+    if n > 1:
+        return [(runner, runner.run(requests, n, max_tokens)) for runner in rotated(runners, r)]
+    parts: dict[int, list[Run]] = {id(runner): [] for runner in runners}
+    for i, prompt in enumerate(requests):
+        for runner in rotated(runners, r + i):
+            parts[id(runner)].append(runner.run([prompt], 1, max_tokens))
+    return [(runner, merged(parts[id(runner)])) for runner in rotated(runners, r)]
+
+
 def measure(runners: Sequence[ModeRunner], prompts: dict[str, list[Prompt]], concurrency: Sequence[int],
             max_tokens: int, repeats: int, log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
-    """Per workload and N, every mode's runs (interleaved over the repeats), its row, and its tokens against plain's.
-    Returns the rows (without environment fields) and the mismatch lines."""
+    """Per workload and N, every mode's runs (interleaved over the repeats, `repeat_runs`), its row, and its tokens
+    against plain's. Returns the rows (without environment fields) and the mismatch lines."""
     rows, bad = [], []
     for workload, pool in prompts.items():
         for n in concurrency:
             requests = requests_for(pool, n)
             runs: dict[str, list[Run]] = {r.mode.name: [] for r in runners}
             for r in range(repeats):
-                for runner in rotated(runners, r):
-                    run = runner.run(requests, n, max_tokens)
+                for runner, run in repeat_runs(runners, requests, n, max_tokens, r):
                     runs[runner.mode.name].append(run)
                     tokens = sum(len(t) for t in run.token_ids)
                     log(f"{workload:8s} N={n:<3d} {runner.mode.name:12s} {run.wall_s:8.2f} s  "
@@ -442,7 +489,10 @@ def measure(runners: Sequence[ModeRunner], prompts: dict[str, list[Prompt]], con
                                                   "k": runner.k if mode.method else None, "concurrency": n,
                                                   "prompt_tokens": sum(len(p.ids) for p in requests)},
                                 kinds)
-                row["speedup"] = row["output_tok_s"] / base["output_tok_s"]
+                # paired by repeat: a repeat's runs are close in time, its ratio free of the drift between repeats
+                row["speedup_runs"] = [a / b for a, b in zip(row["output_tok_s_runs"], base["output_tok_s_runs"],
+                                                             strict=True)]
+                row["speedup"] = statistics.median(row["speedup_runs"])
                 if mode.method is None and n == 1:
                     row.update(lookup_ceiling(plain, requests))
                 if row.get("decode_tok_s") and base.get("decode_tok_s"):
@@ -540,7 +590,9 @@ def print_summary(rows: list[dict]) -> None:
         if r.get("lookup_bound_speedup") is not None:
             print(f"prompt lookup's ceiling on {r['workload']} at N=1 (k={MAX_SPECULATIVE_TOKENS} every step, the "
                   f"plain outputs): {r['lookup_tokens_per_step']:.2f} decode tokens per step, at most "
-                  f"{r['lookup_bound_speedup']:.2f}x plain if a verification cost a decode step")
+                  f"{r['lookup_bound_speedup']:.2f}x plain if a verification cost a decode step; "
+                  f"{r['lookup_steps']} steps ({r.get('lookup_steps_latest', '?')} with the latest occurrence's "
+                  "proposals)")
     print()
     for line in target_lines(rows):
         print(line)

@@ -102,6 +102,40 @@ def test_build_row_and_kinds(bench):
         bench.build_row([], {})
 
 
+def test_batch1_modes_take_turns_prompt_by_prompt(bench):
+    """At N=1 every prompt runs in every mode before the next prompt (the order rotating by prompt and repeat); a
+    mode's run is its prompts' runs merged. At N > 1 each mode runs the whole batch in turn."""
+    calls = []
+
+    class Runner:
+        def __init__(self, name):
+            self.mode = bench.mode_of(name)
+
+        def run(self, requests, n, max_tokens):
+            calls.append((self.mode.name, [p.name for p in requests], n))
+            wall = 1.0 if self.mode.name == "plain" else 0.5
+            return a_run(bench, wall, [[7, 8]] * len(requests), steps=2 * len(requests), proposed=len(requests),
+                         request_s=[wall] if n == 1 else None, decode_tokens=len(requests), decode_s=wall / 2)
+
+    runners = [Runner("plain"), Runner("ngram")]
+    prompts = [bench.Prompt(f"p{i}", "edit", (1, 2, 3)) for i in range(3)]
+    out = bench.repeat_runs(runners, prompts, 1, 8, r=0)
+    assert calls == [("plain", ["p0"], 1), ("ngram", ["p0"], 1), ("ngram", ["p1"], 1), ("plain", ["p1"], 1),
+                     ("plain", ["p2"], 1), ("ngram", ["p2"], 1)]
+    assert [runner.mode.name for runner, _ in out] == ["plain", "ngram"]
+    plain = out[0][1]
+    assert plain.wall_s == 3.0 and plain.request_s == [1.0, 1.0, 1.0] and plain.steps == 6 and plain.proposed == 3
+    assert plain.token_ids == [[7, 8]] * 3 and plain.decode_tokens == 3 and plain.decode_s == 1.5
+    calls.clear()
+    bench.repeat_runs(runners, prompts, 1, 8, r=1)
+    assert [c[0] for c in calls[:2]] == ["ngram", "plain"]  # repeat 1 starts one mode later
+    calls.clear()
+    out = bench.repeat_runs(runners, prompts, 3, 8, r=1)
+    assert calls == [("ngram", ["p0", "p1", "p2"], 3), ("plain", ["p0", "p1", "p2"], 3)]
+    with pytest.raises(ValueError, match="at least one run"):
+        bench.merged([])
+
+
 def test_lookup_steps_counts_verifications_of_full_matches(bench):
     prompt = [1, 2, 3, 4, 5, 6]
     # 3 comes from the prefill; its 1-gram occurred at index 2, proposing 4 5 6 (all right), then 9 is drawn
@@ -111,12 +145,21 @@ def test_lookup_steps_counts_verifications_of_full_matches(bench):
     assert bench.lookup_steps(prompt, [3, 4, 5, 6, 9], k=1) == 3  # 3 | 4 5 | 6 9 (k caps each run)
 
 
+def test_lookup_steps_compares_the_latest_occurrence_rule(bench):
+    # after 1: its latest occurrence proposes 6 (wrong), its most frequent next token 5 (right: 5 1 7 in one step)
+    prompt = [1, 5, 1, 5, 1, 6]
+    assert bench.latest_match([*prompt, 1], 3, 1, 4) == ([6, 1], 1)
+    assert bench.lookup_steps(prompt, [1, 5, 1, 7]) == 2
+    assert bench.lookup_steps(prompt, [1, 5, 1, 7], match=bench.latest_match) == 3  # 1 | 5 | 1 7
+
+
 def test_lookup_ceiling_scales_the_decode_time_by_steps(bench):
     requests = [bench.Prompt("a", "edit", (1, 2, 3, 4, 5, 6))]
     plain = a_run(bench, 10.0, [[3, 4, 5, 6, 9]], decode_tokens=4, decode_s=8.0)
     c = bench.lookup_ceiling(plain, requests)
     # 1 decode step instead of 4: 2 s of prefill + 8 s * 1/4
-    assert c == {"lookup_steps": 2, "lookup_tokens_per_step": 4.0, "lookup_bound_speedup": pytest.approx(10 / 4)}
+    assert c == {"lookup_steps": 2, "lookup_tokens_per_step": 4.0, "lookup_bound_speedup": pytest.approx(10 / 4),
+                 "lookup_steps_latest": 2}
     assert bench.lookup_ceiling(a_run(bench, 1.0, [[3]]), requests) == {}
 
 
@@ -244,6 +287,7 @@ def test_quick_run_writes_rows_and_a_plot(bench, quick, tmp_path, capsys):
         assert r["model"] == "tiny.gguf" and r["draft_layers"] == "1" and r["draft_n_layers"] == 1
         assert r["device_kind"] == "cpu" and r["backend"] == "onednn" and r["threads"] == 1 and r["git_commit"]
         assert (r["kind_tok_s"] is not None) == (r["concurrency"] == 1)
+        assert len(r["speedup_runs"]) == r["repeats"] and r["speedup"] == pytest.approx(r["speedup_runs"][0])
         if r["mode"] == "plain":
             assert r["speedup"] == 1.0 and r["proposed"] == 0 and r["acceptance_rate"] is None
             if r["concurrency"] == 1:  # prompt lookup's ceiling on the plain outputs

@@ -62,7 +62,7 @@ def fixed(method: str, k: int = 4, **kw) -> SpeculativeConfig:
 
 # ---- n-gram proposals and settings -------------------------------------------------------------------------------
 
-def test_ngram_proposes_what_followed_the_longest_latest_match():
+def test_ngram_proposes_what_followed_the_longest_match():
     ids = [5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 2, 3]
     # suffix (2, 3): latest earlier occurrence at 7..8, followed by 7, 8, 4
     assert propose_ngram(ids, 3, 1, 2) == [7, 8, 4]
@@ -74,6 +74,17 @@ def test_ngram_proposes_what_followed_the_longest_latest_match():
     assert propose_ngram([1], 4) == []
     assert propose_ngram([7, 7], 4) == [7]  # the continuation may run into the suffix itself
     assert propose_ngram([1, 2, 1, 2, 1], 4, 1, 2) == [2, 1]
+
+
+def test_ngram_takes_the_occurrence_followed_by_the_most_frequent_next_token():
+    # the suffix 1 occurred at 0, 2 and 4, followed by 5, 5 and 6: 5 is the more frequent, its latest occurrence at 2
+    ids = [1, 5, 1, 5, 1, 6, 1]
+    assert propose_ngram(ids, 2, 1, 1) == [5, 1]
+    assert NgramIndex(1, 1).match(ids, 2) == ([5, 1], 1)
+    # a tie between next tokens: the latest occurrence (1 followed by 5 at 0, by 6 at 2)
+    assert propose_ngram([1, 5, 1, 6, 1], 3, 1, 1) == [6, 1]
+    # a longer match wins over a more frequent shorter one: (3, 1) occurred once, followed by 7
+    assert propose_ngram([1, 5, 1, 5, 3, 1, 7, 3, 1], 2, 1, 2) == [7, 3]
 
 
 @settings(max_examples=200, deadline=None)
@@ -428,6 +439,29 @@ def test_controller_never_takes_a_larger_step_for_a_cheaper_one():
     for _ in range(6):
         c.observe_verification(1, 8, 1)
     assert c.choose([Candidate(1, 8)], base_tokens=32, decoding=32) == {}
+
+
+def test_cost_model_follows_the_machine_speed_across_counts():
+    """16 rows measured while the machine ran 1.5x slower, then single rows at full speed: the costs compare more as
+    the step sizes do (16 rows cost 2x one) than as the minutes they were measured in (3x without the level). Only
+    part of the way: while one count alone is measured, the machine's speed and that count's own cost cannot be told
+    apart, and the level takes part of the change (LEVEL_RATE). The machine's drift still counts as noise for the
+    margin."""
+    cost = CostModel()
+    for _ in range(8):  # the slow minute: both counts
+        cost.add(1, 0.015)
+        cost.add(16, 0.030)
+    for _ in range(30):  # the fast one: single rows only
+        cost.add(1, 0.010)
+    table = cost.table()
+    assert table[1] == pytest.approx(0.010, rel=0.02)
+    assert 2.0 < table[16] / table[1] < 2.5
+    assert cost.predictor()(16) == pytest.approx(table[16])
+    assert CostModel().relative_error(1) == 0.0 and cost.relative_error(16) == 0.0
+    drifting = CostModel()
+    for t in (0.010, 0.011, 0.012, 0.013):
+        drifting.add(1, t)
+    assert drifting.relative_error(1) > 0.05  # of the times as measured
 
 
 def test_controller_does_not_bet_on_a_gain_within_the_noise():

@@ -12,16 +12,18 @@ token the plain output; sampled output has exactly the target's distribution.
 
 Proposers:
 - n-gram (prompt lookup, Saxena 2023): the longest suffix n-gram of the sequence (n from ngram_max down to
-  ngram_min) found earlier in its own tokens proposes the (up to k) tokens that followed it there. No model, no
-  state: it pays where the output quotes its input (summaries, edits, code).
+  ngram_min) found earlier in its own tokens proposes the (up to k) tokens that followed it there: where it occurred
+  more than once, the occurrence followed by its most frequent next token (the latest of those). No model: it pays
+  where the output quotes its input (summaries, edits, code).
 - draft model (`DraftProposer`): a smaller model of the same vocabulary runs k autoregressive steps for all
   speculating sequences at once, on its own paged KV cache, before the target's step.
 
 Adaptive k (`SpeculationController`): from each sequence's recent acceptance (two rates, `Acceptance`: of a first
 proposal, and of a proposal after an accepted one) and a cost model measured online (the target's step time by its
-tokens, on steps of decodes and verifications only, as measured at each token count, else fitted linearly; the
-draft's likewise, its catch-up on a sequence's prompt included), it gives each sequence the k that
-maximises the step's expected tokens per second, 0 where a proposal costs more than it is expected to earn: with
+tokens, on steps of decodes and verifications only, as measured at each token count, else fitted linearly, and
+relative to the machine's speed when measured; the draft's likewise, its catch-up on a sequence's prompt
+included), it gives each sequence the k that maximises the step's expected tokens per second, 0 where a proposal
+costs more than it is expected to earn: with
 large batches the forward stops being memory-bound, each verified token costs nearly a decoded one, and speculation
 switches itself off. A step with proposals is never priced below the plain step, and a gain within two standard
 errors of the plain step's measured time is not taken (the machine's noise must not buy proposals).
@@ -118,39 +120,51 @@ def speculative_config_of(value: SpeculativeConfig | SpecMethod | str | None) ->
 # ---- n-gram proposals --------------------------------------------------------------------------------------------
 
 def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 1, ngram_max: int = 4) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of token_ids
-    (ngram_max >= n >= ngram_min); [] when no suffix of ngram_min tokens occurred before."""
+    """Up to k tokens that followed an earlier occurrence of the longest suffix n-gram of token_ids (ngram_max >= n
+    >= ngram_min): of its occurrences, the latest of those followed by its most frequent next token; [] when no
+    suffix of ngram_min tokens occurred before."""
     return match_ngram(token_ids, k, ngram_min, ngram_max)[0]
 
 
 def match_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 1,
                 ngram_max: int = 4) -> tuple[list[int], int]:
     """propose_ngram's proposal and the length n of the n-gram that matched (0: none). Longer matches are right more
-    often: the controller keeps an acceptance rate per n."""
+    often: the controller keeps an acceptance rate per n.
+
+    Why the most frequent next token, not simply the latest occurrence (prompt lookup's usual rule): a short n-gram
+    (one token, "the") occurs in many places, and what followed it most often is a better guess than what followed
+    it last. On bench/speculative.py's 12 grounded prompts (plain outputs of SmolLM2-135M-Instruct, 96 tokens),
+    verifying every match's 15 tokens takes 517 steps where the latest occurrence's takes 531 (summary 273 vs 278,
+    quote 134 vs 140, edit 110 vs 113), and the chat prompts' 999 either way (measured with a script run by hand on
+    outputs of commit 0a6abb0; bench/speculative.py's lookup_steps counts them on every plain run)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     total = len(ids)
     for n in range(min(ngram_max, total - 1), ngram_min - 1, -1):
-        # windows starting at 0 .. total - n - 1: every occurrence except the suffix itself
+        # windows starting at 0 .. total - n - 1: every occurrence except the suffix itself, each followed by a token
         windows = np.lib.stride_tricks.sliding_window_view(ids[: total - 1], n)
         hits = np.flatnonzero((windows == ids[total - n :]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
+            followers = ids[hits + n]
+            tokens, counts = np.unique(followers, return_counts=True)
+            start = int(hits[np.isin(followers, tokens[counts == counts.max()])][-1]) + n
             return ids[start : start + k].tolist(), n
     return [], 0
 
 
 class NgramIndex:
     """Prompt lookup for one sequence, kept as it grows: every n-gram (ngram_min <= n <= ngram_max) followed by a
-    token, mapped to its latest start. `match` gives match_ngram's answer with at most ngram_max - ngram_min + 1 dict
-    lookups, where match_ngram scans the whole sequence once per n: at 32 sequences of a few hundred tokens the scans
-    cost about 3 ms a step (propose_s in bench/results/speculative.jsonl), a few percent of a CPU decode step.
+    token, with how often each next token followed it (and where last) and its best occurrence so far (match_ngram's
+    choice). `match` gives match_ngram's answer with at most ngram_max - ngram_min + 1 dict lookups, where
+    match_ngram scans the whole sequence once per n: at 32 sequences of a few hundred tokens the scans cost about 3 ms
+    a step (propose_s in bench/results/speculative.jsonl), a few percent of a CPU decode step.
 
     A sequence's verified tokens only grow; when they were cut (or replaced) since the last call, the index is
     rebuilt. A wrong guess here would cost speed, never exactness: verification decides."""
 
     def __init__(self, ngram_min: int = 1, ngram_max: int = 4):
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
-        self._latest: dict[tuple[int, ...], int] = {}
+        self._followers: dict[tuple[int, ...], dict[int, int]] = {}  # n-gram -> next token -> times it followed
+        self._best: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (count, start) of the occurrence to use
         self._length = 0  # tokens indexed: n-grams ending before the last of them
         self._last: int | None = None  # the last indexed token: a cheap check that the sequence was not cut
 
@@ -158,21 +172,31 @@ class NgramIndex:
         """match_ngram(token_ids, k, ngram_min, ngram_max)."""
         total = len(token_ids)
         if total < self._length or (self._length and token_ids[self._length - 1] != self._last):
-            self._latest.clear()
+            self._followers.clear()
+            self._best.clear()
             self._length = 0
         self._extend(token_ids)
         for n in range(min(self.ngram_max, total - 1), self.ngram_min - 1, -1):
-            start = self._latest.get(tuple(token_ids[total - n :]))
-            if start is not None:
-                return list(token_ids[start + n : start + n + k]), n
+            best = self._best.get(tuple(token_ids[total - n :]))
+            if best is not None:
+                start = best[1] + n
+                return list(token_ids[start : start + k]), n
         return [], 0
 
     def _extend(self, token_ids: Sequence[int]) -> None:
         total = len(token_ids)
-        # an n-gram at s is eligible once a token follows it: s + n <= total - 1
+        # an n-gram at s is eligible once a token follows it: s + n <= total - 1. Occurrences of an n-gram arrive in
+        # order, so the newest is the latest: it becomes the best when its next token is now (one of) the most
+        # frequent.
         for stop in range(max(self._length, 1), total):
+            follower = token_ids[stop]
             for n in range(self.ngram_min, min(self.ngram_max, stop) + 1):
-                self._latest[tuple(token_ids[stop - n : stop])] = stop - n
+                key = tuple(token_ids[stop - n : stop])
+                counts = self._followers.setdefault(key, {})
+                count = counts[follower] = counts.get(follower, 0) + 1
+                best = self._best.get(key)
+                if best is None or count >= best[0]:
+                    self._best[key] = (count, stop - n)
         self._length = total
         self._last = token_ids[total - 1] if total else None
 
@@ -326,6 +350,7 @@ COST_SIZES = 64  # token counts kept: the batch sizes and proposal counts of rec
 ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per verification
 PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 1/2
 MARGIN_Z = 2.0  # speculation must beat plain by this many standard errors of the plain step's measured time
+LEVEL_RATE = 0.2  # how far each step moves the cost model's speed level towards its own time (in the log)
 
 
 class CostModel:
@@ -333,22 +358,35 @@ class CostModel:
     most COST_SIZES counts, the least recently measured forgotten first): the mean at that count where there are
     some (step time need not be linear nor even monotone in the tokens: on a CPU, torch's float32 matmul of 2 or 3
     rows takes longer than of 4), else interpolated between measured counts (`predictor`). Kept per count, so that a
-    size measured once (a step with proposals, among many without) is not forgotten and measured again at a cost."""
+    size measured once (a step with proposals, among many without) is not forgotten and measured again at a cost.
+
+    Times are kept relative to the machine's speed when they were measured (`level`), and given back at its speed
+    now: a CPU shared with other work runs at speeds tens of percent apart from one minute to the next, and a count
+    measured in a slow minute must not look dear beside one measured in a fast one (the controller compares counts).
+    Each step at an already measured count moves the level by LEVEL_RATE of the way from the level to the step's time
+    over its count's kept mean, in the log."""
 
     def __init__(self, samples: int = COST_SAMPLES, sizes: int = COST_SIZES):
-        self._by_size: OrderedDict[int, deque[float]] = OrderedDict()
+        self._by_size: OrderedDict[int, deque[float]] = OrderedDict()  # times / the level when measured
+        self._raw: dict[int, deque[float]] = {}  # the times as measured: their spread is the noise (relative_error)
         self._samples, self._sizes = samples, sizes
+        self.level = 1.0  # the machine's speed now: time of a step / its count's kept mean
 
     def add(self, tokens: int, seconds: float) -> None:
         times = self._by_size.pop(tokens, None) or deque(maxlen=self._samples)
-        times.append(seconds)
+        mean = sum(times) / len(times) if times else 0.0
+        if mean > 0 and seconds > 0:
+            self.level *= (seconds / (self.level * mean)) ** LEVEL_RATE
+        times.append(seconds / self.level)
         self._by_size[tokens] = times  # the most recently measured last
+        self._raw.setdefault(tokens, deque(maxlen=self._samples)).append(seconds)
         if len(self._by_size) > self._sizes:
-            self._by_size.popitem(last=False)
+            self._raw.pop(self._by_size.popitem(last=False)[0])
 
     @property
     def samples(self) -> list[tuple[int, float]]:
-        return [(n, t) for n, times in self._by_size.items() for t in times]
+        """(tokens, seconds) of the kept steps, at the machine's speed now."""
+        return [(n, t * self.level) for n, times in self._by_size.items() for t in times]
 
     @property
     def distinct(self) -> int:
@@ -367,23 +405,24 @@ class CostModel:
         return max(float(t.mean() - b * n.mean()), 0.0), b
 
     def relative_error(self, tokens: int) -> float:
-        """The standard error of the mean time at this count, relative to it (0 with fewer than two samples)."""
-        times = self._by_size.get(tokens)
+        """The standard error of the mean time at this count, relative to it (0 with fewer than two samples): of the
+        times as measured, so that the machine's drift counts as noise too (the margin it sets stays conservative)."""
+        times = self._raw.get(tokens)
         if times is None or len(times) < 2:
             return 0.0
         t = np.asarray(times, dtype=np.float64)
         return float(t.std(ddof=1) / np.sqrt(len(t)) / t.mean())
 
     def table(self) -> dict[int, float]:
-        """Mean seconds per measured token count."""
-        return {n: sum(times) / len(times) for n, times in self._by_size.items()}
+        """Mean seconds per measured token count, at the machine's speed now."""
+        return {n: self.level * sum(times) / len(times) for n, times in self._by_size.items()}
 
-    def predictor(self):
+    def predictor(self, fit: tuple[float, float] | None = None):
         """A function tokens -> predicted seconds (None before any step), fixed for one decision: the measured mean
         at a measured count, linear interpolation between the nearest measured counts, and beyond them the nearest
         one's time plus the fitted b per token (never a fitted line alone, which prefill steps of hundreds of tokens
-        would pull below the measured times of small steps)."""
-        fit = self.fit()
+        would pull below the measured times of small steps). fit: this model's `fit()`, when the caller has it."""
+        fit = fit or self.fit()
         if fit is None:
             return None
         table = self.table()
@@ -514,7 +553,8 @@ class SpeculationController:
         """The sequence's acceptance for proposals of this kind; before it has any, every sequence's (the prior)."""
         return self.acceptance.get((seq_id, kind)) or self.by_kind.get(kind) or Acceptance()
 
-    def _worth(self, candidates: list[Candidate], base_tokens: int, decoding: int, target) -> dict[int, float]:
+    def _worth(self, candidates: list[Candidate], base_tokens: int, decoding: int, target,
+               slope: float) -> dict[int, float]:
         """What an accepted token of each candidate is worth, as a share of a decoded token's (the step's time per
         decoding sequence). 1 for critical ones. A non-critical one's saves only its row in a later step: the cost
         model's marginal time per row (its fitted slope), a small share on a CPU step that is near compute-bound
@@ -525,7 +565,7 @@ class SpeculationController:
         if all(c.critical for c in candidates):
             return {c.seq_id: 1.0 for c in candidates}
         per_token = target(base_tokens) / max(decoding, 1)
-        share = min(1.0, self.target.fit()[1] / per_token) if per_token > 0 else 1.0
+        share = min(1.0, slope / per_token) if per_token > 0 else 1.0
         return {c.seq_id: 1.0 if c.critical else share for c in candidates}
 
     def choose(self, candidates: Iterable[Candidate], base_tokens: int, decoding: int,
@@ -543,13 +583,14 @@ class SpeculationController:
         if draft is not None and not draft.samples:  # measure the draft on one sequence, the cheapest to catch up
             first = min(candidates, key=lambda c: c.setup_tokens)
             return {first.seq_id: first.max_k}
-        target = self.target.predictor()
+        fit = self.target.fit()
+        target = self.target.predictor(fit)
         draft_cost = draft.predictor() if draft is not None else None
         # Every possible proposal in the order of its expected gain (a sequence's j-th after its (j-1)-th: gains only
         # fall along a sequence); the best choice is a prefix of this order. Costs need not be convex, so every
         # prefix is priced, not just the next proposal.
         estimates = {c.seq_id: self.estimate(c.seq_id, c.kind) for c in candidates}
-        worth = self._worth(candidates, base_tokens, decoding, target)
+        worth = self._worth(candidates, base_tokens, decoding, target, fit[1])
         heap = [(-estimates[c.seq_id].gain(1) * worth[c.seq_id], c.seq_id, c.max_k, 1) for c in candidates]
         heapq.heapify(heap)
         order = []
