@@ -160,6 +160,7 @@ QUICK = {"concurrency": (1, 4), "max_tokens": 16, "prompts": 2, "modes": ("plain
 TARGET_SPEEDUP = 1.8  # the best adaptive method at batch 1 on grounded work
 TARGET_FLOOR = 0.95  # every adaptive mode, any workload and N
 KEY = ("device", "backend", "model", "quick", "workload", "mode", "concurrency")
+SETUP = ("device", "backend", "model")
 
 
 def _is_adaptive(r: dict) -> bool:
@@ -509,10 +510,15 @@ def measure(runners: Sequence[ModeRunner], prompts: dict[str, list[Prompt]], con
 # ---- plot and report ---------------------------------------------------------------------------------------------
 
 def _shown_rows(rows: list[dict]) -> list[dict]:
-    """The latest row per key; a full run's rows where there are any (--quick rows only without them)."""
+    """The latest row per key, of the setup (device, backend, model) measured last; a full run's rows where there are
+    any (--quick rows only without them). Other setups' rows stay in the JSONL: drawn on the same lines, an older
+    backend's speedups made jumps that were not there."""
     rows = latest(rows, KEY)
-    full = [r for r in rows if not r.get("quick")]
-    return full or rows
+    rows = [r for r in rows if not r.get("quick")] or rows
+    if not rows:
+        return rows
+    last = max(rows, key=lambda r: r["date"])
+    return [r for r in rows if all(r.get(f) == last.get(f) for f in SETUP)]
 
 
 def plot(rows: list[dict], path: Path) -> Path:

@@ -208,6 +208,9 @@ def test_plot_only_writes_the_png_table_and_targets(bench, tmp_path, capsys):
                      row("draft", workload, n, draft), row("ngram-fixed", workload, n, ngram - 0.3, adaptive=False)]
     rows.append(row("ngram", n=1, speedup=0.1, date="2024-01-01T00:00:00+00:00"))  # older: not the latest
     rows.append(row("ngram", n=4, speedup=0.1, quick=True))  # a --quick run: not shown beside a full one
+    # an earlier run on another backend: its rows stay in the file, out of the plot and the targets
+    rows += [row("ngram", workload, 8, 0.5, date="2024-06-01T00:00:00+00:00", backend="onednn")
+             for workload in ("grounded", "chat")]
     path = tmp_path / "speculative.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert bench.main(["--plot-only", "--out", str(path)]) == 0

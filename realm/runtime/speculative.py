@@ -134,9 +134,8 @@ def match_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 
     Why the most frequent next token, not simply the latest occurrence (prompt lookup's usual rule): a short n-gram
     (one token, "the") occurs in many places, and what followed it most often is a better guess than what followed
     it last. On bench/speculative.py's 12 grounded prompts (plain outputs of SmolLM2-135M-Instruct, 96 tokens),
-    verifying every match's 15 tokens takes 517 steps where the latest occurrence's takes 531 (summary 273 vs 278,
-    quote 134 vs 140, edit 110 vs 113), and the chat prompts' 999 either way (measured with a script run by hand on
-    outputs of commit 0a6abb0; bench/speculative.py's lookup_steps counts them on every plain run)."""
+    verifying every match's 15 tokens takes 517 steps where the latest occurrence's takes 531
+    (bench/results/speculative.jsonl, the plain row at N=1 of commit afcb9a2: lookup_steps, lookup_steps_latest)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     total = len(ids)
     for n in range(min(ngram_max, total - 1), ngram_min - 1, -1):
