@@ -1,5 +1,6 @@
 """A model's linear layers on the CPU by the step's token count: F.linear (MKL, the torch reference backend) against
-oneDNN on weights packed once (the onednn backend), packed for several row counts.
+oneDNN on weights packed once, packed for several row counts, and realm's C kernel on weights packed in panels (the
+onednn backend runs the kernel up to realm.kernels.cpu_linear.MAX_ROWS rows, oneDNN above).
 
 Every linear layer of the model (each layer's Q/K/V, O, gate/up and down, and the output head: the dense float32
 matrices of the torch backend's Transformer) is multiplied once per timed call by a [rows, in] float32 input: one
@@ -7,18 +8,22 @@ call is the matmul work of a forward step of `rows` tokens. Methods:
 - f_linear: F.linear on the dense matrix (what the torch backend runs, bit for bit HF's op);
 - onednn-<h>: torch.ops.mkldnn._linear_pointwise on the matrix reordered once by
   torch.ops.mkldnn._reorder_linear_weight(w, h) (h: the row count oneDNN packs for, a hint; realm's onednn backend
-  uses realm.runtime.ops.ONEDNN_PACKED_ROWS).
+  uses realm.runtime.ops.ONEDNN_PACKED_ROWS);
+- cpu_linear: realm.kernels.cpu_linear.linear_panels on the matrix packed once by pack_panels (absent where the kernel
+  cannot be built here).
 
 Why it matters: a decode step multiplies one row per sequence, and a speculative verification k + 1 rows. If a step
 of 2-16 rows cost what one costs, verification is nearly free at batch 1; MKL's float32 GEMM for 2-3 rows costs more
-than its GEMV for one (bench/results/speculative.jsonl, notebooks/speculative.ipynb), oneDNN's packed GEMM does not.
+than its GEMV for one (bench/results/speculative.jsonl, notebooks/speculative.ipynb), oneDNN's packed GEMM does not,
+but it grows from about 5 rows on, and reads one row's weights below the memory's rate; cpu_linear is the one-pass
+kernel written for this.
 
 Rows (bench/results/cpu_linear.jsonl, via harness: device, versions, commit, date): model, method, hint, rows, ms
 (median of --repeats calls; p20/p80), weight_gb (the matrices' float32 bytes), gbs (weight bytes / time: the
 memory-bound rate), gflops (2 rows x weights / time), speedup (f_linear's ms / this method's at the same rows),
 threads. cpu_linear.png: ms against rows, per method.
 
-    python bench/cpu_linear.py                      # SmolLM2, rows 1 2 3 4 5 8 9 16 17 32 64 256
+    python bench/cpu_linear.py                      # SmolLM2, rows 1 2 3 4 5 8 9 16 17 32 64 128 256
     python bench/cpu_linear.py --rows 1 9 --repeats 3 --out /tmp/l.jsonl
 """
 
@@ -43,6 +48,7 @@ from harness import (
     torch_threads,
 )
 
+from realm.kernels import cpu_linear
 from realm.runtime import Backend
 from realm.runtime.ops import ONEDNN_PACKED_ROWS
 from realm.runtime.transformer import Transformer
@@ -50,7 +56,7 @@ from realm.runtime.weights import load_weights
 
 JSONL = RESULTS / "cpu_linear.jsonl"
 KEY = ("device", "model", "method", "rows", "threads")
-ROWS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 64, 256)
+ROWS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 64, 128, 256)
 HINTS = (1, ONEDNN_PACKED_ROWS, 16)
 REPEATS = 7
 
@@ -78,6 +84,16 @@ def methods(matrices: list[torch.Tensor], hints) -> dict[str, tuple[int | None, 
                 torch.ops.mkldnn._linear_pointwise(xs[k], p, None, "none", [], "")
 
         out[f"onednn-{hint}"] = (hint, onednn)
+    if cpu_linear.unavailable_reason() is None:
+        panels = [(w.shape[1], cpu_linear.pack_panels(w), w.shape[0]) for w in matrices]
+
+        def realm_kernel(xs):
+            for k, p, n in panels:
+                cpu_linear.linear_panels(xs[k], p, n)
+
+        out["cpu_linear"] = (None, realm_kernel)
+    else:
+        print(f"cpu_linear: not measured, the kernel cannot be built here ({cpu_linear.unavailable_reason()})")
     return out
 
 

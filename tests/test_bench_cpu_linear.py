@@ -9,6 +9,8 @@ import torch
 from bench_scripts import load_bench_script
 from tiny_gguf import write_tiny_llama
 
+from realm.kernels import cpu_linear
+
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
@@ -20,7 +22,8 @@ def test_a_small_run_writes_rows_and_a_plot(tmp_path, capsys):
     assert bench.main(["--model", str(model), "--rows", "1", "3", "--hints", "1", "2", "--repeats", "1",
                        "--threads", "1", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {(r["method"], r["rows"]) for r in rows} == {(m, n) for m in ("f_linear", "onednn-1", "onednn-2")
+    kernel = ("cpu_linear",) if cpu_linear.unavailable_reason() is None else ()
+    assert {(r["method"], r["rows"]) for r in rows} == {(m, n) for m in ("f_linear", "onednn-1", "onednn-2", *kernel)
                                                         for n in (1, 3)}
     for r in rows:
         assert r["model"] == "tiny.gguf" and r["threads"] == 1 and r["ms"] > 0 and r["weight_gb"] > 0

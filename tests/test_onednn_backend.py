@@ -32,7 +32,7 @@ def packed(w: torch.Tensor) -> PackedWeight:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])  # 65: past cpu_linear.MAX_ROWS, oneDNN
 def test_packed_matmul_equals_f_linear_to_rounding(shape, rows):
     torch.manual_seed(1)
     w, x, bias = torch.randn(*shape), torch.randn(rows, shape[1]), torch.randn(shape[0])

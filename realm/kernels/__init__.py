@@ -13,6 +13,7 @@
     paged_decode_attention(q, k_cache, v_cache, seq_lens, block_table)                # one query per sequence, split-K
     plan_qmatmul(m, w)     # which kernel and tiles qmatmul runs; autotune(x, w) measures and records the best
     realm.kernels.cpu_attention.paged_attention_cpu(...)   # the onednn backend's: a C kernel for decode/verify chunks
+    realm.kernels.cpu_linear.linear_panels(x, panels, n)   # the onednn backend's: a C kernel for steps of few rows
     lora_shrink(x, a, indices)                    # multi-LoRA, one adapter slot per token row: t = x @ a[idx].T
     lora_expand(y, t, b, scale, indices)          # y += scale[idx] * t @ b[idx].T in place (the unfused path)
     qmatmul(x, w, lora=LoraEpilogue(t, b, scale, indices))   # ... the expand in qmatmul's epilogue

@@ -203,6 +203,18 @@ static void attend(const float *q, int64_t q_row_stride, const float *k_cache, c
 /* Rows per task at most when tasks are few: a verification chunk's 16 queries x 3 heads (SmolLM2) become two tasks
  * per KV head, so that a single sequence's 3 KV heads split evenly over 2 threads (6 tasks, not 3). */
 #define TILE_ROWS 24
+#ifndef MIN_TILE_ROWS
+#define MIN_TILE_ROWS 8
+#endif
+
+/* Tiles per (sequence, KV head) when tasks are few: enough for tiles of at most TILE_ROWS rows, and more while the
+ * tasks do not divide evenly among the threads and each tile keeps MIN_TILE_ROWS rows (a tile reads and transposes
+ * the sequence's K again: worth it only for rows enough). */
+static int tiles_for(int max_rows, int heads, int threads) {
+    int tiles = (max_rows + TILE_ROWS - 1) / TILE_ROWS;
+    while ((heads * tiles) % threads && max_rows / (tiles + 1) >= MIN_TILE_ROWS) tiles++;
+    return tiles;
+}
 
 /* Returns 0, or -1 when scratch memory could not be allocated (out is then incomplete). */
 int realm_paged_attention_f32(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache,
@@ -215,8 +227,9 @@ int realm_paged_attention_f32(const float *q, int64_t q_row_stride, const float 
     // Tiles only where (sequence, KV head) tasks are too few to keep the threads busy: each tile reads and transposes
     // the sequence's K again.
     const int split = batch * n_kv_heads < 4 * threads;
-    const int tile_rows = split ? TILE_ROWS : max_rows;
-    const int tiles = (max_rows + tile_rows - 1) / tile_rows, rows = min_int(max_rows, tile_rows);
+    const int wanted = split ? tiles_for(max_rows, batch * n_kv_heads, threads) : 1;
+    const int tile_rows = (max_rows + wanted - 1) / wanted;
+    const int tiles = (max_rows + tile_rows - 1) / tile_rows, rows = tile_rows;
     const int width = round_up(block_size, LANES);
     const size_t scratch_floats = (size_t)rows * (2 * head_dim + 2 + width) + (size_t)head_dim * width;
     const int tasks = batch * n_kv_heads * tiles;

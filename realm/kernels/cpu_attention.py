@@ -7,15 +7,13 @@ reads K and V in place from the pages, longer chunks by the reference's SDPA.
 Why: the reference gathers every key and value of every sequence into new tensors before each SDPA call. At 32
 decoding sequences of SmolLM2 the gathers are more than half of its time, and attention was most of a step
 (bench/cpu_attention.py measures the reference, its gathers alone, and this kernel). Triton, realm's kernel
-language, has no CPU code generation (its interpreter runs the GPU kernels as numpy, for tests), so this one op is C:
+language, has no CPU code generation (its interpreter runs the GPU kernels as numpy, for tests), so this op is C:
 `cpu_attention.c`, the paged decode / verify kernels' computation (one task per sequence and KV head, cut into tiles
 of query rows only when the tasks are too few for the threads; all of a task's query rows in one online softmax pass,
 each key and value read once per task) with OpenMP over the tasks.
 
-It is built on first use with the system C compiler (`$CC`, else `cc`; compiled with `-O3 -march=native -ffast-math
--fopenmp`, linked without fast-math's flush-to-zero start file) into $REALM_KERNEL_DIR, else
-$XDG_CACHE_HOME/realm/kernels (~/.cache/realm/kernels), named by a hash of the source, the flags, the compiler and
-this CPU, and linked against the OpenMP runtime torch has loaded (libgomp, one thread pool).
+It is built on first use by realm.kernels.cpu_build (the system C compiler, `-O3 -march=native -ffast-math -fopenmp`,
+cached by a hash of the source, flags, compiler and CPU).
 Where no compiler works, or for dtypes other than float32, the reference runs instead, with one warning per reason
 that says why. Not bit-exact with the reference (another summation order): tests/test_cpu_attention.py holds it to the
 attention tolerance of the Triton kernels.
@@ -25,12 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,87 +31,22 @@ import torch
 
 from .attention import AttentionMetadata, attend_sequence, paged_attention_ref
 from .checks import check_softcap, check_window
+from .cpu_build import CpuKernelUnavailable, load
 from .paged import check_block_table, check_kv_cache
 from .verify_attention import MAX_VERIFY_QUERIES
 
 SOURCE = Path(__file__).with_suffix(".c")
-# -ffast-math: glibc's vector expf and tanhf in the `omp simd` loops (masked scores are finite, see the source). For
-# the compile only: linked with it, GCC 12 adds crtfastmath.o, whose constructor switches the whole process to
-# flush-to-zero when the library loads (torch's subnormals would become 0 everywhere).
+# -ffast-math: glibc's vector expf and tanhf in the `omp simd` loops (masked scores are finite, see the source).
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11")
-LINK_FLAGS = ("-shared", "-fopenmp")
-FLAGS = COMPILE_FLAGS + LINK_FLAGS
 # Chunks up to this many queries run in the kernel (a task keeps q_len x group accumulators); longer ones, prompt
 # chunks, are compute-bound and run in SDPA's tiled kernel.
 MAX_KERNEL_QUERIES = MAX_VERIFY_QUERIES
 
 
-class CpuKernelUnavailable(RuntimeError):
-    """The C kernel could not be built or loaded; the message says why."""
-
-
-def kernel_dir() -> Path:
-    """Where built kernels live: $REALM_KERNEL_DIR, else $XDG_CACHE_HOME/realm/kernels (~/.cache/realm/kernels)."""
-    if os.environ.get("REALM_KERNEL_DIR"):
-        return Path(os.environ["REALM_KERNEL_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "realm" / "kernels"
-
-
-def _cpu_identity() -> bytes:
-    """What -march=native compiles for: the CPU's model and flags (a shared home directory may see other CPUs)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor().encode()
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
-    return "\n".join(wanted).encode()
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise CpuKernelUnavailable("no C compiler: neither $CC nor cc nor gcc is on PATH")
-    return cc
-
-
-def _build(cc: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: processes building at once never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    obj = tmp[: -len(".so")] + ".o"
-    try:
-        _run(cc, [*COMPILE_FLAGS, "-c", "-o", obj, str(SOURCE)])
-        _run(cc, [*LINK_FLAGS, "-o", tmp, obj, "-lmvec", "-lm"])
-        os.replace(tmp, target)
-    finally:
-        for path in (tmp, obj):
-            if os.path.exists(path):
-                os.unlink(path)
-
-
-def _run(cc: str, args: list[str]) -> None:
-    try:
-        done = subprocess.run([cc, *args], capture_output=True, text=True)
-    except OSError as e:
-        raise CpuKernelUnavailable(f"could not run the C compiler {cc}: {e}") from None
-    if done.returncode:
-        raise CpuKernelUnavailable(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-800:]}")
-
-
 @functools.cache
 def library() -> ctypes.CDLL:
     """The built kernel, built now if this source, compiler and CPU have none yet. Raises CpuKernelUnavailable."""
-    cc = _compiler()
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
-                                     _cpu_identity()])).hexdigest()[:16]
-    target = kernel_dir() / f"cpu_attention-{key}.so"
-    if not target.exists():
-        _build(cc, target)
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        raise CpuKernelUnavailable(f"could not load {target}: {e}") from None
+    lib = load(SOURCE, COMPILE_FLAGS)
     f = lib.realm_paged_attention_f32
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     f.argtypes = [p, i64, p, p, p, p, i64, p, p, p, i32, i32, i32, i32, i32, f32, i32, f32, i32]

@@ -21,8 +21,10 @@ matrices with `F.linear` (cuBLAS/MKL, as HF does), and its attention is SDPA per
 | attention | paged_attention (flash / paged decode / paged flash) | paged_attention_ref (SDPA per sequence) |
 
 Backend.ONEDNN is the reference with two changes, for speed on CPUs: its linear layers multiply the dequantized
-matrices packed once into oneDNN's layout (`PackedWeight`), not through F.linear, and its attention reads short chunks
-(decodes, verification) in place from the pages in a C kernel (`realm.kernels.cpu_attention`), not gathered for SDPA.
+matrices packed once (`PackedWeight`), not through F.linear: steps of up to 64 rows (decodes, verification) in a C
+kernel streaming float32 panels (`realm.kernels.cpu_linear`), longer ones (prompt chunks) in oneDNN's GEMM; and its
+attention reads short chunks in place from the pages in a C kernel (`realm.kernels.cpu_attention`), not gathered for
+SDPA.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ from realm.quant import QTensor
 class Backend(str, enum.Enum):
     TORCH = "torch"  # the torch reference forward (float32 by default)
     TRITON = "triton"  # realm's Triton kernels: quantized matmuls, flash / paged attention, fused layer ops
-    # The reference's ops with its linear layers through oneDNN on weights packed once for the CPU: SmolLM2's
-    # linear layers 1.6x faster than F.linear's for one token on this project's CPU, and 2-16 tokens cost about
-    # what one costs (bench/cpu_linear.py). Not bit-exact with HF (another summation order).
+    # The reference's ops with its linear layers on weights packed once for the CPU (realm's C kernel for steps of
+    # up to 64 rows, oneDNN above; bench/cpu_linear.py) and a C kernel for short attention chunks. Not bit-exact with
+    # HF (other summation orders).
     ONEDNN = "onednn"
 
 
@@ -146,21 +148,34 @@ def triton_ops() -> Ops:
                unchecked=unchecked, lora_kernels=True, gelu_tanh_mul=gelu_tanh_mul)
 
 
-# The row count oneDNN packs for (a hint: any count runs): 4 was the fastest of 1, 4 and 16 for steps of 1-16 rows,
-# the decode and verification steps this backend is for (bench/cpu_linear.py).
+# The row count oneDNN packs for (a hint: any count runs): 4 was the fastest of 1, 4 and 16 for steps of 1-16 rows
+# (bench/cpu_linear.py); oneDNN now runs the steps above cpu_linear.MAX_ROWS rows, where the hint matters little.
 ONEDNN_PACKED_ROWS = 4
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A dense weight [N, K] in oneDNN's blocked layout (an opaque mkldnn tensor), packed once at load."""
+    """A dense weight [N, K], packed once at load: in oneDNN's blocked layout (an opaque mkldnn tensor) for long
+    steps, and in float32 the panels of realm.kernels.cpu_linear for steps of up to its MAX_ROWS rows (None where
+    that kernel cannot run: other dtypes, no C compiler). The two copies double the weights' memory on this backend:
+    the price of the faster decode and verification (neither layout serves both well)."""
 
     packed: torch.Tensor
     shape: tuple[int, int]
+    panels: torch.Tensor | None = None
 
 
 def _pack(w: torch.Tensor) -> PackedWeight:
-    return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ONEDNN_PACKED_ROWS), tuple(w.shape))
+    from realm.kernels import cpu_linear
+
+    w = w.contiguous()
+    panels = None
+    if w.dtype == torch.float32:
+        if (reason := cpu_linear.unavailable_reason()) is None:
+            panels = cpu_linear.pack_panels(w)
+        else:
+            cpu_linear.warn_unavailable(reason)
+    return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w, ONEDNN_PACKED_ROWS), tuple(w.shape), panels)
 
 
 def _packed_part(weights: Sequence[QTensor], device: torch.device, dtype: torch.dtype) -> PackedWeight:
@@ -168,6 +183,10 @@ def _packed_part(weights: Sequence[QTensor], device: torch.device, dtype: torch.
 
 
 def _packed_matmul(x: torch.Tensor, part: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    from realm.kernels.cpu_linear import MAX_ROWS, linear_panels
+
+    if part.panels is not None and x.shape[0] <= MAX_ROWS:
+        return linear_panels(x, part.panels, part.shape[0], bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), part.packed, bias, "none", [], "")
 
 
