@@ -45,6 +45,7 @@ from realm.runtime.weights import load_weights
 
 JSONL = RESULTS / "cpu_attention.jsonl"
 KEY = ("device", "model", "method", "batch", "q_len", "context", "threads")
+SETUP = ("device", "model", "threads")  # --plot-only draws the last-measured one
 BATCHES = (1, 8, 32, 64)
 Q_LENS = (1, 16)
 BLOCK_SIZE = 16
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        return replot(args.out, KEY, p, plot, summary)
+        return replot(args.out, KEY, p, plot, summary, SETUP)
     reason = unavailable_reason()
     if reason:
         p.error(f"the CPU attention kernel is unavailable ({reason}): nothing to compare")

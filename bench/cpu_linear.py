@@ -56,6 +56,7 @@ from realm.runtime.weights import load_weights
 
 JSONL = RESULTS / "cpu_linear.jsonl"
 KEY = ("device", "model", "method", "rows", "threads")
+SETUP = ("device", "model", "threads")  # --plot-only draws the last-measured one
 ROWS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 64, 128, 256)
 HINTS = (1, ONEDNN_PACKED_ROWS, 16)
 REPEATS = 7
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.plot_only:
-        return replot(args.out, KEY, p, plot, summary)
+        return replot(args.out, KEY, p, plot, summary, SETUP)
     if not torch.backends.mkldnn.is_available():
         p.error("this torch has no oneDNN (torch.backends.mkldnn.is_available() is False): nothing to compare")
     with torch_threads(args.threads):

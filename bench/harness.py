@@ -228,6 +228,15 @@ def latest(rows: Iterable[dict], key: Sequence[str]) -> list[dict]:
     return list(best.values())
 
 
+def last_setup(rows: Sequence[dict], fields: Sequence[str]) -> list[dict]:
+    """The rows of the setup measured last: those whose fields (device, model, threads, ...) equal the latest-dated
+    row's. One plot per setup: another machine's rows drawn on the same lines make jumps that are not there."""
+    if not rows:
+        return list(rows)
+    last = max(rows, key=lambda r: r["date"])
+    return [r for r in rows if all(r.get(f) == last.get(f) for f in fields)]
+
+
 def plot_only_rows(path: Path, key: Sequence[str], p: argparse.ArgumentParser) -> list[dict]:
     """--plot-only's rows: latest(rows, key) of the JSONL at path; a usage error (p.error, exit 2) when it does not
     exist."""
@@ -237,10 +246,12 @@ def plot_only_rows(path: Path, key: Sequence[str], p: argparse.ArgumentParser) -
 
 
 def replot(path: Path, key: Sequence[str], p: argparse.ArgumentParser, plot: Callable[[list[dict], Path], Path],
-           summary: Callable[[list[dict]], object]) -> int:
-    """--plot-only: the PNG (next to the JSONL at path) and the summary from the latest rows per key, measuring
-    nothing. Returns the exit status, 0."""
+           summary: Callable[[list[dict]], object], setup: Sequence[str] = ()) -> int:
+    """--plot-only: the PNG (next to the JSONL at path) and the summary from the latest rows per key (of the setup
+    measured last, when setup names its fields: last_setup), measuring nothing. Returns the exit status, 0."""
     rows = plot_only_rows(path, key, p)
+    if setup:
+        rows = last_setup(rows, setup)
     print(f"wrote {shown(plot(rows, path.with_suffix('.png')))}")
     summary(rows)
     return 0

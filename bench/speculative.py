@@ -121,6 +121,7 @@ from harness import (
     comma_list,
     cpu_name,
     environment,
+    last_setup,
     latest,
     positive_int,
     print_table,
@@ -515,10 +516,7 @@ def _shown_rows(rows: list[dict]) -> list[dict]:
     backend's speedups made jumps that were not there."""
     rows = latest(rows, KEY)
     rows = [r for r in rows if not r.get("quick")] or rows
-    if not rows:
-        return rows
-    last = max(rows, key=lambda r: r["date"])
-    return [r for r in rows if all(r.get(f) == last.get(f) for f in SETUP)]
+    return last_setup(rows, SETUP)
 
 
 def plot(rows: list[dict], path: Path) -> Path:

@@ -103,6 +103,7 @@ def test_queries_inside_a_wider_row():
 @pytest.mark.parametrize(("query_lens", "context_lens"), [
     ([1] * 6 + [9], [50, 3, 17, 80, 16, 1, 30]),  # many tasks: one per (sequence, KV head) at any thread count
     ([9, 16], [40, 70]),  # few tasks: with 2 threads or more, the 27 and 48 rows are cut into tiles of 24
+    ([8], [90]),  # one chunk of 24 rows, 3 KV heads: 2 tiles of 12 each for 2 threads, 3 of 8 for 4 (even shares)
 ])
 def test_the_same_result_on_any_thread_count(query_lens, context_lens):
     """Every row is summed in one order however the threads share the work (tiles included): bit for bit."""

@@ -14,6 +14,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -378,6 +379,22 @@ def test_expected_tokens_and_the_cost_model():
         cost.add(n, 0.010 + 0.002 * n)
     a, b = cost.fit()
     assert math.isclose(a, 0.010, abs_tol=1e-9) and math.isclose(b, 0.002, abs_tol=1e-9)
+
+
+def test_the_cost_fit_is_least_squares_over_every_kept_sample_and_follows_each_step():
+    """fit() sums per token count (cached between steps); it must be the least-squares line through the samples
+    themselves, at the machine's speed now."""
+    rng = np.random.default_rng(3)
+    cost = CostModel()
+    for _ in range(60):
+        n = int(rng.integers(1, 12))
+        cost.add(n, float(0.03 + 0.002 * n + 0.004 * rng.random()))  # rising: the fit keeps b >= 0
+    n, t = zip(*cost.samples, strict=True)
+    b, a = np.polyfit(n, t, 1)
+    assert cost.fit() == pytest.approx((a, b), rel=1e-9)
+    cost.add(40, 0.2)  # a new step: a new line, not the cached one
+    n, t = zip(*cost.samples, strict=True)
+    assert cost.fit() == pytest.approx(tuple(reversed(np.polyfit(n, t, 1))), rel=1e-9)
 
 
 def test_controller_speculates_when_cheap_and_stops_when_each_token_costs():

@@ -1,20 +1,21 @@
 """The onednn backend's linear layers for steps of few rows (decodes, speculative verification): a C kernel
-streaming weights packed in panels, at the memory's rate whatever the row count.
+streaming weights packed in panels near the memory's rate.
 
     panels = pack_panels(w)                       # w [N, K] float32 -> [ceil(N / 32), K, 32], once at load
     y = linear_panels(x, panels, n, bias=None)    # x [M, K] -> [M, N] = x @ w.T (+ bias)
     y = linear_ref(x, w, bias)                    # the reference: F.linear
 
 Why: a decode step of a small model on the CPU is its weights read once (SmolLM2-135M: 538 MB of float32 per step),
-so its time is the weights' bytes over the memory's rate; a speculative verification of k + 1 rows should cost what a
-decode costs. oneDNN's packed GEMM (what the backend runs on prompt chunks) reads them at 17-21 GB/s for one row and
-costs a third more for 8 rows and half again for 16 (bench/results/cpu_linear.jsonl); this kernel, one pass over
-each panel with the weights prefetched ahead, reads one row's at 24-27 GB/s and 8 rows' within 20% of that. Above
-MAX_ROWS rows the product becomes compute-bound and oneDNN's blocked GEMM is the faster (ops.py picks per step).
+so its time is the weights' bytes over the memory's rate, and a speculative verification of k + 1 rows should cost
+about what a decode costs. oneDNN's packed GEMM (what the backend runs on prompt chunks) read one row's weights at
+19.5 GB/s on this project's CPU; this kernel, one pass over each panel with the weights prefetched ahead, at 26 GB/s,
+and it took 0.74-0.90x oneDNN's time at every step size up to 64 rows (bench/results/cpu_linear.jsonl, commit
+5095678). Both grow alike with the rows: 1.1x the one-row time for 5 rows, 1.3x for 8, 1.6x for 16. Above MAX_ROWS
+rows oneDNN's blocked GEMM runs (ops.py picks per step).
 
 A row's result is one chain of fused multiply-adds over k, whatever rows are computed with it: a decode and the same
 row inside a verification get the same bits (tests/test_cpu_linear.py). Not bit-exact with F.linear (another
-summation order): held to the float32 matmul tolerance. Built by realm.kernels.cpu_build without -ffast-math (which
+summation order): held to the bound of a K-term float32 sum. Built by realm.kernels.cpu_build without -ffast-math (which
 would let the compiler reorder the chain); where no kernel can be built, the backend keeps oneDNN for every step,
 with one warning that says why.
 """
@@ -34,8 +35,10 @@ from .cpu_build import CpuKernelUnavailable, load
 SOURCE = Path(__file__).with_suffix(".c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11")
 PANEL = 32  # output columns per panel: cpu_linear.c's PANEL (checked against the built library)
-# Steps of up to this many rows run in the kernel; above, oneDNN's GEMM is faster (bench/results/cpu_linear.jsonl:
-# the kernel is ahead up to 64 rows, level at 256).
+# Steps of up to this many rows run in the kernel, longer ones (prompt chunks) in oneDNN's GEMM. On the one CPU
+# measured (bench/results/cpu_linear.jsonl, commit 5095678, Intel Xeon) the kernel took 0.74-0.90x oneDNN's time for
+# 1-64 rows and 0.90-0.96x at 128 and 256: prompt chunks, compute-bound, are what oneDNN's blocked GEMM is built for,
+# and a 4-10% lead on one machine is not enough to rest them on this loop everywhere.
 MAX_ROWS = 64
 
 

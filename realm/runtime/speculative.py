@@ -36,6 +36,7 @@ import dataclasses
 import enum
 import heapq
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -370,6 +371,8 @@ class CostModel:
         self._raw: dict[int, deque[float]] = {}  # the times as measured: their spread is the noise (relative_error)
         self._samples, self._sizes = samples, sizes
         self.level = 1.0  # the machine's speed now: time of a step / its count's kept mean
+        self._fit: tuple[float, float] | None = None  # fit() until the next add: choose asks every step, and a
+        self._fitted = False  # draft that did not run keeps its costs (its fit was 1% of a CPU step, recomputed)
 
     def add(self, tokens: int, seconds: float) -> None:
         times = self._by_size.pop(tokens, None) or deque(maxlen=self._samples)
@@ -381,6 +384,7 @@ class CostModel:
         self._raw.setdefault(tokens, deque(maxlen=self._samples)).append(seconds)
         if len(self._by_size) > self._sizes:
             self._raw.pop(self._by_size.popitem(last=False)[0])
+        self._fitted = False
 
     @property
     def samples(self) -> list[tuple[int, float]]:
@@ -392,16 +396,26 @@ class CostModel:
         return len(self._by_size)
 
     def fit(self) -> tuple[float, float] | None:
-        """(a, b); b = 0 (the mean) with a single token count measured; None before any step."""
-        if not self.samples:
+        """(a, b): the least-squares line t = a + b * tokens through the kept samples at the machine's speed now;
+        b = 0 (the mean) with a single token count measured; None before any step. From each count's number and sum
+        of times (the samples of one count share their tokens), cached until the next add."""
+        if not self._fitted:
+            self._fit, self._fitted = self._least_squares(), True
+        return self._fit
+
+    def _least_squares(self) -> tuple[float, float] | None:
+        groups = [(n, len(times), sum(times) * self.level) for n, times in self._by_size.items()]
+        count = sum(c for _, c, _ in groups)
+        if not count:
             return None
-        n = np.array([s[0] for s in self.samples], dtype=np.float64)
-        t = np.array([s[1] for s in self.samples], dtype=np.float64)
-        if self.distinct < 2:
-            return float(t.mean()), 0.0
-        b, _a = np.polyfit(n, t, 1)
-        b = max(float(b), 0.0)  # noise must not make tokens look free-er than free
-        return max(float(t.mean() - b * n.mean()), 0.0), b
+        n_mean = sum(n * c for n, c, _ in groups) / count
+        t_mean = sum(total for _, _, total in groups) / count
+        if len(groups) < 2:
+            return t_mean, 0.0
+        sxx = sum(c * (n - n_mean) ** 2 for n, c, _ in groups)
+        sxy = sum((n - n_mean) * total for n, _, total in groups)
+        b = max(sxy / sxx, 0.0)  # noise must not make tokens look free-er than free
+        return max(t_mean - b * n_mean, 0.0), b
 
     def relative_error(self, tokens: int) -> float:
         """The standard error of the mean time at this count, relative to it (0 with fewer than two samples): of the
@@ -409,8 +423,10 @@ class CostModel:
         times = self._raw.get(tokens)
         if times is None or len(times) < 2:
             return 0.0
-        t = np.asarray(times, dtype=np.float64)
-        return float(t.std(ddof=1) / np.sqrt(len(t)) / t.mean())
+        n, first = len(times), times[0]
+        mean = first + sum(t - first for t in times) / n  # shifted: equal times give exactly 0
+        variance = sum((t - mean) ** 2 for t in times) / (n - 1)
+        return math.sqrt(variance / n) / mean
 
     def table(self) -> dict[int, float]:
         """Mean seconds per measured token count, at the machine's speed now."""
@@ -590,6 +606,7 @@ class SpeculationController:
         # prefix is priced, not just the next proposal.
         estimates = {c.seq_id: self.estimate(c.seq_id, c.kind) for c in candidates}
         worth = self._worth(candidates, base_tokens, decoding, target, fit[1])
+        then = {seq_id: e.then for seq_id, e in estimates.items()}  # a property: computed once, not per proposal
         heap = [(-estimates[c.seq_id].gain(1) * worth[c.seq_id], c.seq_id, c.max_k, 1) for c in candidates]
         heapq.heapify(heap)
         order = []
@@ -597,7 +614,7 @@ class SpeculationController:
             neg, seq_id, max_k, j = heapq.heappop(heap)
             order.append((seq_id, j, -neg))
             if j < max_k:
-                heapq.heappush(heap, (neg * estimates[seq_id].then, seq_id, max_k, j + 1))
+                heapq.heappush(heap, (neg * then[seq_id], seq_id, max_k, j + 1))
         # depth[j]: the tokens of the draft's step j so far (step 1 catches each sequence up: its setup tokens)
         depth = [0] * (max(c.max_k for c in candidates) + 2)
         setup = {c.seq_id: max(c.setup_tokens, 1) for c in candidates}
