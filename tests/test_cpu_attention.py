@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_build import fresh_kernel_build
 from tolerances import assert_close, assert_equal
 
 from realm.kernels import cpu_attention as ca
@@ -161,12 +162,8 @@ def test_bad_input_is_refused_by_name():
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
     """library() built anew into an empty directory; the cached library restored after."""
-    monkeypatch.setenv("REALM_KERNEL_DIR", str(tmp_path))
-    ca.library.cache_clear()
-    ca._warn_fallback.cache_clear()
-    yield tmp_path
-    ca.library.cache_clear()
-    ca._warn_fallback.cache_clear()
+    with fresh_kernel_build(tmp_path, monkeypatch, ca.library, ca._warn_fallback) as path:
+        yield path
 
 
 def test_no_compiler_falls_back_to_the_reference_with_a_warning(fresh_build, monkeypatch):

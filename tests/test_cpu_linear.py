@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_build import fresh_kernel_build
 from tolerances import assert_close, assert_equal, dot_magnitude
 
 from realm.kernels import cpu_linear as cl
@@ -112,12 +113,8 @@ def test_the_onednn_backend_takes_the_kernel_up_to_max_rows_then_onednn():
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
     """library() built anew into an empty directory; the cached library restored after."""
-    monkeypatch.setenv("REALM_KERNEL_DIR", str(tmp_path))
-    cl.library.cache_clear()
-    cl.warn_unavailable.cache_clear()
-    yield tmp_path
-    cl.library.cache_clear()
-    cl.warn_unavailable.cache_clear()
+    with fresh_kernel_build(tmp_path, monkeypatch, cl.library, cl.warn_unavailable) as path:
+        yield path
 
 
 def test_without_a_compiler_the_backend_keeps_onednn_and_says_why(fresh_build, monkeypatch):

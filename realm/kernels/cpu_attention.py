@@ -31,7 +31,7 @@ import torch
 
 from .attention import AttentionMetadata, attend_sequence, paged_attention_ref
 from .checks import check_softcap, check_window
-from .cpu_build import CpuKernelUnavailable, load
+from .cpu_build import CpuKernelUnavailable, load, unavailable
 from .paged import check_block_table, check_kv_cache
 from .verify_attention import MAX_VERIFY_QUERIES
 
@@ -56,11 +56,7 @@ def library() -> ctypes.CDLL:
 
 def unavailable_reason() -> str | None:
     """None when the kernel runs here; else why not (no compiler, a failed build)."""
-    try:
-        library()
-    except CpuKernelUnavailable as e:
-        return str(e)
-    return None
+    return unavailable(library)
 
 
 @functools.cache

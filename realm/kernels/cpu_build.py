@@ -19,7 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11")
@@ -95,3 +95,13 @@ def load(source: Path, compile_flags: Sequence[str]) -> ctypes.CDLL:
         return ctypes.CDLL(str(target))
     except OSError as e:
         raise CpuKernelUnavailable(f"could not load {target}: {e}") from None
+
+
+def unavailable(library: Callable[[], ctypes.CDLL]) -> str | None:
+    """None when library() (a kernel module's cached loader) loads; else why it cannot (no compiler, a failed
+    build)."""
+    try:
+        library()
+    except CpuKernelUnavailable as e:
+        return str(e)
+    return None

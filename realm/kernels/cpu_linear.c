@@ -7,8 +7,8 @@
  * so that one panel is one contiguous stream. A thread takes whole panels; for each tile of up to TILE_ROWS rows it
  * walks the panel's K steps, broadcasting x[m, k] against the panel's PANEL weights of step k into two vector
  * accumulators per row (no horizontal sums). The weights are prefetched PREFETCH_STEPS steps ahead: without it the
- * core waited for each line, then computed, and a tile of 8 rows streamed 17 GB/s where one row streamed 26 (2
- * threads, timed by hand on the output head's shape); with it, 24 GB/s.
+ * core waited for each line, then computed, and a tile of 8 rows streamed far below one row's rate (timed by hand on
+ * the output head's shape, 2 threads).
  *
  * Each output is one chain of fused multiply-adds over k = 0 .. K-1, the same whatever the number of rows, the tile
  * a row falls in, or the thread: a row's result does not depend on the rows computed with it (tests hold it to the

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_build import CpuKernelUnavailable, load
+from .cpu_build import CpuKernelUnavailable, load, unavailable
 
 SOURCE = Path(__file__).with_suffix(".c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11")
@@ -57,11 +57,7 @@ def library() -> ctypes.CDLL:
 
 def unavailable_reason() -> str | None:
     """None when the kernel runs here; else why not (no compiler, a failed build)."""
-    try:
-        library()
-    except CpuKernelUnavailable as e:
-        return str(e)
-    return None
+    return unavailable(library)
 
 
 @functools.cache
