@@ -97,6 +97,8 @@ def test_bad_inputs_are_named():
         cl.linear_panels(torch.ones(2, 24), panels.transpose(0, 1), 40)
     with pytest.raises(ValueError, match="float32 matrix"):
         cl.pack_panels(w.double())
+    with pytest.raises(ValueError, match="x has 23 columns, the packed weight reads 24"):  # the forward's path
+        cl.linear_panels_unchecked(torch.ones(2, 23), panels, 40)
 
 
 def test_the_onednn_backend_takes_the_kernel_up_to_max_rows_then_onednn():

@@ -203,9 +203,7 @@ static void attend(const float *q, int64_t q_row_stride, const float *k_cache, c
 /* Rows per task at most when tasks are few: a verification chunk's 16 queries x 3 heads (SmolLM2) become two tasks
  * per KV head, so that a single sequence's 3 KV heads split evenly over 2 threads (6 tasks, not 3). */
 #define TILE_ROWS 24
-#ifndef MIN_TILE_ROWS
 #define MIN_TILE_ROWS 8
-#endif
 
 /* Tiles per (sequence, KV head) when tasks are few: enough for tiles of at most TILE_ROWS rows, and more while the
  * tasks do not divide evenly among the threads and each tile keeps MIN_TILE_ROWS rows (a tile reads and transposes

@@ -31,13 +31,13 @@ import torch
 
 from .attention import AttentionMetadata, attend_sequence, paged_attention_ref
 from .checks import check_softcap, check_window
-from .cpu_build import CpuKernelUnavailable, load, unavailable
+from .cpu_build import BASE_FLAGS, CpuKernelUnavailable, load, unavailable
 from .paged import check_block_table, check_kv_cache
 from .verify_attention import MAX_VERIFY_QUERIES
 
 SOURCE = Path(__file__).with_suffix(".c")
 # -ffast-math: glibc's vector expf and tanhf in the `omp simd` loops (masked scores are finite, see the source).
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11")
+COMPILE_FLAGS = (*BASE_FLAGS, "-ffast-math")
 # Chunks up to this many queries run in the kernel (a task keeps q_len x group accumulators); longer ones, prompt
 # chunks, are compute-bound and run in SDPA's tiled kernel.
 MAX_KERNEL_QUERIES = MAX_VERIFY_QUERIES

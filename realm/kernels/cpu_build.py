@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11")
+BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11")  # every kernel's; some add their own
 # Linked without -ffast-math whatever the compile used: with it, GCC 12 adds crtfastmath.o, whose constructor switches
 # the whole process to flush-to-zero when the library loads (torch's subnormals would become 0 everywhere).
 LINK_FLAGS = ("-shared", "-fopenmp")

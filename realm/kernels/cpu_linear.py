@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_build import CpuKernelUnavailable, load, unavailable
+from .cpu_build import BASE_FLAGS, CpuKernelUnavailable, load, unavailable
 
 SOURCE = Path(__file__).with_suffix(".c")
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11")
+COMPILE_FLAGS = BASE_FLAGS  # no -ffast-math: each output's chain of FMAs keeps its order
 PANEL = 32  # output columns per panel: cpu_linear.c's PANEL (checked against the built library)
 # Steps of up to this many rows run in the kernel, longer ones (prompt chunks) in oneDNN's GEMM. On the one CPU
 # measured (bench/results/cpu_linear.jsonl, commit 5095678, Intel Xeon) the kernel took 0.74-0.90x oneDNN's time for
@@ -84,12 +84,23 @@ def linear_panels(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Ten
     if x.dim() != 2 or panels.dim() != 3 or panels.shape[2] != PANEL or not panels.is_contiguous():
         raise ValueError(f"expected x [M, K] and contiguous panels [P, K, {PANEL}], got {list(x.shape)} and "
                          f"{list(panels.shape)}")
-    m, k = x.shape
+    k = x.shape[1]
     if panels.shape[1] != k or not 0 < n <= panels.shape[0] * PANEL or n <= (panels.shape[0] - 1) * PANEL:
         raise ValueError(f"x has {k} columns and panels {list(panels.shape)} hold [N, {panels.shape[1]}]; N = {n} "
                          f"does not fit them")
     if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32 or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous float32 [{n}], got {bias.dtype} {list(bias.shape)}")
+    return linear_panels_unchecked(x, panels, n, bias)
+
+
+def linear_panels_unchecked(x: torch.Tensor, panels: torch.Tensor, n: int,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_panels for the onednn backend's forward, 121 calls a SmolLM2 step: its panels and bias were checked
+    when packed and built (PackedWeight, Linear.build), so only what the step brings is checked here, x's width (a
+    wrong one would read past the panels); linear_panels' full checks cost more than the kernel's own call."""
+    m, k = x.shape
+    if k != panels.shape[1]:
+        raise ValueError(f"x has {k} columns, the packed weight reads {panels.shape[1]}")
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)

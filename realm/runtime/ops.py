@@ -183,10 +183,10 @@ def _packed_part(weights: Sequence[QTensor], device: torch.device, dtype: torch.
 
 
 def _packed_matmul(x: torch.Tensor, part: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    from realm.kernels.cpu_linear import MAX_ROWS, linear_panels
+    from realm.kernels.cpu_linear import MAX_ROWS, linear_panels_unchecked
 
     if part.panels is not None and x.shape[0] <= MAX_ROWS:
-        return linear_panels(x, part.panels, part.shape[0], bias)
+        return linear_panels_unchecked(x, part.panels, part.shape[0], bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), part.packed, bias, "none", [], "")
 
 

@@ -372,7 +372,7 @@ class CostModel:
         self._samples, self._sizes = samples, sizes
         self.level = 1.0  # the machine's speed now: time of a step / its count's kept mean
         self._fit: tuple[float, float] | None = None  # fit() until the next add: choose asks every step, and a
-        self._fitted = False  # draft that did not run keeps its costs (its fit was 1% of a CPU step, recomputed)
+        self._fitted = False  # draft that did not run keeps its costs (no refit of unchanged samples each step)
 
     def add(self, tokens: int, seconds: float) -> None:
         times = self._by_size.pop(tokens, None) or deque(maxlen=self._samples)
