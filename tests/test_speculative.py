@@ -736,3 +736,20 @@ def test_cost_model_interpolates_between_measured_sizes():
     assert 0.190 < predict(33) < 0.200  # between 32's and 300's
     assert predict(600) > 0.600
     assert math.isclose(predict(16), 0.060 + (0.190 - 0.060) * 15 / 31)
+
+
+def test_a_step_below_every_measured_count_is_never_priced_at_zero():
+    """CI once failed here: a draft test on the tiny model had measured only steps of several rows, with a fitted
+    slope steep enough (timing noise) that extrapolating down to one row gave 0 s, and the controller divided by the
+    plain step's price. Below the smallest measured count a step costs at least its time per token."""
+    cost = CostModel()
+    for n, t in ((6, 1e-4), (6, 1.1e-4), (7, 9e-3), (40, 0.5)):  # a slope of ~0.014 s/token against 1e-4 s at 6
+        cost.add(n, t)
+    predict = cost.predictor()
+    smallest = cost.table()[6]
+    assert predict(1) == pytest.approx(smallest / 6) and predict(1) > 0
+    assert predict(5) == pytest.approx(smallest * 5 / 6)
+    c = SpeculationController()
+    c.target = cost
+    k = c.choose([Candidate(seq_id=1, max_k=4, setup_tokens=1)], base_tokens=1, decoding=1)
+    assert set(k) <= {1}

@@ -435,8 +435,10 @@ class CostModel:
     def predictor(self, fit: tuple[float, float] | None = None):
         """A function tokens -> predicted seconds (None before any step), fixed for one decision: the measured mean
         at a measured count, linear interpolation between the nearest measured counts, and beyond them the nearest
-        one's time plus the fitted b per token (never a fitted line alone, which prefill steps of hundreds of tokens
-        would pull below the measured times of small steps). fit: this model's `fit()`, when the caller has it."""
+        one's time plus (or, below the smallest, minus) the fitted b per token (never a fitted line alone, which
+        prefill steps of hundreds of tokens would pull below the measured times of small steps), and below the
+        smallest never under its time per token (never 0: the controller divides by a plain step's price). fit:
+        this model's `fit()`, when the caller has it."""
         fit = fit or self.fit()
         if fit is None:
             return None
@@ -449,8 +451,9 @@ class CostModel:
             at = bisect.bisect_left(sizes, tokens)
             if at < len(sizes) and sizes[at] == tokens:
                 return times[at]
-            if at == 0:
-                return max(times[0] - slope * (sizes[0] - tokens), 0.0)
+            if at == 0:  # below every measured count: never under its time per token, which a step of fewer
+                # tokens never beats (its fixed costs shared by fewer rows); a steep fitted slope alone would reach 0
+                return max(times[0] - slope * (sizes[0] - tokens), times[0] * tokens / sizes[0])
             if at == len(sizes):
                 return times[-1] + slope * (tokens - sizes[-1])
             lo, hi = sizes[at - 1], sizes[at]
@@ -620,6 +623,8 @@ class SpeculationController:
         setup = {c.seq_id: max(c.setup_tokens, 1) for c in candidates}
         gain, drafting = float(decoding), 0.0
         plain = target(base_tokens)
+        if plain <= 0.0:  # no step of this size priced above 0 (times below the clock's resolution): no basis
+            return {}
         # A gain within the noise of the plain step's measured cost is not taken: MARGIN_Z standard errors
         best, best_rate = 0, gain / plain * (1.0 + MARGIN_Z * self.target.relative_error(base_tokens))
         # A step with more rows never costs less than the plain step: a mean at a larger count below plain's is
