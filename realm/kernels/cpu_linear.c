@@ -6,9 +6,11 @@
  * of PANEL output columns, [ceil(N / PANEL)][K][PANEL] (realm/kernels/cpu_linear.py packs them once, zero-padded),
  * so that one panel is one contiguous stream. A thread takes whole panels; for each tile of up to TILE_ROWS rows it
  * walks the panel's K steps, broadcasting x[m, k] against the panel's PANEL weights of step k into two vector
- * accumulators per row (no horizontal sums). The weights are prefetched PREFETCH_STEPS steps ahead: without it the
- * core waited for each line, then computed, and a tile of 8 rows streamed far below one row's rate (timed by hand on
- * the output head's shape, 2 threads).
+ * accumulators per row (no horizontal sums). The weights are prefetched PREFETCH_STEPS steps ahead into L2: without
+ * it the core waited for each line, then computed, and a tile of 8 rows streamed far below one row's rate (timed by
+ * hand on the output head's shape, 2 threads). Far ahead and into L2, not 2 KiB ahead into L1: the arithmetic of a
+ * tile of several rows must overlap the stream, and a near prefetch leaves each line's wait exposed once a k step
+ * holds a dozen FMAs (bench/cpu_linear.py, this kernel's rows at 5 and 8 rows before and after).
  *
  * Each output is one chain of fused multiply-adds over k = 0 .. K-1, the same whatever the number of rows, the tile
  * a row falls in, or the thread: a row's result does not depend on the rows computed with it (tests hold it to the
@@ -22,8 +24,14 @@
 
 #define LANES 16
 #define PANEL (2 * LANES)
-#define TILE_ROWS 8
-#define PREFETCH_STEPS 16 /* 2 KiB ahead of the loads: tried 16 to 64 by hand, 16 the best for 1 to 16 rows */
+#ifdef __AVX512F__
+#define TILE_ROWS 12 /* 24 accumulators, the two weight vectors and a broadcast: within AVX-512's 32 registers */
+#else
+#define TILE_ROWS 8 /* AVX2's 16 registers hold half the vectors: no larger tile than before 12 was tried */
+#endif
+_Static_assert(TILE_ROWS <= 12, "realm_linear_f32's switch takes the last rows of a tile of up to 12");
+#define PREFETCH_STEPS 64 /* 8 KiB ahead: tried 16 to 256 steps and the L1/L2 hints by hand, 64 into L2 the best */
+#define PREFETCH_L2 1     /* __builtin_prefetch's locality 1: prefetcht2, into L2 on x86 (not L1's prefetcht0) */
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -44,8 +52,8 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
     vfloat lo[TILE_ROWS] = {0}, hi[TILE_ROWS] = {0};
     for (int64_t k = 0; k < K; k++) {
         const float *wk = panel + k * PANEL;
-        __builtin_prefetch(wk + PREFETCH_STEPS * PANEL, 0, 3);
-        __builtin_prefetch(wk + PREFETCH_STEPS * PANEL + LANES, 0, 3);
+        __builtin_prefetch(wk + PREFETCH_STEPS * PANEL, 0, PREFETCH_L2);
+        __builtin_prefetch(wk + PREFETCH_STEPS * PANEL + LANES, 0, PREFETCH_L2);
         vfloat w_lo = vload(wk), w_hi = vload(wk + LANES);
         for (int m = 0; m < rows; m++) {
             float xm = x[(m0 + m) * x_stride + k];
@@ -89,6 +97,10 @@ void realm_linear_f32(const float *x, int64_t x_stride, const float *panels, con
         int m0 = 0;
         for (; m0 + TILE_ROWS <= M; m0 += TILE_ROWS) panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, TILE_ROWS, cols);
         switch (M - m0) {  // the last rows, as a tile of their own size (constant, for the registers)
+            case 11: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 11, cols); break;
+            case 10: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 10, cols); break;
+            case 9: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 9, cols); break;
+            case 8: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 8, cols); break;
             case 7: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 7, cols); break;
             case 6: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 6, cols); break;
             case 5: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 5, cols); break;
