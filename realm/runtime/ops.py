@@ -20,11 +20,11 @@ matrices with `F.linear` (cuBLAS/MKL, as HF does), and its attention is SDPA per
 | store_kv  | store_kv                                        | store_kv_ref                               |
 | attention | paged_attention (flash / paged decode / paged flash) | paged_attention_ref (SDPA per sequence) |
 
-Backend.ONEDNN is the reference with two changes, for speed on CPUs: its linear layers multiply the dequantized
+Backend.ONEDNN is the reference with three changes, for speed on CPUs: its linear layers multiply the dequantized
 matrices packed once (`PackedWeight`), not through F.linear: steps of up to 64 rows (decodes, verification) in a C
-kernel streaming float32 panels (`realm.kernels.cpu_linear`), longer ones (prompt chunks) in oneDNN's GEMM; and its
+kernel streaming float32 panels (`realm.kernels.cpu_linear`), longer ones (prompt chunks) in oneDNN's GEMM; its
 attention reads short chunks in place from the pages in a C kernel (`realm.kernels.cpu_attention`), not gathered for
-SDPA.
+SDPA; and its RMSNorm, RoPE and SiLU * up are one C loop each (`realm.kernels.cpu_layer_ops`), not several torch ops.
 """
 
 from __future__ import annotations
@@ -204,9 +204,11 @@ def check_onednn(device: torch.device, dtype: torch.dtype) -> None:
 @functools.cache
 def onednn_ops() -> Ops:
     from realm.kernels.cpu_attention import paged_attention_cpu
+    from realm.kernels.cpu_layer_ops import apply_rope_cpu, rms_norm_cpu, silu_mul_cpu
 
     return dataclasses.replace(reference_ops(), backend=Backend.ONEDNN, prepare_linear=_packed_part,
-                               matmul=_packed_matmul, prepare_dense=_pack, attention=paged_attention_cpu)
+                               matmul=_packed_matmul, prepare_dense=_pack, attention=paged_attention_cpu,
+                               rms_norm=rms_norm_cpu, rope=apply_rope_cpu, silu_mul=silu_mul_cpu)
 
 
 def backends_for(device: torch.device | str) -> list[Backend]:
