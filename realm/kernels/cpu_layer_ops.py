@@ -5,11 +5,12 @@ SiLU(gate) * up, each one C loop over its rows (`cpu_layer_ops.c`).
     q, k = apply_rope_cpu(q, k, positions, cos_sin)   # apply_rope's: q and k rotated in place (realm.kernels.rope)
     y = silu_mul_cpu(gate_up)                         # silu_mul_ref's (realm.kernels.silu_mul)
 
-Why: the references are several torch ops each, and on a CPU a torch op on a few rows costs its dispatch and
-allocation, not its arithmetic: in a SmolLM2 decode step the 120 calls of these three ops cost about a quarter of
-the step, and in a speculative verification they grew with every row verified (bench/cpu_layer_ops.py measures the
-references and these). Triton has no CPU code generation, so they are C, like the backend's attention and linear
-kernels, built on first use by realm.kernels.cpu_build (`-O3 -march=native -ffast-math -fopenmp`).
+Why: the references are several torch ops each (RMSNorm eight, RoPE a dozen), and on a CPU a torch op on a few
+rows costs its dispatch and allocation, not its arithmetic; a SmolLM2 step calls these three ops 121 times. With them
+in C, plain decoding of bench/speculative.py's grounded prompts at batch 1 went from 26.0 to 28.7 output tok/s
+(bench/results/speculative_batch1_kernels.jsonl, commits d2c83ed and 9d5e84e, one Intel Xeon). Triton has no CPU
+code generation, so they are C, like the backend's attention and linear kernels, built on first use by
+realm.kernels.cpu_build (`-O3 -march=native -ffast-math -fopenmp`).
 
 Each row is computed alone and alike, so a row's bits do not depend on the rows in its step (a decode and the same
 row inside a verification agree; tests/test_cpu_layer_ops.py). Not bit-exact with the references (a vectorised sum of
