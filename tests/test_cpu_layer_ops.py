@@ -91,7 +91,8 @@ def test_rope_takes_int64_positions_and_refuses_one_outside_the_table():
     q, k = _randn(3, 2, 8, seed=8), _randn(3, 1, 8, seed=9)
     want = apply_rope_ref(q, k, torch.tensor([0, 5, 15]), table)
     got = lo.apply_rope_cpu(q.clone(), k.clone(), torch.tensor([0, 5, 15]), table)
-    assert_close(got[0], want[0]) and assert_close(got[1], want[1])
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
     before = q.clone()
     with pytest.raises(ValueError, match=r"token 2 has position 16, outside the RoPE table's \[0, 16\)"):
         lo.apply_rope_cpu(q, k, torch.tensor([0, 5, 16], dtype=torch.int32), table)
@@ -208,3 +209,12 @@ def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone(fresh_
     before = (subnormal * 3.0).item()
     lo.library()
     assert before > 0 and (subnormal * 3.0).item() == before
+
+
+def test_an_out_the_kernel_cannot_write_runs_the_reference_and_says_so(fresh_build):
+    gate_up = _randn(2, 10, seed=43)
+    out = torch.empty(2, 10, dtype=torch.float64)[:, ::2]  # float64 and strided
+    with pytest.warns(RuntimeWarning, match=r"CPU silu_mul kernel does not run here \(it writes float32 CPU rows"):
+        got = lo.silu_mul_cpu(gate_up, out=out)
+    assert got is out
+    assert_equal(out, silu_mul_ref(gate_up).double())

@@ -15,8 +15,9 @@ realm.kernels.cpu_build (`-O3 -march=native -ffast-math -fopenmp`).
 Each row is computed alone and alike, so a row's bits do not depend on the rows in its step (a decode and the same
 row inside a verification agree; tests/test_cpu_layer_ops.py). Not bit-exact with the references (a vectorised sum of
 squares, fused multiply-adds, glibc's vector expf): held to a few float32 roundings of them. Other dtypes than
-float32, tensors off the CPU, rows that are not contiguous along their last dimension, or a machine where the kernel
-cannot be built run the reference, with one warning per reason.
+float32, tensors off the CPU, rows that are not contiguous along their last dimension, a weight or RoPE table that is
+not contiguous, an `out` the kernel cannot write, or a machine where the kernel cannot be built run the reference,
+with one warning per reason.
 """
 
 from __future__ import annotations
@@ -77,10 +78,15 @@ def _runnable(op: str, *tensors: torch.Tensor) -> ctypes.CDLL | None:
         return None
 
 
-def _fits(out: torch.Tensor | None, shape) -> bool:
-    """Whether the kernel can write an `out` given by the caller (else the reference copies into it)."""
-    return out is None or (out.shape == shape and out.dtype == torch.float32 and out.device.type == "cpu"
-                           and out.stride(-1) == 1)
+def _fits(op: str, out: torch.Tensor | None, shape) -> bool:
+    """Whether the kernel can write an `out` given by the caller; if not, says so once (the reference copies into
+    it, and raises for one of another shape)."""
+    if out is None or (out.shape == shape and out.dtype == torch.float32 and out.device.type == "cpu"
+                       and out.stride(-1) == 1):
+        return True
+    _warn_fallback(op, f"it writes float32 CPU rows of {list(shape)}, not an out of {out.dtype} {list(out.shape)} "
+                       f"on {out.device} with strides {out.stride()}")
+    return False
 
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -91,7 +97,12 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
                          f"{list(x.shape)}, {list(weight.shape)}"
                          + ("" if residual is None else f" and {list(residual.shape)}"))
     lib = _runnable("rms_norm", x, weight, *(() if residual is None else (residual,)))
-    if lib is None or not weight.is_contiguous() or not _fits(out, x.shape):
+    if lib is not None and not weight.is_contiguous():
+        _warn_fallback("rms_norm", "the weight is not contiguous")
+        lib = None
+    if lib is not None and not _fits("rms_norm", out, x.shape):
+        lib = None
+    if lib is None:
         return rms_norm_ref(x, weight, eps, residual, out)
     rows, dim = x.shape
     y = torch.empty(rows, dim) if out is None else out
@@ -115,7 +126,10 @@ def apply_rope_cpu(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
     if cos_sin.shape[1:] != (2, head_dim // 2):
         raise ValueError(f"the RoPE table must be [max_positions, 2, {head_dim // 2}], got {list(cos_sin.shape)}")
     lib = _runnable("rope", q, k, cos_sin)
-    if lib is None or not cos_sin.is_contiguous():
+    if lib is not None and not cos_sin.is_contiguous():
+        _warn_fallback("rope", "the RoPE table is not contiguous")
+        lib = None
+    if lib is None:
         return apply_rope_ref(q, k, positions, cos_sin)
     if positions.dtype != torch.int32 or not positions.is_contiguous():
         positions = positions.to(torch.int32).contiguous()
@@ -135,7 +149,9 @@ def silu_mul_cpu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul takes gate_up [tokens, 2 * ffn] (an even width), got {list(gate_up.shape)}")
     lib = _runnable("silu_mul", gate_up)
-    if lib is None or not _fits(out, (gate_up.shape[0], gate_up.shape[1] // 2)):
+    if lib is not None and not _fits("silu_mul", out, (gate_up.shape[0], gate_up.shape[1] // 2)):
+        lib = None
+    if lib is None:
         return silu_mul_ref(gate_up, out)
     rows, ffn = gate_up.shape[0], gate_up.shape[1] // 2
     y = torch.empty(rows, ffn) if out is None else out

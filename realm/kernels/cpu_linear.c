@@ -10,7 +10,8 @@
  * it the core waited for each line, then computed, and a tile of 8 rows streamed far below one row's rate (timed by
  * hand on the output head's shape, 2 threads). Far ahead and into L2, not 2 KiB ahead into L1: the arithmetic of a
  * tile of several rows must overlap the stream, and a near prefetch leaves each line's wait exposed once a k step
- * holds a dozen FMAs (bench/cpu_linear.py, this kernel's rows at 5 and 8 rows before and after).
+ * holds a dozen FMAs (timed by hand, no figures kept; its effect on speculation's ratio at batch 1 is in
+ * bench/results/speculative_batch1_kernels.jsonl, commit d2c83ed, against 44e3c7f's rows in speculative.jsonl).
  *
  * Each output is one chain of fused multiply-adds over k = 0 .. K-1, the same whatever the number of rows, the tile
  * a row falls in, or the thread: a row's result does not depend on the rows computed with it (tests hold it to the
