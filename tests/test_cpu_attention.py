@@ -121,6 +121,41 @@ def test_the_same_result_on_any_thread_count(query_lens, context_lens):
         assert_equal(other, results[0])
 
 
+def _meta_like(meta, query_lens, context_lens):
+    """Metadata for other chunk lengths over the same block table (one sequence)."""
+    cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return AttentionMetadata.build(query_lens, context_lens, cu, torch.tensor(context_lens, dtype=torch.int32),
+                                   meta.block_tables)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, 20.0)])
+@pytest.mark.parametrize("heads", [(9, 3), (8, 1)], ids=["gqa3", "gqa8"])
+def test_a_query_gets_the_same_bits_as_a_decode_and_in_any_chunk(heads, window, softcap):
+    """A verification chunk's query and the decode of the same position (and the same query in a shorter chunk)
+    agree to the bit: every row is computed alone, whatever rows share its vector, so greedy speculation equals
+    plain decoding without two summation orders having to agree."""
+    n_heads, n_kv_heads = heads
+    q, k_cache, v_cache, meta = _step([16], [70], 16, n_heads, n_kv_heads, 64, seed=7)
+    chunk = _run(q, k_cache, v_cache, meta, 0.125, window, softcap)
+    for i in range(16):
+        decode = _run(q[i : i + 1], k_cache, v_cache, _meta_like(meta, [1], [55 + i]), 0.125, window, softcap)
+        assert_equal(decode, chunk[i : i + 1])
+    shorter = _run(q[:5], k_cache, v_cache, _meta_like(meta, [5], [59]), 0.125, window, softcap)
+    assert_equal(shorter, chunk[:5])
+
+
+def test_a_nan_value_stays_out_of_the_rows_that_cannot_see_it():
+    """A key the causal mask hides from a row adds nothing to it, not 0 * NaN: a non-finite value in a chunk's last
+    position leaves its earlier queries' rows as they were."""
+    q, k_cache, v_cache, meta = _step([16], [70], 16, 9, 3, 64, seed=8)
+    clean = _run(q, k_cache, v_cache, meta, 0.125)
+    last = meta.block_tables[0, 69 // 16].item()
+    k_cache[last, 69 % 16], v_cache[last, 69 % 16] = float("nan"), float("inf")
+    dirty = _run(q, k_cache, v_cache, meta, 0.125)
+    assert_equal(dirty[:15], clean[:15])
+    assert not torch.isfinite(dirty[15]).any()
+
+
 def test_other_dtypes_run_the_reference_and_say_so():
     ca._warn_fallback.cache_clear()
     q, k_cache, v_cache, meta = _step(*STEPS["mixed"], 16, 9, 3, 64, dtype=torch.bfloat16, seed=4)

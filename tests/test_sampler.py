@@ -13,7 +13,7 @@ import pytest
 import torch
 from tolerances import assert_close, assert_equal
 
-from realm.runtime.sampler import BatchSampler, RowSampling
+from realm.runtime.sampler import BatchSampler, RowSampling, first_argmax
 from realm.runtime.sampling import Sampler, SamplingParams
 
 VOCAB = 123  # odd, and the logits below are padded to 128 columns as an embedding may be
@@ -247,3 +247,14 @@ def test_row_sampling_is_plain_data():
     assert not row.greedy and RowSampling().greedy
     assert RowSampling.of(SamplingParams(temperature=0.8), 9, [5, 6, 5]).history == ()
     assert RowSampling.of(SamplingParams(repetition_penalty=1.1), 2, torch.tensor([5, 6])).history == (5, 6)
+
+
+@pytest.mark.parametrize("width", [1, 7, 49152])
+def test_first_argmax_is_argmax_with_ties_and_nans(width):
+    """The greedy token is argmax's: the first of tied maxima, a NaN where a row has one (the runner flags the row)."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randint(0, 3, (6, width), generator=g).float()  # many ties
+    x[1, width // 2] = float("nan")
+    x[2] = float("-inf")
+    x[3, -1] = float("inf")
+    assert_equal(first_argmax(x), x.argmax(-1))

@@ -6,7 +6,12 @@
  * sequence before SDPA, more than half of its time at 32 sequences) and keeps, for every query row the KV head
  * serves (its group of query heads times the chunk's queries), an online softmax (Milakov & Gimelshein 2018) over
  * the keys that row may see: causal, optionally within a sliding window, with optionally soft-capped scores
- * (Gemma 2). Each key and value is read once per task, for all its rows.
+ * (Gemma 2). Each key and value is read once per task, for all its rows, and the next block's are prefetched while
+ * one block computes: inside the model a layer's pages are out of cache (the weights of the layers before evicted
+ * them), and each block's first touch waited on memory.
+ * The rows are the lanes of vectors (attend): every row is computed alike and alone, so a query gets the same bits
+ * in a decode as inside a verification chunk, which is what makes greedy speculation equal plain decoding by
+ * construction (tests/test_cpu_attention.py).
  *
  * Layouts (realm/kernels/paged.py): q [tokens, n_heads, head_dim] with a row stride, heads adjacent; out the same,
  * contiguous; k_cache, v_cache [num_blocks, block_size, n_kv_heads, head_dim] contiguous; block_tables int32
@@ -42,161 +47,163 @@ static inline void vstore(float *p, vfloat x) { memcpy(p, &x, sizeof x); }
 
 static inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
-static inline float hsum(vfloat x) {
-    float s = 0.0f;
-    for (int u = 0; u < LANES; u++) s += x[u];
-    return s;
+typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+static inline vfloat splat(float x) { return (vfloat){0} + x; }
+static inline vint splat_i(int32_t x) { return (vint){0} + x; }
+static inline vint vload_i(const int32_t *p) {
+    vint x;
+    memcpy(&x, p, sizeof x);
+    return x;
 }
 
-/* Scores of one row against a block's keys, LANES keys at a time: s[t] = q . k_t, from K transposed (kt [head_dim,
- * width], zero past the block's keys); summed in the order of block_scores_transposed's four-row loop, so that a row
- * gets the same bits whichever loop computes it. */
-static void row_scores_transposed(const float *restrict qr, const float *restrict kt, int head_dim, int width,
-                                  float *restrict s) {
-    for (int c = 0; c < width; c += LANES) {
-        vfloat a = {0};
-        for (int d = 0; d < head_dim; d++) a += qr[d] * vload(kt + (int64_t)d * width + c);
-        vstore(s + c, a);
-    }
+/* a where mask (all ones), else b: bitwise, so that b passes through unchanged whatever a holds (NaN included). */
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) { return (vfloat)(((vint)a & mask) | ((vint)b & ~mask)); }
+static inline vfloat vmax(vfloat a, vfloat b) { return vselect(a > b, a, b); }
+
+static inline vfloat vexp(vfloat x) {
+    vfloat y;
+#pragma omp simd
+    for (int u = 0; u < LANES; u++) y[u] = expf(x[u]);
+    return y;
 }
 
-/* Every row's scores against a block from K transposed, four rows at a time: each load of K feeds four independent
- * FMA chains (the rows), instead of one. s: [rows, width]. */
-static void block_scores_transposed(const float *restrict qs, const float *restrict kt, int rows, int head_dim,
-                                    int width, float *restrict s) {
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const float *q0 = qs + (int64_t)r * head_dim, *q1 = q0 + head_dim, *q2 = q1 + head_dim, *q3 = q2 + head_dim;
-        for (int c = 0; c < width; c += LANES) {
-            vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            for (int d = 0; d < head_dim; d++) {
-                const vfloat kd = vload(kt + (int64_t)d * width + c);
-                a0 += q0[d] * kd, a1 += q1[d] * kd, a2 += q2[d] * kd, a3 += q3[d] * kd;
-            }
-            float *sr = s + (int64_t)r * width + c;
-            vstore(sr, a0), vstore(sr + width, a1), vstore(sr + 2 * width, a2), vstore(sr + 3 * width, a3);
-        }
+/* Row lanes whose visible keys [lo, hi] (absolute positions) hold key. */
+static inline vint visible(vint lo, vint hi, int key) { return (lo <= splat_i(key)) & (splat_i(key) <= hi); }
+
+/* acc[d][lanes] = acc * alpha + sum_t p[t] v[t][d] for the n (a constant: 8, or 1 for a tail) dimensions from d0, t
+ * in [t_lo, t_hi) in order: keys in [f_lo, f_hi) every row lane sees, the others added only to the lanes that see
+ * them (a lane's sum is then the same whichever rows share its vector). */
+static inline __attribute__((always_inline)) void values_cols(float *restrict acc, int64_t padded, vfloat alpha,
+                                                              const float *restrict p, const float *restrict v,
+                                                              int64_t key_stride, int t_lo, int f_lo, int f_hi,
+                                                              int t_hi, int t0, vint lo, vint hi, int d0,
+                                                              const int n) {
+    vfloat a[8];
+    for (int u = 0; u < n; u++) a[u] = vload(acc + (d0 + u) * padded) * alpha;
+    int t = t_lo;
+    for (; t < f_lo; t++) {
+        const vint vis = visible(lo, hi, t0 + t);
+        const vfloat pt = vload(p + t * padded);
+        for (int u = 0; u < n; u++) a[u] = vselect(vis, a[u] + v[t * key_stride + d0 + u] * pt, a[u]);
     }
-    for (; r < rows; r++) row_scores_transposed(qs + (int64_t)r * head_dim, kt, head_dim, width, s + (int64_t)r * width);
+    for (; t < f_hi; t++) {
+        const vfloat pt = vload(p + t * padded);
+        for (int u = 0; u < n; u++) a[u] += v[t * key_stride + d0 + u] * pt;
+    }
+    for (; t < t_hi; t++) {
+        const vint vis = visible(lo, hi, t0 + t);
+        const vfloat pt = vload(p + t * padded);
+        for (int u = 0; u < n; u++) a[u] = vselect(vis, a[u] + v[t * key_stride + d0 + u] * pt, a[u]);
+    }
+    for (int u = 0; u < n; u++) vstore(acc + (d0 + u) * padded, a[u]);
 }
 
-/* The same scores as dot products along head_dim (for few rows per block, where transposing K costs more than it
- * saves). */
-static void row_scores_direct(const float *restrict qr, const float *restrict k, int64_t key_stride, int keys,
-                              int head_dim, float *restrict s) {
-    for (int t = 0; t < keys; t++) {
-        const float *kr = k + t * key_stride;
-        vfloat x = {0};
-        int d = 0;
-        for (; d + LANES <= head_dim; d += LANES) x += vload(qr + d) * vload(kr + d);
-        float tail = 0.0f;
-        for (; d < head_dim; d++) tail += qr[d] * kr[d];
-        s[t] = hsum(x) + tail;
+/* s[t][lanes] = q[lanes] . k_t for the n (a constant: 8, or 1) keys from t: each score one FMA chain over d = 0 ..
+ * head_dim - 1, whatever rows share the vector. */
+static inline __attribute__((always_inline)) void scores_keys(const float *restrict qt, int64_t padded,
+                                                              const float *restrict k, int64_t key_stride, int t,
+                                                              int head_dim, float *restrict s, const int n) {
+    vfloat c[8];
+    for (int u = 0; u < n; u++) c[u] = (vfloat){0};
+    for (int d = 0; d < head_dim; d++) {
+        const vfloat qd = vload(qt + d * padded);
+        for (int u = 0; u < n; u++) c[u] += k[(t + u) * key_stride + d] * qd;
     }
+    for (int u = 0; u < n; u++) vstore(s + (t + u) * padded, c[u]);
 }
-
-/* a = a * alpha + sum_t p[t] v_t over t in [t_lo, t_hi): 4 * LANES dimensions at a time, then LANES (two
- * accumulators), then one by one. */
-static void row_values(float *restrict a, float alpha, const float *restrict p, const float *restrict v,
-                       int64_t key_stride, int t_lo, int t_hi, int head_dim) {
-    int d0 = 0;
-    for (; d0 + 4 * LANES <= head_dim; d0 += 4 * LANES) {  // four independent chains: 64 dimensions in registers
-        vfloat a0 = vload(a + d0) * alpha, a1 = vload(a + d0 + LANES) * alpha;
-        vfloat a2 = vload(a + d0 + 2 * LANES) * alpha, a3 = vload(a + d0 + 3 * LANES) * alpha;
-        for (int t = t_lo; t < t_hi; t++) {
-            const float pt = p[t], *vt = v + t * key_stride + d0;
-            a0 += pt * vload(vt), a1 += pt * vload(vt + LANES), a2 += pt * vload(vt + 2 * LANES);
-            a3 += pt * vload(vt + 3 * LANES);
-        }
-        vstore(a + d0, a0), vstore(a + d0 + LANES, a1), vstore(a + d0 + 2 * LANES, a2), vstore(a + d0 + 3 * LANES, a3);
-    }
-    for (; d0 + LANES <= head_dim; d0 += LANES) {
-        vfloat even = vload(a + d0) * alpha, odd = {0};
-        int t = t_lo;
-        for (; t + 1 < t_hi; t += 2) {
-            even += p[t] * vload(v + t * key_stride + d0);
-            odd += p[t + 1] * vload(v + (t + 1) * key_stride + d0);
-        }
-        if (t < t_hi) even += p[t] * vload(v + t * key_stride + d0);
-        vstore(a + d0, even + odd);
-    }
-    for (; d0 < head_dim; d0++) {
-        float x = a[d0] * alpha;
-        for (int t = t_lo; t < t_hi; t++) x += p[t] * v[t * key_stride + d0];
-        a[d0] = x;
-    }
-}
-
-/* From this many rows per task (query heads per KV head x queries), scores come from K transposed once per block. */
-#define TRANSPOSE_FROM_ROWS 8
 
 /* One (sequence, KV head, tile of rows). The sequence's rows = q_len * group query rows (row r: query r / group of
- * head kv_head * group + r % group); this task takes rows [row_begin, row_end), each keeping an online softmax over
- * the blocks of keys it may see: scores (from K transposed once per block when the tile has many rows), masked
- * (causal, window), exponentiated in one vector loop, then P @ V. Scratch: see the caller's scratch_floats. */
+ * head kv_head * group + r % group); this task takes rows [row_begin, row_end), LANES rows to a vector: queries,
+ * scores and outputs are kept transposed ([head_dim][rows], [keys][rows]), so every step is a vector over rows. Each
+ * row keeps an online softmax over the blocks of keys it may see (causal, optionally within a window), with
+ * optionally soft-capped scores. Every operation is per lane, so a row's bits do not depend on which rows share its
+ * vector, its tile or its step (a decode and the same query inside a verification agree to the bit). Scratch: see
+ * the caller's scratch_floats. */
 static void attend(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache, float *out,
                    const int32_t *blocks, int q0, int q_len, int seq_len, int kv_head, int row_begin, int row_end,
                    int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, int window, float softcap,
                    float *scratch) {
     const int group = n_heads / n_kv_heads, rows = row_end - row_begin, start = seq_len - q_len;
-    const int width = round_up(block_size, LANES);
-    const int64_t key_stride = (int64_t)n_kv_heads * head_dim;
-    float *qs = scratch, *acc = qs + (int64_t)rows * head_dim, *m = acc + (int64_t)rows * head_dim, *l = m + rows;
-    float *kt = l + rows, *s = kt + (int64_t)head_dim * width;
-    for (int i = 0; i < rows; i++) {
-        const int r = row_begin + i;
-        const float *src = q + (int64_t)(q0 + r / group) * q_row_stride + (int64_t)(kv_head * group + r % group) * head_dim;
-        for (int d = 0; d < head_dim; d++) qs[(int64_t)i * head_dim + d] = src[d] * scale;
+    const int64_t padded = round_up(rows, LANES), key_stride = (int64_t)n_kv_heads * head_dim;
+    float *qt = scratch, *acc = qt + head_dim * padded, *s = acc + head_dim * padded;
+    float *m = s + block_size * padded, *l = m + padded;
+    int32_t *lo = (int32_t *)(l + padded), *hi = lo + padded;  // row i sees the keys at positions lo[i] .. hi[i]
+    for (int i = 0; i < padded; i++) {
         m[i] = MASKED, l[i] = 0.0f;
+        if (i < rows) {
+            const int r = row_begin + i, pos = start + r / group;
+            const float *src = q + (int64_t)(q0 + r / group) * q_row_stride + (int64_t)(kv_head * group + r % group) * head_dim;
+            for (int d = 0; d < head_dim; d++) qt[d * padded + i] = src[d] * scale;
+            lo[i] = window > 0 ? max_int(pos - window + 1, 0) : 0, hi[i] = pos;
+        } else {  // padding: sees no key
+            for (int d = 0; d < head_dim; d++) qt[d * padded + i] = 0.0f;
+            lo[i] = 0, hi[i] = -1;
+        }
     }
-    memset(acc, 0, sizeof(float) * (size_t)rows * head_dim);
+    memset(acc, 0, sizeof(float) * (size_t)(head_dim * padded));
     const int first_pos = start + row_begin / group, last_pos = start + (row_end - 1) / group;
     const int first_key = window > 0 ? max_int(first_pos - window + 1, 0) : 0;
-    // Chosen per sequence, not per tile: a row's bits must not depend on how its sequence was tiled (threads).
-    const int transposed = q_len * group >= TRANSPOSE_FROM_ROWS;
     for (int j = first_key / block_size; j * block_size <= last_pos; j++) {
         const int t0 = j * block_size, keys = min_int(seq_len - t0, block_size);
         const int64_t base = ((int64_t)blocks[j] * block_size * n_kv_heads + kv_head) * head_dim;
         const float *k = k_cache + base, *v = v_cache + base;
-        if (transposed) {
-            for (int d = 0; d < head_dim; d++) {
-                float *kd = kt + (int64_t)d * width;
-                for (int t = 0; t < keys; t++) kd[t] = k[t * key_stride + d];
-                for (int t = keys; t < width; t++) kd[t] = 0.0f;
-            }
-            block_scores_transposed(qs, kt, rows, head_dim, width, s);  // rows that see no key here are not read
+        if (j * block_size + block_size <= last_pos) {  // the next block's keys and values, while this one computes
+            const int64_t next = ((int64_t)blocks[j + 1] * block_size * n_kv_heads + kv_head) * head_dim;
+            for (int t = 0; t < block_size; t++)
+                for (int d = 0; d < head_dim; d += LANES) {
+                    __builtin_prefetch(k_cache + next + t * key_stride + d);
+                    __builtin_prefetch(v_cache + next + t * key_stride + d);
+                }
         }
-        for (int i = 0; i < rows; i++) {
-            const int pos = start + (row_begin + i) / group;  // this row's query position: it sees keys lo .. pos
-            const int t_lo = max_int((window > 0 ? pos - window + 1 : 0) - t0, 0), t_hi = min_int(pos - t0 + 1, keys);
-            if (t_hi <= t_lo) continue;  // no key of this block is visible to this row
-            float *sr = s + (int64_t)i * width;
-            if (!transposed)
-                row_scores_direct(qs + (int64_t)i * head_dim, k, key_stride, keys, head_dim, sr);
-            if (softcap > 0.0f) {
+        for (int64_t g = 0; g < padded; g += LANES) {
+            // the keys of this block some real row of the vector sees, [t_lo, t_hi), and those all of them see
+            int min_lo = seq_len, max_lo = 0, min_hi = seq_len, max_hi = -1;
+            for (int i = g; i < g + LANES && i < rows; i++) {
+                min_lo = min_int(min_lo, lo[i]), max_lo = max_int(max_lo, lo[i]);
+                min_hi = min_int(min_hi, hi[i]), max_hi = max_int(max_hi, hi[i]);
+            }
+            const int t_lo = max_int(min_lo - t0, 0), t_hi = min_int(max_hi - t0 + 1, keys);
+            if (t_hi <= t_lo) continue;
+            const int f_lo = min_int(max_int(max_lo - t0, t_lo), t_hi), f_hi = max_int(min_int(min_hi - t0 + 1, t_hi), f_lo);
+            const vint vlo = vload_i(lo + g), vhi = vload_i(hi + g);
+            float *sg = s + g;
+            int t = t_lo;
+            for (; t + 8 <= t_hi; t += 8) scores_keys(qt + g, padded, k, key_stride, t, head_dim, sg, 8);
+            for (; t < t_hi; t++) scores_keys(qt + g, padded, k, key_stride, t, head_dim, sg, 1);
+            vfloat block_max = splat(MASKED);
+            for (t = t_lo; t < t_hi; t++) {
+                vfloat st = vload(sg + t * padded);
+                if (softcap > 0.0f) {
 #pragma omp simd
-                for (int t = 0; t < keys; t++) sr[t] = softcap * tanhf(sr[t] / softcap);
+                    for (int u = 0; u < LANES; u++) st[u] = softcap * tanhf(st[u] / softcap);
+                }
+                st = vselect(visible(vlo, vhi, t0 + t), st, splat(MASKED));
+                vstore(sg + t * padded, st);
+                block_max = vmax(block_max, st);
             }
-            float block_max = MASKED;
-            for (int t = t_lo; t < t_hi; t++) block_max = sr[t] > block_max ? sr[t] : block_max;
-            const float m_new = block_max > m[i] ? block_max : m[i];
-            const float alpha = expf(m[i] - m_new);  // 0 on the row's first block (m = MASKED, acc = 0)
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int t = t_lo; t < t_hi; t++) {
-                sr[t] = expf(sr[t] - m_new);
-                sum += sr[t];
+            const vfloat m_old = vload(m + g), m_new = vmax(block_max, m_old);
+            const vfloat alpha = vexp(m_old - m_new);  // 0 on a row's first block (m = MASKED, acc = 0)
+            vfloat sum = {0};
+            for (t = t_lo; t < t_hi; t++) {
+                const vfloat pt = vselect(visible(vlo, vhi, t0 + t), vexp(vload(sg + t * padded) - m_new), splat(0.0f));
+                vstore(sg + t * padded, pt);
+                sum += pt;
             }
-            l[i] = l[i] * alpha + sum;
-            m[i] = m_new;
-            row_values(acc + (int64_t)i * head_dim, alpha, sr, v, key_stride, t_lo, t_hi, head_dim);
+            vstore(l + g, vload(l + g) * alpha + sum);
+            vstore(m + g, m_new);
+            int d = 0;
+            for (; d + 8 <= head_dim; d += 8)
+                values_cols(acc + g, padded, alpha, sg, v, key_stride, t_lo, f_lo, f_hi, t_hi, t0, vlo, vhi, d, 8);
+            for (; d < head_dim; d++)
+                values_cols(acc + g, padded, alpha, sg, v, key_stride, t_lo, f_lo, f_hi, t_hi, t0, vlo, vhi, d, 1);
         }
     }
     for (int i = 0; i < rows; i++) {
         const int r = row_begin + i;
         float *o = out + ((int64_t)(q0 + r / group) * n_heads + kv_head * group + r % group) * head_dim;
         const float inv = 1.0f / l[i];
-        for (int d = 0; d < head_dim; d++) o[d] = acc[(int64_t)i * head_dim + d] * inv;
+        for (int d = 0; d < head_dim; d++) o[d] = acc[d * padded + i] * inv;
     }
 }
 
@@ -206,8 +213,8 @@ static void attend(const float *q, int64_t q_row_stride, const float *k_cache, c
 #define MIN_TILE_ROWS 8
 
 /* Tiles per (sequence, KV head) when tasks are few: enough for tiles of at most TILE_ROWS rows, and more while the
- * tasks do not divide evenly among the threads and each tile keeps MIN_TILE_ROWS rows (a tile reads and transposes
- * the sequence's K again: worth it only for rows enough). */
+ * tasks do not divide evenly among the threads and each tile keeps MIN_TILE_ROWS rows (a tile reads the sequence's
+ * K and V again: worth it only for rows enough). */
 static int tiles_for(int max_rows, int heads, int threads) {
     int tiles = (max_rows + TILE_ROWS - 1) / TILE_ROWS;
     while ((heads * tiles) % threads && max_rows / (tiles + 1) >= MIN_TILE_ROWS) tiles++;
@@ -222,14 +229,15 @@ int realm_paged_attention_f32(const float *q, int64_t q_row_stride, const float 
     int max_q = 0;
     for (int b = 0; b < batch; b++) max_q = q_len[b] > max_q ? q_len[b] : max_q;
     const int group = n_heads / n_kv_heads, max_rows = max_q * group;
-    // Tiles only where (sequence, KV head) tasks are too few to keep the threads busy: each tile reads and transposes
-    // the sequence's K again.
+    // Tiles only where (sequence, KV head) tasks are too few to keep the threads busy: each tile reads the sequence's
+    // K and V again.
     const int split = batch * n_kv_heads < 4 * threads;
     const int wanted = split ? tiles_for(max_rows, batch * n_kv_heads, threads) : 1;
     const int tile_rows = (max_rows + wanted - 1) / wanted;
     const int tiles = (max_rows + tile_rows - 1) / tile_rows, rows = tile_rows;
-    const int width = round_up(block_size, LANES);
-    const size_t scratch_floats = (size_t)rows * (2 * head_dim + 2 + width) + (size_t)head_dim * width;
+    // attend's: queries and accumulators [head_dim][rows], scores [block_size][rows], m, l, lo, hi [rows]; rows
+    // padded to whole vectors
+    const size_t scratch_floats = (size_t)round_up(rows, LANES) * (2 * head_dim + block_size + 4);
     const int tasks = batch * n_kv_heads * tiles;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

@@ -140,6 +140,13 @@ def _draw_seed(seed: int, position: int) -> int:
     return _splitmix64(_splitmix64(seed) ^ position) >> 1
 
 
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, n] -> int64 [rows]: per row the index of its largest value, the first of equal ones (a NaN counts as
+    the largest), as argmax(-1) gives. From max(-1), which returns the same index: torch's CPU argmax over a vocabulary
+    row is a slower loop, and a verification samples every one of its rows."""
+    return x.max(-1).indices
+
+
 class BatchSampler:
     """Turns a step's logits into one token per row. Owns two generators on its device: its own, for unseeded rows,
     and one re-seeded for each seeded row (one object reused rather than a generator per row and step)."""
@@ -167,12 +174,12 @@ class BatchSampler:
         sampled = [i for i, r in enumerate(rows) if not r.greedy]
         if not sampled and not any(r.penalized for r in rows):
             logger.debug("BatchSampler: %d greedy rows without penalty, one argmax", len(rows))
-            tokens = logits.argmax(-1)
+            tokens = first_argmax(logits)
             return SampleOutput(tokens, self._one_hot(tokens) if return_probs else None)
         x = _penalize(logits.float(), rows)  # float32 [rows, vocab]; a new tensor when any row is penalised
         if not sampled:
             logger.debug("BatchSampler: %d greedy rows with repetition penalty, argmax", len(rows))
-            tokens = x.argmax(-1)
+            tokens = first_argmax(x)
             return SampleOutput(tokens, self._one_hot(tokens) if return_probs else None)
         if len(sampled) == len(rows):
             probs = self._distribution(x, rows)
@@ -182,7 +189,7 @@ class BatchSampler:
         index = torch.tensor(sampled, device=x.device)
         chosen = [rows[i] for i in sampled]
         probs = self._distribution(x[index], chosen)
-        tokens = x.argmax(-1)
+        tokens = first_argmax(x)
         tokens[index] = self._draw(probs, chosen)
         if not return_probs:
             return SampleOutput(tokens, None)
@@ -214,7 +221,7 @@ class BatchSampler:
         if draft_probs is not None and tuple(draft_probs.shape) != (len(rows), vocab):
             raise ValueError(f"draft_probs must be [{len(rows)}, {vocab}], got {list(draft_probs.shape)}")
         x = _penalize(logits[:, :vocab].float(), rows)
-        tokens = x.argmax(-1)
+        tokens = first_argmax(x)
         draft = torch.tensor(proposed, device=x.device)
         accept = tokens == draft
         sampled = [i for i, r in enumerate(rows) if not r.greedy]
@@ -287,7 +294,7 @@ class BatchSampler:
             e[i].exponential_(generator=self._keyed)
         # An E of exactly 0 (possible in some generators) would give 0 / 0 = NaN at filtered tokens, which argmax
         # ranks first; clamping costs a bias far below float32 resolution.
-        return (probs / e.clamp_min_(_TINY)).argmax(-1)
+        return first_argmax(probs / e.clamp_min_(_TINY))
 
     def _one_hot(self, tokens: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(tokens.shape[0], self.vocab_size, dtype=torch.float32, device=tokens.device)
