@@ -33,6 +33,8 @@
 _Static_assert(TILE_ROWS <= 12, "realm_linear_f32's switch takes the last rows of a tile of up to 12");
 #define PREFETCH_STEPS 64 /* 8 KiB ahead: tried 16 to 256 steps and the L1/L2 hints by hand, 64 into L2 the best */
 #define PREFETCH_L2 1     /* __builtin_prefetch's locality 1: prefetcht2, into L2 on x86 (not L1's prefetcht0) */
+#define CHUNK_STEPS 64    /* k steps every tile of a group walks in turn: 8 KiB of panel, in L1 after the first */
+#define GROUP_ROWS 64     /* rows panel_group takes at most: their accumulators, 8 KiB on the stack */
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -86,6 +88,84 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
 
 int realm_linear_panel_width(void) { return PANEL; }
 
+/* One tile's rows over k steps [k0, k1) of a panel, its accumulators kept across the chunks in acc (lo, hi per row).
+ * It prefetches the k steps PREFETCH_STEPS ahead whose offset in the chunk is `share` modulo `tiles`: each tile of the
+ * group issues its share of the stream's prefetches, so that they go out at one rate while every tile computes. */
+static inline __attribute__((always_inline)) void chunk_tile(const float *restrict x, int64_t x_stride,
+                                                              const float *restrict panel, int64_t k0, int64_t k1,
+                                                              vfloat *restrict acc, int m0, const int rows,
+                                                              int share, int tiles) {
+    vfloat lo[TILE_ROWS], hi[TILE_ROWS];
+    for (int m = 0; m < rows; m++) lo[m] = acc[2 * (m0 + m)], hi[m] = acc[2 * (m0 + m) + 1];
+    int turn = 0;
+    for (int64_t k = k0; k < k1; k++) {
+        const float *wk = panel + k * PANEL;
+        if (turn == share) {
+            __builtin_prefetch(wk + PREFETCH_STEPS * PANEL, 0, PREFETCH_L2);
+            __builtin_prefetch(wk + PREFETCH_STEPS * PANEL + LANES, 0, PREFETCH_L2);
+        }
+        turn = turn + 1 == tiles ? 0 : turn + 1;
+        vfloat w_lo = vload(wk), w_hi = vload(wk + LANES);
+        for (int m = 0; m < rows; m++) {
+            float xm = x[(m0 + m) * x_stride + k];
+            lo[m] += xm * w_lo;
+            hi[m] += xm * w_hi;
+        }
+    }
+    for (int m = 0; m < rows; m++) acc[2 * (m0 + m)] = lo[m], acc[2 * (m0 + m) + 1] = hi[m];
+}
+
+static void chunk_tile_any(const float *restrict x, int64_t x_stride, const float *restrict panel, int64_t k0,
+                           int64_t k1, vfloat *restrict acc, int m0, int rows, int share, int tiles) {
+    switch (rows) {  // constant row counts, for the registers
+        case 12: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 12, share, tiles); break;
+        case 11: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 11, share, tiles); break;
+        case 10: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 10, share, tiles); break;
+        case 9: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 9, share, tiles); break;
+        case 8: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 8, share, tiles); break;
+        case 7: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 7, share, tiles); break;
+        case 6: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 6, share, tiles); break;
+        case 5: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 5, share, tiles); break;
+        case 4: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 4, share, tiles); break;
+        case 3: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 3, share, tiles); break;
+        case 2: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 2, share, tiles); break;
+        case 1: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 1, share, tiles); break;
+        default: break;
+    }
+}
+
+/* Rows m0 .. m0 + rows - 1 (more than one tile, at most GROUP_ROWS) against one panel, CHUNK_STEPS k steps at a
+ * time: every tile walks a chunk before the next chunk, so the panel is read from memory once, the tiles after the
+ * first reading the chunk from L1. The tiles share the rows evenly (13 rows: 7 + 6, not 12 + 1, whose one-row pass
+ * is a latency-bound chain). Each output is still one FMA chain over k, its partial sum stored and reloaded exactly. */
+static void panel_group(const float *restrict x, int64_t x_stride, const float *restrict panel, int64_t K,
+                        const float *restrict bias, float *restrict y, int64_t y_stride, int m0, int rows, int cols) {
+    vfloat acc[2 * GROUP_ROWS];
+    memset(acc, 0, sizeof(vfloat) * 2 * (size_t)rows);
+    const int tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, base = rows / tiles, extra = rows % tiles;
+    for (int64_t k0 = 0; k0 < K; k0 += CHUNK_STEPS) {
+        const int64_t k1 = k0 + CHUNK_STEPS < K ? k0 + CHUNK_STEPS : K;
+        for (int t = 0, m = 0; t < tiles; t++) {
+            const int size = base + (t < extra);
+            chunk_tile_any(x + (int64_t)m0 * x_stride, x_stride, panel, k0, k1, acc, m, size, t, tiles);
+            m += size;
+        }
+    }
+    vfloat b_lo = {0}, b_hi = {0};
+    if (bias) {
+        float b[PANEL] = {0};
+        memcpy(b, bias, cols * sizeof(float));
+        b_lo = vload(b);
+        b_hi = vload(b + LANES);
+    }
+    for (int m = 0; m < rows; m++) {
+        float t[PANEL];
+        vstore(t, acc[2 * m] + b_lo);
+        vstore(t + LANES, acc[2 * m + 1] + b_hi);
+        memcpy(y + (m0 + m) * y_stride, t, cols * sizeof(float));
+    }
+}
+
 void realm_linear_f32(const float *x, int64_t x_stride, const float *panels, const float *bias, float *y,
                       int64_t y_stride, int M, int N, int64_t K, int threads) {
     const int n_panels = (N + PANEL - 1) / PANEL;
@@ -96,8 +176,10 @@ void realm_linear_f32(const float *x, int64_t x_stride, const float *panels, con
         float *yp = y + (int64_t)p * PANEL;
         const int cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
         int m0 = 0;
-        for (; m0 + TILE_ROWS <= M; m0 += TILE_ROWS) panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, TILE_ROWS, cols);
-        switch (M - m0) {  // the last rows, as a tile of their own size (constant, for the registers)
+        for (; M - m0 > TILE_ROWS; m0 += GROUP_ROWS)  // several tiles: chunk by chunk (panel_group)
+            panel_group(x, x_stride, panel, K, b, yp, y_stride, m0, M - m0 < GROUP_ROWS ? M - m0 : GROUP_ROWS, cols);
+        switch (M - m0) {  // one tile: a single pass over the panel, the tile's size constant (for the registers)
+            case 12: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 12, cols); break;
             case 11: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 11, cols); break;
             case 10: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 10, cols); break;
             case 9: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 9, cols); break;
@@ -109,7 +191,7 @@ void realm_linear_f32(const float *x, int64_t x_stride, const float *panels, con
             case 3: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 3, cols); break;
             case 2: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 2, cols); break;
             case 1: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 1, cols); break;
-            default: break;
+            default: break;  // none left (M - m0 <= 0 after the groups)
         }
     }
 }
