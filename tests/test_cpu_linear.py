@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(cl.unavailable_reason() is not None,
                                 reason=f"the CPU linear kernel cannot be built here: {cl.unavailable_reason()}")
 
 U = 2.0**-24
-ROWS = [1, 2, 3, 7, 8, 9, 11, 12, 13, 16, 17, 24, 25, 64]  # around the tiles: 12 rows (8 without AVX-512)
+ROWS = [1, 2, 3, 7, 8, 9, 11, 12, 13, 16, 17, 24, 25, 64, 77]  # around the tiles (12 rows; 8 without AVX-512), groups of 64
 # (N, K): size 1, odd, one panel exactly, one column past a panel, and SmolLM2-135M's layers (Q/K/V, gate/up, down)
 SHAPES = [(1, 1), (31, 17), (32, 16), (33, 576), (960, 576), (3072, 576), (576, 1536)]
 
@@ -58,7 +58,7 @@ def test_linear_panels_against_f_linear(shape, rows, with_bias):
     _check(cl.linear_panels(x, cl.pack_panels(w), n, bias), x, w, bias)
 
 
-@pytest.mark.parametrize("rows", [3, 9, 13, 17, 64])
+@pytest.mark.parametrize("rows", [3, 9, 13, 17, 64, 77])
 def test_a_row_gets_the_same_bits_whatever_rows_come_with_it(rows):
     """A decode's row and the same row inside a verification chunk (or a batch) are computed alike: greedy speculation
     is then exact without relying on two summation orders agreeing."""
