@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(cl.unavailable_reason() is not None,
                                 reason=f"the CPU linear kernel cannot be built here: {cl.unavailable_reason()}")
 
 U = 2.0**-24
-ROWS = [1, 2, 3, 7, 8, 9, 11, 12, 13, 16, 17, 24, 25, 64, 77]  # around the tiles (12 rows; 8 without AVX-512), groups of 64
+ROWS = [1, 2, 3, 7, 8, 9, 11, 12, 13, 16, 17, 24, 25, 64, 77]  # around the tiles (12 rows; 8 without AVX-512), groups
+# of 64 (panel_group)
 # (N, K): size 1, odd, one panel exactly, one column past a panel, and SmolLM2-135M's layers (Q/K/V, gate/up, down)
 SHAPES = [(1, 1), (31, 17), (32, 16), (33, 576), (960, 576), (3072, 576), (576, 1536)]
 
