@@ -13,6 +13,9 @@
  * holds a dozen FMAs (timed by hand, no figures kept; its effect on speculation's ratio at batch 1 is in
  * bench/results/speculative_batch1_kernels.jsonl, commit d2c83ed, against 44e3c7f's rows in speculative.jsonl).
  *
+ * More rows than one tile holds (a verification of 13-16 rows) are a group of tiles that walk the panel together, a
+ * chunk of k steps at a time (panel_group): one stream from memory, the prefetches shared among the tiles.
+ *
  * Each output is one chain of fused multiply-adds over k = 0 .. K-1, the same whatever the number of rows, the tile
  * a row falls in, or the thread: a row's result does not depend on the rows computed with it (tests hold it to the
  * bit). Built without -ffast-math, so the compiler keeps that order.
