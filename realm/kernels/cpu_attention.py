@@ -16,7 +16,8 @@ It is built on first use by realm.kernels.cpu_build (the system C compiler, `-O3
 cached by a hash of the source, flags, compiler and CPU).
 Where no compiler works, or for dtypes other than float32, the reference runs instead, with one warning per reason
 that says why. Not bit-exact with the reference (another summation order): tests/test_cpu_attention.py holds it to the
-attention tolerance of the Triton kernels.
+attention tolerance of the Triton kernels. Bit-exact with itself across chunk lengths: a task's rows are the lanes of
+vectors, each computed alike and alone, so a query gets the same bits in a decode as inside any verification chunk.
 """
 
 from __future__ import annotations

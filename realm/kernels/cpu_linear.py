@@ -8,10 +8,11 @@ streaming weights packed in panels near the memory's rate.
 Why: a decode step of a small model on the CPU is its weights read once (SmolLM2-135M: 538 MB of float32 per step),
 so its time is the weights' bytes over the memory's rate, and a speculative verification of k + 1 rows should cost
 about what a decode costs. oneDNN's packed GEMM (what the backend runs on prompt chunks) read one row's weights at
-19.5 GB/s on this project's CPU; this kernel, one pass over each panel with the weights prefetched ahead, at 26 GB/s,
-and it took 0.74-0.90x oneDNN's time at every step size up to 64 rows (bench/results/cpu_linear.jsonl, commit
-5095678). Both grow alike with the rows: 1.1x the one-row time for 5 rows, 1.3x for 8, 1.6x for 16. Above MAX_ROWS
-rows oneDNN's blocked GEMM runs (ops.py picks per step).
+19.5 GB/s on this project's CPU; this kernel, one pass over each panel with the weights prefetched ahead, at 26 GB/s
+(bench/results/cpu_linear.jsonl, commit 5095678). At 9d13ebd (same file, same Intel Xeon) it took 0.57-0.80x
+oneDNN's time at every step size up to 64 rows, and its time grew slowly with the rows: within the one-row time's
+noise up to 9 rows, 1.28x it for 16, 1.72x for 32 (1.6x and 2.5x at 5095678, before tiles of 12 rows shared one walk
+of each panel). Above MAX_ROWS rows oneDNN's blocked GEMM runs (ops.py picks per step).
 
 A row's result is one chain of fused multiply-adds over k, whatever rows are computed with it: a decode and the same
 row inside a verification get the same bits (tests/test_cpu_linear.py). Not bit-exact with F.linear (another
