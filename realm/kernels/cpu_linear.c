@@ -34,6 +34,8 @@
 #define TILE_ROWS 8 /* AVX2's 16 registers hold half the vectors: no larger tile than before 12 was tried */
 #endif
 _Static_assert(TILE_ROWS <= 12, "realm_linear_f32's switch takes the last rows of a tile of up to 12");
+/* The switches that make a tile's row count a constant: one case per size up to 12. */
+#define EACH_TILE_SIZE(X) X(12) X(11) X(10) X(9) X(8) X(7) X(6) X(5) X(4) X(3) X(2) X(1)
 #define PREFETCH_STEPS 64 /* 8 KiB ahead: tried 16 to 256 steps and the L1/L2 hints by hand, 64 into L2 the best */
 #define PREFETCH_L2 1     /* __builtin_prefetch's locality 1: prefetcht2, into L2 on x86 (not L1's prefetcht0) */
 #define CHUNK_STEPS 64    /* k steps every tile of a group walks in turn: 8 KiB of panel, in L1 after the first */
@@ -48,6 +50,28 @@ static inline vfloat vload(const float *p) {
 }
 
 static inline void vstore(float *p, vfloat x) { memcpy(p, &x, sizeof x); }
+
+/* The bias of a panel's cols columns as its two vectors (zeros where there is none or past cols). */
+static inline void panel_bias(const float *restrict bias, int cols, vfloat *b_lo, vfloat *b_hi) {
+    float b[PANEL] = {0};
+    if (bias) memcpy(b, bias, cols * sizeof(float));
+    *b_lo = vload(b);
+    *b_hi = vload(b + LANES);
+}
+
+/* One output row's PANEL sums plus the bias, of which cols columns are real (the last panel of an N that is not a
+ * multiple of PANEL has fewer). */
+static inline void store_row(float *restrict out, vfloat lo, vfloat hi, vfloat b_lo, vfloat b_hi, int cols) {
+    if (cols == PANEL) {
+        vstore(out, lo + b_lo);
+        vstore(out + LANES, hi + b_hi);
+    } else {
+        float t[PANEL];
+        vstore(t, lo + b_lo);
+        vstore(t + LANES, hi + b_hi);
+        memcpy(out, t, cols * sizeof(float));
+    }
+}
 
 /* rows m0 .. m0 + rows - 1 against one panel (cols of its PANEL columns are real); rows is a constant where inlined,
  * so that the accumulators stay in registers. */
@@ -67,26 +91,9 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
             hi[m] += xm * w_hi;
         }
     }
-    vfloat b_lo = {0}, b_hi = {0};
-    if (bias) {
-        float b[PANEL] = {0};
-        memcpy(b, bias, cols * sizeof(float));
-        b_lo = vload(b);
-        b_hi = vload(b + LANES);
-    }
-    for (int m = 0; m < rows; m++) {
-        float *out = y + (m0 + m) * y_stride;
-        vfloat o_lo = lo[m] + b_lo, o_hi = hi[m] + b_hi;
-        if (cols == PANEL) {
-            vstore(out, o_lo);
-            vstore(out + LANES, o_hi);
-        } else {  // the last panel of an N that is not a multiple of PANEL
-            float t[PANEL];
-            vstore(t, o_lo);
-            vstore(t + LANES, o_hi);
-            memcpy(out, t, cols * sizeof(float));
-        }
-    }
+    vfloat b_lo, b_hi;
+    panel_bias(bias, cols, &b_lo, &b_hi);
+    for (int m = 0; m < rows; m++) store_row(y + (m0 + m) * y_stride, lo[m], hi[m], b_lo, b_hi, cols);
 }
 
 int realm_linear_panel_width(void) { return PANEL; }
@@ -121,18 +128,9 @@ static inline __attribute__((always_inline)) void chunk_tile(const float *restri
 static void chunk_tile_any(const float *restrict x, int64_t x_stride, const float *restrict panel, int64_t k0,
                            int64_t k1, vfloat *restrict acc, int m0, int rows, int share, int tiles) {
     switch (rows) {  // constant row counts, for the registers
-        case 12: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 12, share, tiles); break;
-        case 11: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 11, share, tiles); break;
-        case 10: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 10, share, tiles); break;
-        case 9: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 9, share, tiles); break;
-        case 8: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 8, share, tiles); break;
-        case 7: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 7, share, tiles); break;
-        case 6: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 6, share, tiles); break;
-        case 5: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 5, share, tiles); break;
-        case 4: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 4, share, tiles); break;
-        case 3: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 3, share, tiles); break;
-        case 2: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 2, share, tiles); break;
-        case 1: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, 1, share, tiles); break;
+#define CHUNK_TILE(n) case n: chunk_tile(x, x_stride, panel, k0, k1, acc, m0, n, share, tiles); break;
+        EACH_TILE_SIZE(CHUNK_TILE)
+#undef CHUNK_TILE
         default: break;
     }
 }
@@ -154,19 +152,9 @@ static void panel_group(const float *restrict x, int64_t x_stride, const float *
             m += size;
         }
     }
-    vfloat b_lo = {0}, b_hi = {0};
-    if (bias) {
-        float b[PANEL] = {0};
-        memcpy(b, bias, cols * sizeof(float));
-        b_lo = vload(b);
-        b_hi = vload(b + LANES);
-    }
-    for (int m = 0; m < rows; m++) {
-        float t[PANEL];
-        vstore(t, acc[2 * m] + b_lo);
-        vstore(t + LANES, acc[2 * m + 1] + b_hi);
-        memcpy(y + (m0 + m) * y_stride, t, cols * sizeof(float));
-    }
+    vfloat b_lo, b_hi;
+    panel_bias(bias, cols, &b_lo, &b_hi);
+    for (int m = 0; m < rows; m++) store_row(y + (m0 + m) * y_stride, acc[2 * m], acc[2 * m + 1], b_lo, b_hi, cols);
 }
 
 void realm_linear_f32(const float *x, int64_t x_stride, const float *panels, const float *bias, float *y,
@@ -182,18 +170,9 @@ void realm_linear_f32(const float *x, int64_t x_stride, const float *panels, con
         for (; M - m0 > TILE_ROWS; m0 += GROUP_ROWS)  // several tiles: chunk by chunk (panel_group)
             panel_group(x, x_stride, panel, K, b, yp, y_stride, m0, M - m0 < GROUP_ROWS ? M - m0 : GROUP_ROWS, cols);
         switch (M - m0) {  // one tile: a single pass over the panel, the tile's size constant (for the registers)
-            case 12: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 12, cols); break;
-            case 11: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 11, cols); break;
-            case 10: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 10, cols); break;
-            case 9: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 9, cols); break;
-            case 8: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 8, cols); break;
-            case 7: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 7, cols); break;
-            case 6: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 6, cols); break;
-            case 5: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 5, cols); break;
-            case 4: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 4, cols); break;
-            case 3: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 3, cols); break;
-            case 2: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 2, cols); break;
-            case 1: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, 1, cols); break;
+#define PANEL_TILE(n) case n: panel_tile(x, x_stride, panel, K, b, yp, y_stride, m0, n, cols); break;
+            EACH_TILE_SIZE(PANEL_TILE)
+#undef PANEL_TILE
             default: break;  // none left (M - m0 <= 0 after the groups)
         }
     }
