@@ -54,7 +54,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import RESULTS, cpu_name, environment, positive_int, print_table, record, replot, save_figure
+from harness import (
+    RESULTS,
+    cpu_name,
+    environment,
+    positive_int,
+    print_table,
+    record,
+    replot,
+    save_figure,
+    torch_threads,
+)
 from speculative import (
     BLOCK_SIZE,
     MAX_TOKENS,
@@ -298,12 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         return replot(args.out, KEY, p, plot, summary, SETUP)
     if args.k > MAX_SPECULATIVE_TOKENS:
         p.error(f"--k must be <= {MAX_SPECULATIVE_TOKENS} (the verification tile), got {args.k}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:
