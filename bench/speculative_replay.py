@@ -37,7 +37,7 @@ decode_tokens, then per (policy, row_cost): steps, proposed, accepted, decode_sp
 run). speculative_replay.png: the step time by rows, and the speedup against row_cost per policy with the measured
 run and bench/speculative.py's 1.8x target.
 
-    python bench/speculative_replay.py               # SmolLM2, onednn float32 on the CPU: about 2 minutes
+    python bench/speculative_replay.py               # SmolLM2, onednn float32 on the CPU (prints its run time)
     python bench/speculative_replay.py --plot-only
 """
 
@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         return replot(args.out, KEY, p, plot, summary, SETUP)
     if args.k > MAX_SPECULATIVE_TOKENS:
         p.error(f"--k must be <= {MAX_SPECULATIVE_TOKENS} (the verification tile), got {args.k}")
+    if args.max_tokens < 2:
+        p.error(f"--max-tokens must be >= 2 (the first token is the prefill's: nothing to replay), "
+                f"got {args.max_tokens}")
     with torch_threads(args.threads):
         return run(args)
 

@@ -143,5 +143,8 @@ def test_bad_options(replay, tmp_path, capsys):
         replay.main(["--k", "16", "--out", str(tmp_path / "r.jsonl")])
     assert exc.value.code == 2 and "--k must be <= 15" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
+        replay.main(["--max-tokens", "1", "--out", str(tmp_path / "r.jsonl")])
+    assert exc.value.code == 2 and "--max-tokens must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
         replay.main(["--plot-only", "--out", str(tmp_path / "none.jsonl")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
