@@ -14,7 +14,9 @@ Modes (realm.runtime.speculative; one Engine per mode on the same loaded model):
   sequence and step from its measured acceptance and the step costs (0 where proposals do not pay);
 - draft: the same with a draft model (`--draft`, default: a copy of the target keeping --draft-layers, made with
   realm.draft_file.make_layer_draft into a temporary directory);
-- ngram-fixed, draft-fixed: adaptive=False, always k proposals: what adaptivity saves (or costs).
+- ngram-fixed, draft-fixed: adaptive=False, always k proposals: what adaptivity saves (or costs);
+- ngram-nolockstep (not run by default): ngram without PromptLookup's lockstep proposals, n-grams only: what they
+  gain. A comparison, so not a candidate for the batch-1 target's best method (`mark_best`).
 
 Concurrency N (--concurrency, default 1 8 32): at N=1 the workload's prompts run one after another, each alone (a
 batch of one), the modes taking turns prompt by prompt (`repeat_runs`: paired, so that the machine's drift reaches
@@ -43,8 +45,9 @@ prompt: summary, quote, edit, chat; each request's tokens over its own wall time
 threads, and the CPUs other processes kept busy at the start and end; plain rows at N=1 also carry prompt lookup's
 ceiling on their outputs (`lookup_steps`, `lookup_tokens_per_step`, `lookup_bound_speedup`: the speedup n-gram
 speculation could reach if every step verified the full k=15 tokens of its match and a verification cost a decode
-step, the prefill unchanged; `lookup_steps_latest`: the steps if each match were the latest occurrence, prompt
-lookup's usual rule, instead of realm's most frequent continuation). speculative.png: output tok/s, speedup and
+step, the prefill unchanged; `lookup_steps_ngrams_only`: the steps without the lockstep proposals of realm's
+PromptLookup; `lookup_steps_latest`: the steps if each match were the latest occurrence, prompt lookup's usual rule,
+instead of realm's most frequent continuation, n-grams only). speculative.png: output tok/s, speedup and
 acceptance against N.
 
 Backend: on the CPU, onednn by default (the reference's ops with the linear layers through oneDNN on weights packed
@@ -140,11 +143,11 @@ from realm.models import resolve_model
 from realm.runtime.engine import Engine, EngineConfig
 from realm.runtime.generate import FinishReason
 from realm.runtime.sampling import SamplingParams
-from realm.runtime.speculative import MAX_SPECULATIVE_TOKENS, SpeculativeConfig, match_ngram
+from realm.runtime.speculative import MAX_SPECULATIVE_TOKENS, PromptLookup, SpeculativeConfig
 
 JSONL = RESULTS / "speculative.jsonl"
 WORKLOADS = ("grounded", "chat")
-MODES = ("plain", "ngram", "draft", "ngram-fixed", "draft-fixed")
+MODES = ("plain", "ngram", "draft", "ngram-fixed", "draft-fixed", "ngram-nolockstep")
 DEFAULT_MODES = ("plain", "ngram", "draft", "ngram-fixed")
 CONCURRENCY = (1, 8, 32)
 MAX_TOKENS = 96
@@ -184,10 +187,11 @@ class Mode:
     name: str
     method: str | None  # None: plain
     adaptive: bool
+    lockstep: bool = True  # n-gram: PromptLookup's lockstep proposals (off: the comparison mode ngram-nolockstep)
 
     def speculative(self, k: int) -> SpeculativeConfig | None:
         return None if self.method is None else SpeculativeConfig(self.method, num_speculative_tokens=k,
-                                                                  adaptive=self.adaptive)
+                                                                  adaptive=self.adaptive, ngram_lockstep=self.lockstep)
 
 
 def mode_of(name: str) -> Mode:
@@ -195,8 +199,8 @@ def mode_of(name: str) -> Mode:
         raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)}")
     if name == "plain":
         return Mode(name, None, False)
-    method, _, fixed = name.partition("-")
-    return Mode(name, method, adaptive=not fixed)
+    method, _, variant = name.partition("-")
+    return Mode(name, method, adaptive=variant != "fixed", lockstep=variant != "nolockstep")
 
 
 @dataclass(frozen=True)
@@ -359,18 +363,32 @@ def latest_match(token_ids: Sequence[int], k: int, ngram_min: int, ngram_max: in
     return [], 0
 
 
+class LatestLookup:
+    """latest_match as a proposer (PromptLookup's `propose`), n-grams only."""
+
+    def propose(self, token_ids: Sequence[int], k: int) -> tuple[list[int], int]:
+        spec = SpeculativeConfig("ngram")
+        return latest_match(token_ids, k, spec.ngram_min, spec.ngram_max)
+
+
+def engine_lookup(lockstep: bool = True) -> PromptLookup:
+    """The engine's n-gram proposer for one sequence, SpeculativeConfig's default bounds."""
+    spec = SpeculativeConfig("ngram", ngram_lockstep=lockstep)
+    return PromptLookup(spec.ngram_min, spec.ngram_max, spec.ngram_lockstep)
+
+
 def lookup_steps(prompt: Sequence[int], output: Sequence[int], k: int = MAX_SPECULATIVE_TOKENS,
-                 match: Callable = match_ngram) -> int:
+                 lookup: Callable[[], object] = engine_lookup) -> int:
     """Steps prompt lookup needs to produce `output` after `prompt` (greedy) if every step verified the full k
-    tokens its n-gram match proposes (SpeculativeConfig's default n-gram bounds; `match`: realm's rule, or
-    `latest_match`): its first token from the prefill, then one step per accepted run and the token after it. No
-    cost model, no step budget: the most tokens per step n-gram proposals can give this output."""
+    tokens it proposes (`lookup()`: a fresh proposer with PromptLookup's `propose`: the engine's, by default; with
+    lockstep off; or LatestLookup): its first token from the prefill, then one step per accepted run and the token
+    after it. No cost model, no step budget: the most tokens per step n-gram proposals can give this output."""
     if not output:
         return 0
-    spec = SpeculativeConfig("ngram")
+    proposer = lookup()
     context, steps, at = [*prompt, output[0]], 1, 1
     while at < len(output):
-        proposal, _ = match(context, min(k, len(output) - at - 1), spec.ngram_min, spec.ngram_max)
+        proposal, _ = proposer.propose(context, min(k, len(output) - at - 1))
         run = next((i for i, (a, b) in enumerate(zip(proposal, output[at:], strict=False)) if a != b), len(proposal))
         context += output[at : at + run + 1]
         at += run + 1
@@ -382,7 +400,8 @@ def lookup_ceiling(plain: Run, requests: Sequence[Prompt]) -> dict:
     """Plain rows at N=1: prompt lookup's ceiling on the plain outputs (`lookup_steps`), as decode tokens per step,
     and the speedup it would give if a verification step cost what a plain decode step costs (the plain run's
     decoding time scaled by its steps; the prefill unchanged): an upper bound for n-gram speculation on this work.
-    `lookup_steps_latest`: the steps with the latest occurrence's proposals instead (`latest_match`)."""
+    `lookup_steps_ngrams_only`: the steps without PromptLookup's lockstep proposals; `lookup_steps_latest`: with the
+    latest occurrence's proposals instead (`latest_match`, n-grams only)."""
     pairs = list(zip(requests, plain.token_ids, strict=True))
     steps = sum(lookup_steps(p.ids, out) for p, out in pairs)
     decode_steps = steps - sum(1 for out in plain.token_ids if out)
@@ -391,16 +410,21 @@ def lookup_ceiling(plain: Run, requests: Sequence[Prompt]) -> dict:
     wall = plain.wall_s - plain.decode_s + plain.decode_s * decode_steps / plain.decode_tokens
     return {"lookup_steps": steps, "lookup_tokens_per_step": plain.decode_tokens / max(decode_steps, 1),
             "lookup_bound_speedup": plain.wall_s / wall,
-            "lookup_steps_latest": sum(lookup_steps(p.ids, out, match=latest_match) for p, out in pairs)}
+            "lookup_steps_ngrams_only": sum(lookup_steps(p.ids, out, lookup=lambda: engine_lookup(False))
+                                            for p, out in pairs),
+            "lookup_steps_latest": sum(lookup_steps(p.ids, out, lookup=LatestLookup) for p, out in pairs)}
 
 
 def mark_best(rows: list[dict]) -> list[dict]:
     """Sets best_at_batch1 on the adaptive row of the highest speedup at batch 1 on grounded work, per (device,
-    backend, model, date): the row the batch-1 target judges. Returns rows."""
+    backend, model, date): the row the batch-1 target judges. Of the methods as the engine runs them by default:
+    ngram-nolockstep is a comparison, not a method (the best of two noisy runs of nearly the same method would be
+    biased upwards). Returns rows."""
     best: dict[tuple, dict] = {}
     for r in rows:
         r.pop("best_at_batch1", None)
-        if _is_adaptive(r) and r["workload"] == "grounded" and r["concurrency"] == 1 and r.get("speedup") is not None:
+        if (_is_adaptive(r) and r["mode"] in ("ngram", "draft") and r["workload"] == "grounded"
+                and r["concurrency"] == 1 and r.get("speedup") is not None):
             key = (r["device"], r["backend"], r.get("model"), r["date"])
             if key not in best or r["speedup"] > best[key]["speedup"]:
                 best[key] = r
@@ -488,6 +512,7 @@ def measure(runners: Sequence[ModeRunner], prompts: dict[str, list[Prompt]], con
                 mode = runner.mode
                 row = build_row(runs[mode.name], {"workload": workload, "mode": mode.name,
                                                   "method": mode.method or "none", "adaptive": mode.adaptive,
+                                                  "lockstep": mode.lockstep if mode.method == "ngram" else None,
                                                   "k": runner.k if mode.method else None, "concurrency": n,
                                                   "prompt_tokens": sum(len(p.ids) for p in requests)},
                                 kinds)
@@ -595,8 +620,8 @@ def print_summary(rows: list[dict]) -> None:
             print(f"prompt lookup's ceiling on {r['workload']} at N=1 (k={MAX_SPECULATIVE_TOKENS} every step, the "
                   f"plain outputs): {r['lookup_tokens_per_step']:.2f} decode tokens per step, at most "
                   f"{r['lookup_bound_speedup']:.2f}x plain if a verification cost a decode step; "
-                  f"{r['lookup_steps']} steps ({r.get('lookup_steps_latest', '?')} with the latest occurrence's "
-                  "proposals)")
+                  f"{r['lookup_steps']} steps ({r.get('lookup_steps_ngrams_only', '?')} with n-grams only, "
+                  f"{r.get('lookup_steps_latest', '?')} with the latest occurrence's proposals)")
     print()
     for line in target_lines(rows):
         print(line)

@@ -15,13 +15,14 @@ decoding):
    prompts' mean length plus half of --max-tokens, through the model runner alone: --repeats rounds over the row
    counts in turn (the machine's drift reaches every count alike), medians, and the spread (relative standard
    deviation, averaged over the counts) as the replay's noise;
-3. replays every prompt's output step by step: the engine's NgramIndex proposes, a policy picks k, the accepted run
+3. replays every prompt's output step by step: the engine's PromptLookup proposes, a policy picks k, the accepted run
    is the proposal's common prefix with the output, and the step costs the table's time at 1 + k rows, scaled so
    that the rows beyond the first cost `row_cost` times their measured extra (1: as measured; 0: a verification
    costs a decode), times (1 + noise x a seeded normal draw). Policies: `adaptive` (the engine's
    SpeculationController, fed each step's time as the engine feeds it), `fixed` (every step verifies all the match
    proposes, up to k: prompt lookup's ceiling in steps), `oracle` (verifies exactly the run that will be accepted:
-   the best any choice of k can do with these proposals).
+   the best any choice of k can do with these proposals). Every policy runs twice: with PromptLookup's lockstep
+   proposals (the engine's default) and with n-grams only (`lockstep` false).
 Speedups: decode_speedup = plain's decoding priced by the table (a decode per token) over the replay's, the mean of
 --seeds replays; speedup = the measured plain run's time over its prefill plus its decoding divided by
 decode_speedup: the prefill is the same in every mode and speculation cannot shorten it.
@@ -32,10 +33,10 @@ adaptive run) against the replay's adaptive row at row_cost 1 says how far that 
 
 Rows (bench/results/speculative_replay.jsonl, via harness: device, versions, commit, date): model, backend, threads,
 context, max_tokens, k_max, step_ms (the table: rows -> ms), noise, prefill_s and decode_s (the plain run's),
-decode_tokens, then per (policy, row_cost): steps, proposed, accepted, decode_speedup, speedup; and one row of policy
-`measured` (the engine's adaptive n-gram run: its steps, proposals, decode_speedup and speedup against the plain
-run). speculative_replay.png: the step time by rows, and the speedup against row_cost per policy with the measured
-run and bench/speculative.py's 1.8x target.
+decode_tokens, then per (lockstep, policy, row_cost): steps, proposed, accepted, decode_speedup, speedup; and one row
+of policy `measured` (the engine's adaptive n-gram run: its steps, proposals, decode_speedup and speedup against the
+plain run). speculative_replay.png: the step time by rows, and the speedup against row_cost per policy (dashed: n-grams
+only) with the measured run and bench/speculative.py's 1.8x target.
 
     python bench/speculative_replay.py               # SmolLM2, onednn float32 on the CPU (prints its run time)
     python bench/speculative_replay.py --plot-only
@@ -85,7 +86,7 @@ from realm.runtime.sampler import RowSampling
 from realm.runtime.speculative import (
     MAX_SPECULATIVE_TOKENS,
     Candidate,
-    NgramIndex,
+    PromptLookup,
     SpeculationController,
     SpeculativeConfig,
 )
@@ -93,7 +94,7 @@ from realm.runtime.speculative import (
 JSONL = RESULTS / "speculative_replay.jsonl"
 POLICIES = ("adaptive", "fixed", "oracle")
 ROW_COSTS = (1.0, 0.75, 0.5, 0.25, 0.0)
-KEY = ("device", "backend", "model", "policy", "row_cost")
+KEY = ("device", "backend", "model", "lockstep", "policy", "row_cost")
 SETUP = ("device", "backend", "model")
 
 
@@ -123,7 +124,7 @@ def step_price(step_s: dict[int, float], row_cost: float) -> Callable[[int], flo
 
 def replay(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], policy: str,
            price: Callable[[int], float], noise: float, seed: int, k_max: int, max_tokens: int,
-           ngram_min: int, ngram_max: int) -> Replay:
+           spec: SpeculativeConfig) -> Replay:
     """One replay of every (prompt, output) in turn at batch 1 (see the module docstring). Steps count as the
     engine's do: the prefill's (the output's first token, not priced: the prefill is the same in every mode), then
     one per verification or decode, each yielding the accepted run and one token more."""
@@ -131,11 +132,12 @@ def replay(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], p
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     rng, controller, out = random.Random(seed), SpeculationController(), Replay()
     for seq_id, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
-        index, context, at = NgramIndex(ngram_min, ngram_max), [*prompt, *output[:1]], 1
+        lookup = PromptLookup(spec.ngram_min, spec.ngram_max, spec.ngram_lockstep)
+        context, at = [*prompt, *output[:1]], 1
         out.steps += bool(output)
         while at < len(output):
             max_k = min(k_max, max_tokens - at - 1)  # the engine's bound: what max_tokens leaves after the bonus
-            proposal, kind = index.match(context, max_k) if max_k > 0 else ([], 0)
+            proposal, kind = lookup.propose(context, max_k) if max_k > 0 else ([], 0)
             run = accepted_run(proposal, output, at)
             if not proposal:
                 k = 0
@@ -164,20 +166,22 @@ def overall_speedup(prefill_s: float, decode_s: float, decode_speedup: float) ->
 def replay_rows(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], step_s: dict[int, float],
                 noise: float, seeds: int, k_max: int, max_tokens: int, prefill_s: float, decode_s: float,
                 row_costs: Sequence[float] = ROW_COSTS) -> list[dict]:
-    """A row per (policy, row_cost): the mean of `seeds` replays."""
-    spec = SpeculativeConfig("ngram")
+    """A row per (lockstep, policy, row_cost): the mean of `seeds` replays; lockstep on is the engine's default."""
     decode_tokens = sum(max(len(o) - 1, 0) for o in outputs)
     plain = decode_tokens * step_s[1]
     rows = []
-    for policy in POLICIES:
-        for row_cost in row_costs:
-            runs = [replay(prompts, outputs, policy, step_price(step_s, row_cost), noise, seed, k_max, max_tokens,
-                           spec.ngram_min, spec.ngram_max) for seed in range(seeds)]
-            decode_speedup = plain / statistics.fmean(r.seconds for r in runs)
-            rows.append({"policy": policy, "row_cost": row_cost, "steps": statistics.fmean(r.steps for r in runs),
-                         "proposed": statistics.fmean(r.proposed for r in runs),
-                         "accepted": statistics.fmean(r.accepted for r in runs), "decode_speedup": decode_speedup,
-                         "speedup": overall_speedup(prefill_s, decode_s, decode_speedup)})
+    for lockstep in (True, False):
+        spec = SpeculativeConfig("ngram", ngram_lockstep=lockstep)
+        for policy in POLICIES:
+            for row_cost in row_costs:
+                runs = [replay(prompts, outputs, policy, step_price(step_s, row_cost), noise, seed, k_max, max_tokens,
+                               spec) for seed in range(seeds)]
+                decode_speedup = plain / statistics.fmean(r.seconds for r in runs)
+                rows.append({"lockstep": lockstep, "policy": policy, "row_cost": row_cost,
+                             "steps": statistics.fmean(r.steps for r in runs),
+                             "proposed": statistics.fmean(r.proposed for r in runs),
+                             "accepted": statistics.fmean(r.accepted for r in runs), "decode_speedup": decode_speedup,
+                             "speedup": overall_speedup(prefill_s, decode_s, decode_speedup)})
     return rows
 
 
@@ -235,7 +239,7 @@ def engine_runs(model, prompts: Sequence[Prompt], max_tokens: int, k: int, devic
         raise RuntimeError("adaptive n-gram speculation's output differs from plain decoding's: the replay of plain's "
                            "outputs would not be speculation's")
     decode_speedup = (spec.decode_tokens / spec.decode_s) / (base.decode_tokens / base.decode_s)
-    measured = {"policy": "measured", "row_cost": None, "steps": spec.steps,
+    measured = {"lockstep": True, "policy": "measured", "row_cost": None, "steps": spec.steps,
                 "proposed": spec.proposed, "accepted": spec.accepted, "decode_speedup": decode_speedup,
                 "speedup": base.wall_s / spec.wall_s}
     return EngineRuns(base.token_ids, base.wall_s - base.decode_s, base.decode_s, measured)
@@ -249,6 +253,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = same_run(rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     table = {int(r): ms for r, ms in rows[0]["step_ms"].items()}
     left.plot(list(table), list(table.values()), "o-")
@@ -256,9 +261,12 @@ def plot(rows: list[dict], path: Path) -> Path:
              title=f"step time at {rows[0]['context']} tokens of context")
     left.set_ylim(bottom=0)
     left.grid(alpha=0.3)
-    for policy in POLICIES:
-        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["row_cost"])
-        right.plot([r["row_cost"] for r in mine], [r["speedup"] for r in mine], "o-", label=f"replay: {policy}")
+    for policy, color in zip(POLICIES, ("C0", "C1", "C2"), strict=True):
+        for lockstep, style in ((True, "o-"), (False, "x--")):
+            mine = sorted((r for r in rows if r["policy"] == policy and r.get("lockstep") is lockstep),
+                          key=lambda r: r["row_cost"])
+            right.plot([r["row_cost"] for r in mine], [r["speedup"] for r in mine], style, color=color,
+                       label=f"replay: {policy}" + ("" if lockstep else ", n-grams only (no lockstep)"))
     for r in rows:
         if r["policy"] == "measured":
             right.plot([1.0], [r["speedup"]], "k*", markersize=12, label="measured (engine, adaptive)")
@@ -272,11 +280,18 @@ def plot(rows: list[dict], path: Path) -> Path:
                                   f"{r0['git_commit']} {r0['date'][:10]}")
 
 
+def same_run(rows: list[dict]) -> list[dict]:
+    """The rows of the latest run (one date per run): older runs' rows, of fewer fields, are not drawn with them."""
+    last = max(r["date"] for r in rows)
+    return [r for r in rows if r["date"] == last]
+
+
 def summary(rows: list[dict]) -> None:
     order = ("measured", *POLICIES)
-    rows = sorted(rows, key=lambda r: (order.index(r["policy"]), -(r["row_cost"] if r["row_cost"] is not None else 1)))
-    print_table(rows, ["policy", ("row_cost", ".2f"), ("steps", ".1f"), ("proposed", ".0f"), ("accepted", ".0f"),
-                       ("decode_speedup", ".3f"), ("speedup", ".3f")])
+    rows = sorted(same_run(rows), key=lambda r: (not r.get("lockstep"), order.index(r["policy"]),
+                                                 -(r["row_cost"] if r["row_cost"] is not None else 1)))
+    print_table(rows, ["lockstep", "policy", ("row_cost", ".2f"), ("steps", ".1f"), ("proposed", ".0f"),
+                       ("accepted", ".0f"), ("decode_speedup", ".3f"), ("speedup", ".3f")])
     r0 = rows[0]
     print(f"prefill {r0['prefill_s']:.2f} s and decoding {r0['decode_s']:.2f} s of the plain run; step noise "
           f"{r0['noise']:.1%}; step ms by rows: "

@@ -122,6 +122,9 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
                              "cost more than they save")
     parser.add_argument("--ngram-min", type=int, default=1, metavar="N", help="shortest n-gram looked up (1)")
     parser.add_argument("--ngram-max", type=int, default=4, metavar="N", help="longest n-gram looked up (4)")
+    parser.add_argument("--no-ngram-lockstep", action="store_true",
+                        help="n-gram proposals only where an n-gram matches (default: where the output departs from "
+                             "the text it copies for a token, keep proposing that text in lockstep)")
     parser.add_argument("--fixed-k", action="store_true",
                         help="always propose K tokens (no adaptive k): to measure what adaptivity saves")
     parser.add_argument("--adapter", default=None, metavar="NAME",
@@ -154,7 +157,8 @@ def _speculative(args: argparse.Namespace):
     if draft is not None and method != "draft":
         raise ValueError(f"--draft-model is for --speculative draft, not {method}")
     config = SpeculativeConfig(method, num_speculative_tokens=args.num_speculative_tokens, ngram_min=args.ngram_min,
-                               ngram_max=args.ngram_max, adaptive=not args.fixed_k)
+                               ngram_max=args.ngram_max, adaptive=not args.fixed_k,
+                               ngram_lockstep=not args.no_ngram_lockstep)
     return config if config.enabled else None
 
 

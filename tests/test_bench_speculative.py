@@ -150,7 +150,15 @@ def test_lookup_steps_compares_the_latest_occurrence_rule(bench):
     prompt = [1, 5, 1, 5, 1, 6]
     assert bench.latest_match([*prompt, 1], 3, 1, 4) == ([6, 1], 1)
     assert bench.lookup_steps(prompt, [1, 5, 1, 7]) == 2
-    assert bench.lookup_steps(prompt, [1, 5, 1, 7], match=bench.latest_match) == 3  # 1 | 5 | 1 7
+    assert bench.lookup_steps(prompt, [1, 5, 1, 7], lookup=bench.LatestLookup) == 3  # 1 | 5 | 1 7
+
+
+def test_lookup_steps_with_and_without_lockstep(bench):
+    # the output copies the prompt with 4 changed to 9: after 9 (no n-gram), lockstep proposes 5 6 7 8 at once
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 0]
+    output = [1, 2, 3, 9, 5, 6, 7, 8, 0]
+    assert bench.lookup_steps(prompt, output) == 3  # 1 | 2 3 9 | 5 6 7 8 0
+    assert bench.lookup_steps(prompt, output, lookup=lambda: bench.engine_lookup(False)) == 4  # ... | 9 5 | 6 7 8 0
 
 
 def test_lookup_ceiling_scales_the_decode_time_by_steps(bench):
@@ -159,7 +167,7 @@ def test_lookup_ceiling_scales_the_decode_time_by_steps(bench):
     c = bench.lookup_ceiling(plain, requests)
     # 1 decode step instead of 4: 2 s of prefill + 8 s * 1/4
     assert c == {"lookup_steps": 2, "lookup_tokens_per_step": 4.0, "lookup_bound_speedup": pytest.approx(10 / 4),
-                 "lookup_steps_latest": 2}
+                 "lookup_steps_ngrams_only": 2, "lookup_steps_latest": 2}
     assert bench.lookup_ceiling(a_run(bench, 1.0, [[3]]), requests) == {}
 
 

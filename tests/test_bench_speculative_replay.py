@@ -32,9 +32,10 @@ def spec_bench():
     return load_bench_script("speculative")
 
 
-def run(replay, policy, row_cost=1.0, noise=0.0, seed=0, k_max=15, table=TABLE, outputs=(OUTPUT,)):
+def run(replay, policy, row_cost=1.0, noise=0.0, seed=0, k_max=15, table=TABLE, outputs=(OUTPUT,), lockstep=True):
     return replay.replay([PROMPT] * len(outputs), list(outputs), policy, replay.step_price(table, row_cost), noise,
-                         seed, k_max, max(len(o) for o in outputs), 1, 4)
+                         seed, k_max, max(len(o) for o in outputs),
+                         replay.SpeculativeConfig("ngram", ngram_lockstep=lockstep))
 
 
 def test_accepted_run_is_the_common_prefix_within_the_output(replay):
@@ -50,6 +51,8 @@ def test_fixed_takes_prompt_lookups_steps(replay, spec_bench):
     assert fixed.steps == spec_bench.lookup_steps(PROMPT, OUTPUT)
     assert fixed.steps < len(OUTPUT)  # the copied runs are accepted several tokens a step
     assert fixed.proposed > fixed.accepted > 0
+    ngrams = run(replay, "fixed", lockstep=False)
+    assert ngrams.steps == spec_bench.lookup_steps(PROMPT, OUTPUT, lookup=lambda: spec_bench.engine_lookup(False))
 
 
 def test_the_oracle_verifies_only_what_is_accepted(replay):
@@ -97,8 +100,9 @@ def test_overall_speedup_keeps_the_prefill(replay):
 
 def test_replay_rows(replay):
     rows = replay.replay_rows([PROMPT], [OUTPUT], TABLE, 0.0, 2, 15, len(OUTPUT), 0.5, 1.0, row_costs=(1.0, 0.0))
-    assert [(r["policy"], r["row_cost"]) for r in rows] == [(p, c) for p in replay.POLICIES for c in (1.0, 0.0)]
-    by = {(r["policy"], r["row_cost"]): r for r in rows}
+    assert [(r["lockstep"], r["policy"], r["row_cost"]) for r in rows] == [
+        (lock, p, c) for lock in (True, False) for p in replay.POLICIES for c in (1.0, 0.0)]
+    by = {(r["policy"], r["row_cost"]): r for r in rows if r["lockstep"]}
     plain = (len(OUTPUT) - 1) * DECODE
     oracle = by[("oracle", 0.0)]
     assert oracle["decode_speedup"] == pytest.approx(plain / ((oracle["steps"] - 1) * DECODE))
@@ -126,8 +130,9 @@ def test_a_run_writes_rows_a_plot_and_replots(replay, tmp_path, monkeypatch, cap
             "1", "--out", str(out)]
     assert replay.main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["policy"], r["row_cost"]) for r in rows] == [
-        *((p, c) for p in replay.POLICIES for c in replay.ROW_COSTS), ("measured", None)]
+    assert [(r["lockstep"], r["policy"], r["row_cost"]) for r in rows] == [
+        *((lock, p, c) for lock in (True, False) for p in replay.POLICIES for c in replay.ROW_COSTS),
+        (True, "measured", None)]
     for r in rows:
         assert r["model"] == "tiny.gguf" and r["backend"] == "onednn" and r["k_max"] == 4 and r["git_commit"]
         assert sorted(map(int, r["step_ms"])) == [1, 2, 3, 4, 5] and r["decode_tokens"] > 0

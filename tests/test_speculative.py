@@ -41,11 +41,13 @@ from realm.runtime.block_manager import block_hashes
 from realm.runtime.sampler import BatchSampler, RowSampling
 from realm.runtime.speculative import (
     ACCEPT_DECAY,
+    LOCKSTEP,
     MAX_SPECULATIVE_TOKENS,
     Acceptance,
     Candidate,
     CostModel,
     NgramIndex,
+    PromptLookup,
     SpeculationController,
     SpeculativeConfig,
     expected_tokens,
@@ -106,6 +108,52 @@ def test_ngram_index_matches_the_scan_as_the_sequence_grows_and_is_cut(tokens, c
         assert index.match(seq, k) == match_ngram(seq, k, ngram_min, ngram_max)
 
 
+def test_lockstep_keeps_copying_through_a_changed_token():
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 0]
+    lookup, plain = PromptLookup(1, 4), PromptLookup(1, 4, lockstep=False)
+    seq = [*text, 1, 2]
+    assert lookup.propose(seq, 4) == plain.propose(seq, 4) == ([3, 4, 5, 6], 2)
+    seq += [3, 9]  # 3 accepted, then 9 where the text has 4: no n-gram ends in 9
+    assert plain.propose(seq, 4) == ([], 0)
+    assert lookup.propose(seq, 4) == ([5, 6, 7, 8], LOCKSTEP)  # 9 stood for 4: the text goes on after it
+    seq += [11]  # rejected again: one token more in lockstep
+    assert lookup.propose(seq, 2) == ([6, 7], LOCKSTEP)
+    seq += [6]  # an n-gram matches again and takes over
+    assert lookup.propose(seq, 2) == ([7, 8], 1)
+    # nothing was being copied: nothing to go on with
+    assert PromptLookup(1, 4).propose([5, 6, 7], 3) == ([], 0)
+
+
+def test_lockstep_stops_at_the_text_it_copied_and_forgets_it_when_cut():
+    lookup = PromptLookup(1, 4)
+    seq = [1, 2, 3, 1]
+    assert lookup.propose(seq, 4) == ([2, 3, 1], 1)
+    # 9 10 11 12 replaced 2 3 1 and more: lockstep would read past the text the proposal came from
+    assert lookup.propose([*seq, 9, 10, 11, 12], 4) == ([], 0)
+    lookup = PromptLookup(1, 4)
+    assert lookup.propose([1, 2, 3, 4, 5, 1], 2) == ([2, 3], 1)
+    # cut below the last proposal's length (preemption, truncation) and regrown otherwise: not followed
+    assert lookup.propose([7, 8, 9], 2) == ([], 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(tokens=st.lists(st.integers(0, 5), min_size=1, max_size=50), grows=st.lists(st.integers(1, 5), min_size=1,
+       max_size=10), k=st.integers(1, 6), ngram_max=st.sampled_from([2, 4, 20]))
+def test_prompt_lookup_proposes_the_ngram_match_wherever_one_exists(tokens, grows, k, ngram_max):
+    """Its n-gram proposals are match_ngram's (through an NgramIndex, or a scan above NGRAM_INDEX_MAX); lockstep
+    proposals only where no n-gram matches, and only tokens of the sequence."""
+    lookup, seq, at = PromptLookup(1, ngram_max), [], 0
+    for grow in grows:
+        seq += tokens[at : at + grow]
+        at += grow
+        proposal, kind = lookup.propose(seq, k)
+        expected = match_ngram(seq, k, 1, ngram_max)
+        if expected[1]:
+            assert (proposal, kind) == expected
+        else:
+            assert kind in (0, LOCKSTEP) and len(proposal) <= k and (kind == LOCKSTEP) == bool(proposal)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(num_speculative_tokens=0), "num_speculative_tokens must be an integer >= 1"),
     (dict(num_speculative_tokens=MAX_SPECULATIVE_TOKENS + 1), "must be <= 15"),
@@ -113,6 +161,7 @@ def test_ngram_index_matches_the_scan_as_the_sequence_grows_and_is_cut(tokens, c
     (dict(ngram_min=0), "ngram_min must be an integer >= 1"),
     (dict(method="medusa"), "unknown speculative method 'medusa'"),
     (dict(adaptive="yes"), "adaptive must be True or False"),
+    (dict(ngram_lockstep=1), "ngram_lockstep must be True or False"),
 ])
 def test_bad_settings_get_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -66,16 +66,14 @@ from .sampling import SamplingParams
 from .scheduler import Batching, Chunk, Scheduler, SchedulerConfig, Step
 from .sequence import Sequence as Seq
 from .speculative import (
-    NGRAM_INDEX_MAX,
     Candidate,
     DraftProposer,
     DraftRequest,
-    NgramIndex,
+    PromptLookup,
     SpecMethod,
     SpeculationController,
     SpeculativeConfig,
     SpeculativeStats,
-    match_ngram,
     speculative_config_of,
 )
 
@@ -311,7 +309,7 @@ class Engine:
         self.spec_stats = SpeculativeStats()  # every request's speculation, summed
         self._draft: DraftProposer | None = None  # made at the first request that asks for the draft model
         self._draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q of its proposals, until verified
-        self._ngram_index: dict[int, NgramIndex] = {}  # seq_id -> its prompt-lookup index (n-gram proposals)
+        self._lookup: dict[int, PromptLookup] = {}  # seq_id -> its prompt lookup (n-gram proposals), kept across steps
         self._proposal_kind: dict[int, object] = {}  # seq_id -> what proposed its last proposals (n-gram length)
 
     def __repr__(self) -> str:
@@ -610,15 +608,13 @@ class Engine:
         top = max(budgets)
         return top if budgets.count(top) == 1 else -1
 
-    def _match_ngram(self, seq: Seq, spec: SpeculativeConfig, k: int) -> tuple[list[int], int]:
-        """match_ngram on the sequence's tokens, through its NgramIndex (kept across steps) where the n-gram bounds
-        are short enough for an index of every n-gram to stay small."""
-        if spec.ngram_max > NGRAM_INDEX_MAX:
-            return match_ngram(seq.token_ids, k, spec.ngram_min, spec.ngram_max)
-        index = self._ngram_index.get(seq.seq_id)
-        if index is None or (index.ngram_min, index.ngram_max) != (spec.ngram_min, spec.ngram_max):
-            index = self._ngram_index[seq.seq_id] = NgramIndex(spec.ngram_min, spec.ngram_max)
-        return index.match(seq.token_ids, k)
+    def _match_ngram(self, seq: Seq, spec: SpeculativeConfig, k: int) -> tuple[list[int], object]:
+        """The sequence's n-gram proposals and their kind, from its PromptLookup (kept across steps)."""
+        settings = (spec.ngram_min, spec.ngram_max, spec.ngram_lockstep)
+        lookup = self._lookup.get(seq.seq_id)
+        if lookup is None or (lookup.ngram_min, lookup.ngram_max, lookup.lockstep) != settings:
+            lookup = self._lookup[seq.seq_id] = PromptLookup(*settings)
+        return lookup.propose(seq.token_ids, k)
 
     def _apply_proposals(self, chosen: dict[int, int], found: dict[int, list[int]]) -> None:
         wants = []
@@ -920,7 +916,7 @@ class Engine:
         self._release_adapter(request)
         self.speculation.forget(seq.seq_id)
         self._proposal_kind.pop(seq.seq_id, None)
-        self._ngram_index.pop(seq.seq_id, None)
+        self._lookup.pop(seq.seq_id, None)
         self._draft_probs.pop(seq.seq_id, None)
         if self._draft is not None:
             self._draft.release(seq.seq_id)

@@ -78,6 +78,7 @@ class SpeculativeConfig:
     ngram_min: int = 1  # shortest suffix n-gram looked up
     ngram_max: int = 4  # longest (tried first)
     adaptive: bool = True  # k per sequence and step from the measured acceptance and step costs; False: always k
+    ngram_lockstep: bool = True  # n-gram: keep copying through a changed token (PromptLookup); False: n-grams only
 
     def __post_init__(self):
         object.__setattr__(self, "method", spec_method_of(self.method))
@@ -91,8 +92,9 @@ class SpeculativeConfig:
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min ({self.ngram_min}) is above ngram_max ({self.ngram_max}): the n-gram bounds "
                              "are reversed")
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"adaptive must be True or False, got {self.adaptive!r}")
+        for name in ("adaptive", "ngram_lockstep"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def enabled(self) -> bool:
@@ -133,10 +135,21 @@ def match_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 
     often: the controller keeps an acceptance rate per n.
 
     Why the most frequent next token, not simply the latest occurrence (prompt lookup's usual rule): a short n-gram
-    (one token, "the") occurs in many places, and what followed it most often is a better guess than what followed
-    it last. On bench/speculative.py's 12 grounded prompts (plain outputs of SmolLM2-135M-Instruct, 96 tokens),
-    verifying every match's 15 tokens takes 517 steps where the latest occurrence's takes 531
-    (bench/results/speculative.jsonl, the plain row at N=1 of commit afcb9a2: lookup_steps, lookup_steps_latest)."""
+    ("the") occurs in many places, and what followed it most often is a better guess than what followed it last. On
+    bench/speculative.py's 12 grounded prompts (plain outputs of SmolLM2-135M-Instruct, 96 tokens), verifying every
+    match's 15 tokens takes 517 steps where the latest occurrence's takes 531 (bench/results/speculative.jsonl, the
+    plain row at N=1 of commit afcb9a2: lookup_steps, lookup_steps_latest)."""
+    start, n = ngram_source(token_ids, ngram_min, ngram_max)
+    return _ints(token_ids[start : start + k]) if n else [], n
+
+
+def _ints(tokens: Sequence[int] | np.ndarray) -> list[int]:
+    return [int(t) for t in tokens]
+
+
+def ngram_source(token_ids: Sequence[int] | np.ndarray, ngram_min: int = 1, ngram_max: int = 4) -> tuple[int, int]:
+    """match_ngram's choice as (where its proposal starts in token_ids, n); (0, 0) when nothing matches. A scan of
+    the whole sequence per n (NgramIndex answers alike, incrementally)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     total = len(ids)
     for n in range(min(ngram_max, total - 1), ngram_min - 1, -1):
@@ -146,9 +159,8 @@ def match_ngram(token_ids: Sequence[int] | np.ndarray, k: int, ngram_min: int = 
         if hits.size:
             followers = ids[hits + n]
             tokens, counts = np.unique(followers, return_counts=True)
-            start = int(hits[np.isin(followers, tokens[counts == counts.max()])][-1]) + n
-            return ids[start : start + k].tolist(), n
-    return [], 0
+            return int(hits[np.isin(followers, tokens[counts == counts.max()])][-1]) + n, n
+    return 0, 0
 
 
 class NgramIndex:
@@ -170,6 +182,11 @@ class NgramIndex:
 
     def match(self, token_ids: Sequence[int], k: int) -> tuple[list[int], int]:
         """match_ngram(token_ids, k, ngram_min, ngram_max)."""
+        start, n = self.source(token_ids)
+        return _ints(token_ids[start : start + k]) if n else [], n
+
+    def source(self, token_ids: Sequence[int]) -> tuple[int, int]:
+        """ngram_source(token_ids, ngram_min, ngram_max)."""
         total = len(token_ids)
         if total < self._length or (self._length and token_ids[self._length - 1] != self._last):
             self._followers.clear()
@@ -179,9 +196,8 @@ class NgramIndex:
         for n in range(min(self.ngram_max, total - 1), self.ngram_min - 1, -1):
             best = self._best.get(tuple(token_ids[total - n :]))
             if best is not None:
-                start = best[1] + n
-                return list(token_ids[start : start + k]), n
-        return [], 0
+                return best[1] + n, n
+        return 0, 0
 
     def _extend(self, token_ids: Sequence[int]) -> None:
         total = len(token_ids)
@@ -199,6 +215,49 @@ class NgramIndex:
                     self._best[key] = (count, stop - n)
         self._length = total
         self._last = token_ids[total - 1] if total else None
+
+
+LOCKSTEP = "lockstep"  # the kind of PromptLookup's lockstep proposals: their acceptance is kept apart from n-grams'
+
+
+class PromptLookup:
+    """A sequence's n-gram proposals (prompt lookup), kept across steps, that keep copying through a changed token.
+
+    The n-gram rule (match_ngram, through an NgramIndex where ngram_max allows one) proposes what followed the
+    longest matching suffix. Where the output departs from the text it was copying for one token (an edit's
+    corrected spelling, a quote's changed word), no suffix ending in that new token occurred before, and prompt lookup
+    proposes nothing until n-grams match again. With `lockstep`, it then proposes the copied text from where the
+    output would be had each token since the last proposal replaced one token of it (kind LOCKSTEP), until an n-gram
+    matches again. On bench/speculative.py's grounded prompts this took prompt lookup's ceiling from 517 steps to 498
+    (bench/speculative_replay.py's replay of the plain outputs at commit d71dc66, timed by hand; the measured effect
+    is in bench/results/speculative.jsonl). A wrong guess costs rows, never exactness: verification decides, and the
+    controller keeps LOCKSTEP's acceptance apart, so text that does not copy soon stops buying them."""
+
+    def __init__(self, ngram_min: int = 1, ngram_max: int = 4, lockstep: bool = True):
+        self.ngram_min, self.ngram_max, self.lockstep = ngram_min, ngram_max, lockstep
+        self._index = NgramIndex(ngram_min, ngram_max) if ngram_max <= NGRAM_INDEX_MAX else None
+        # (where the last proposal started in the sequence, the sequence's length then): what it was copying
+        self._copying: tuple[int, int] | None = None
+
+    def propose(self, token_ids: Sequence[int], k: int) -> tuple[list[int], object]:
+        """Up to k proposals and their kind: the n-gram's length, LOCKSTEP, or 0 with none."""
+        total = len(token_ids)
+        if self._copying is not None and total < self._copying[1]:  # cut below the last proposal: forget it
+            self._copying = None
+        if self._index is not None:
+            start, n = self._index.source(token_ids)
+        else:
+            start, n = ngram_source(token_ids, self.ngram_min, self.ngram_max)
+        if n:
+            self._copying = (start, total)
+            return _ints(token_ids[start : start + k]), n
+        if self.lockstep and self._copying is not None:
+            source, since = self._copying
+            at = source + total - since  # one source token per token since the last proposal
+            if at < since:
+                self._copying = (at, total)
+                return _ints(token_ids[at : at + k]), LOCKSTEP
+        return [], 0
 
 
 # ---- the draft model ---------------------------------------------------------------------------------------------
