@@ -16,6 +16,7 @@ from realm.cli import COMMANDS, Command, main
 from realm.gguf_io import open_gguf, tensor_format
 from realm.models import default_model_path
 from realm.quantize_file import FILE_TYPES
+from realm.runtime.speculative import SpecMethod
 
 # ggml's type traits (ggml.c, ggml-common.h), written out independently of realm.quant: type id, block size, bytes
 GGML_TYPES = {
@@ -254,6 +255,18 @@ def test_generate_passes_sampling_options(loads, capsys, smollm2):
     same = smollm2.generate("Once upon a time", max_tokens=6, temperature=0.8, top_k=40, top_p=0.9, min_p=0.05,
                             repetition_penalty=1.1, seed=5)
     assert out == same.text + "\n"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--speculative", "ngram"], dict(method="ngram", ngram_lockstep=True, adaptive=True)),
+    (["--speculative", "ngram", "--no-ngram-lockstep", "--fixed-k", "--num-speculative-tokens", "6"],
+     dict(method="ngram", ngram_lockstep=False, adaptive=False, num_speculative_tokens=6)),
+])
+def test_speculative_options_reach_the_config(flags, expected):
+    from realm import cli
+
+    config = cli._speculative(cli.build_parser().parse_args(["generate", "x", *flags]))
+    assert {name: getattr(config, name) for name in expected} == {**expected, "method": SpecMethod(expected["method"])}
 
 
 def test_chat_once(loads, capsys):

@@ -419,6 +419,20 @@ def test_sampled_speculation_has_the_target_distribution(stat_models, method, mo
 
 # ---- adaptivity --------------------------------------------------------------------------------------------------
 
+def test_a_count_not_measured_for_max_age_steps_is_forgotten():
+    """A count measured under another batch (its step time from other sequences and contexts) must not price this
+    batch's proposals: the level follows the machine's speed, not a change of batch."""
+    cost = CostModel(max_age=10)
+    cost.add(40, 0.20)  # a big batch's step with proposals, long ago
+    for _ in range(10):
+        cost.add(32, 0.07)
+    assert set(cost.table()) == {32, 40}  # measured 10 steps ago: still kept
+    cost.add(32, 0.07)
+    assert set(cost.table()) == {32} and cost.relative_error(40) == 0.0
+    cost.add(33, 0.071)  # a count measured again is kept again
+    assert set(cost.table()) == {32, 33}
+
+
 def test_expected_tokens_and_the_cost_model():
     assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
     assert math.isclose(expected_tokens(0.5, 2), 1.75)

@@ -13,8 +13,9 @@ token the plain output; sampled output has exactly the target's distribution.
 Proposers:
 - n-gram (prompt lookup, Saxena 2023): the longest suffix n-gram of the sequence (n from ngram_max down to
   ngram_min) found earlier in its own tokens proposes the (up to k) tokens that followed it there: where it occurred
-  more than once, the occurrence followed by its most frequent next token (the latest of those). No model: it pays
-  where the output quotes its input (summaries, edits, code).
+  more than once, the occurrence followed by its most frequent next token (the latest of those). Where the output
+  departs from the text it was copying (a corrected word) and no n-gram matches, it goes on proposing that text in
+  lockstep (`PromptLookup`). No model: it pays where the output quotes its input (summaries, edits, code).
 - draft model (`DraftProposer`): a smaller model of the same vocabulary runs k autoregressive steps for all
   speculating sequences at once, on its own paged KV cache, before the target's step.
 
@@ -406,6 +407,11 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 
 COST_SAMPLES = 8  # steps kept per token count: recent enough to follow the machine's load
 COST_SIZES = 64  # token counts kept: the batch sizes and proposal counts of recent steps
+# Steps after which a token count not measured again is forgotten: its time was taken under another batch (other
+# sequences, other context lengths), which the speed level does not carry over. In bench/speculative.py's full run at
+# bb90ed3 the counts just above 32 kept from grounded work at N=32, thousands of steps earlier, priced chat's proposals
+# at N=32 as nearly free, and ngram-nolockstep there ran at 0.87x plain (bench/results/speculative.jsonl).
+COST_MAX_AGE = 256
 ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per verification
 PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 1/2
 MARGIN_Z = 2.0  # speculation must beat plain by this many standard errors of the plain step's measured time
@@ -417,18 +423,21 @@ class CostModel:
     most COST_SIZES counts, the least recently measured forgotten first): the mean at that count where there are
     some (step time need not be linear nor even monotone in the tokens: on a CPU, torch's float32 matmul of 2 or 3
     rows takes longer than of 4), else interpolated between measured counts (`predictor`). Kept per count, so that a
-    size measured once (a step with proposals, among many without) is not forgotten and measured again at a cost.
+    size measured once (a step with proposals, among many without) is not forgotten while its batch lasts.
 
     Times are kept relative to the machine's speed when they were measured (`level`), and given back at its speed
     now: a CPU shared with other work runs at speeds tens of percent apart from one minute to the next, and a count
     measured in a slow minute must not look dear beside one measured in a fast one (the controller compares counts).
     Each step at an already measured count moves the level by LEVEL_RATE of the way from the level to the step's time
-    over its count's kept mean, in the log."""
+    over its count's kept mean, in the log. A count not measured in the last `max_age` steps is forgotten: the level
+    follows the machine, not a change of batch (COST_MAX_AGE)."""
 
-    def __init__(self, samples: int = COST_SAMPLES, sizes: int = COST_SIZES):
+    def __init__(self, samples: int = COST_SAMPLES, sizes: int = COST_SIZES, max_age: int = COST_MAX_AGE):
         self._by_size: OrderedDict[int, deque[float]] = OrderedDict()  # times / the level when measured
         self._raw: dict[int, deque[float]] = {}  # the times as measured: their spread is the noise (relative_error)
-        self._samples, self._sizes = samples, sizes
+        self._measured_at: dict[int, int] = {}  # count -> the step (of `add`) that last measured it
+        self._steps = 0
+        self._samples, self._sizes, self._max_age = samples, sizes, max_age
         self.level = 1.0  # the machine's speed now: time of a step / its count's kept mean
         self._fit: tuple[float, float] | None = None  # fit() until the next add: choose asks every step, and a
         self._fitted = False  # draft that did not run keeps its costs (no refit of unchanged samples each step)
@@ -441,9 +450,18 @@ class CostModel:
         times.append(seconds / self.level)
         self._by_size[tokens] = times  # the most recently measured last
         self._raw.setdefault(tokens, deque(maxlen=self._samples)).append(seconds)
-        if len(self._by_size) > self._sizes:
-            self._raw.pop(self._by_size.popitem(last=False)[0])
+        self._steps += 1
+        self._measured_at[tokens] = self._steps
+        self._forget_stale()
         self._fitted = False
+
+    def _forget_stale(self) -> None:
+        """Drops the least recently measured counts beyond `sizes`, and those not measured for `max_age` steps."""
+        while self._by_size:
+            oldest = next(iter(self._by_size))
+            if len(self._by_size) <= self._sizes and self._steps - self._measured_at[oldest] <= self._max_age:
+                return
+            del self._by_size[oldest], self._raw[oldest], self._measured_at[oldest]
 
     @property
     def samples(self) -> list[tuple[int, float]]:
