@@ -424,12 +424,15 @@ def test_a_count_not_measured_for_max_age_steps_is_forgotten():
     batch's proposals: the level follows the machine's speed, not a change of batch."""
     cost = CostModel(max_age=10)
     cost.add(40, 0.20)  # a big batch's step with proposals, long ago
-    for _ in range(10):
-        cost.add(32, 0.07)
-    assert set(cost.table()) == {32, 40}  # measured 10 steps ago: still kept
+    for i in range(10):
+        cost.add(31 + i % 2, 0.07)
+    assert set(cost.table()) == {31, 32, 40}  # measured 10 steps ago: still kept
     cost.add(32, 0.07)
-    assert set(cost.table()) == {32} and cost.relative_error(40) == 0.0
+    assert set(cost.table()) == {31, 32} and cost.relative_error(40) == 0.0
     cost.add(33, 0.071)  # a count measured again is kept again
+    assert set(cost.table()) == {31, 32, 33}
+    for _ in range(20):  # but two counts stay, however old: with fewer the controller would explore again
+        cost.add(32, 0.07)
     assert set(cost.table()) == {32, 33}
 
 

@@ -412,6 +412,10 @@ COST_SIZES = 64  # token counts kept: the batch sizes and proposal counts of rec
 # bb90ed3 the counts just above 32 kept from grounded work at N=32, thousands of steps earlier, priced chat's proposals
 # at N=32 as nearly free, and ngram-nolockstep there ran at 0.87x plain (bench/results/speculative.jsonl).
 COST_MAX_AGE = 256
+# Counts kept however old: with fewer than two the controller explores again (a step of full speculation, which for
+# a draft model means catching it up on a whole prompt): forgetting down to one after a long run of plain decodes
+# took the draft mode to 0.95x plain at batch 1 (a run at 173023b, stopped; not kept).
+COST_MIN_KEPT = 2
 ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per verification
 PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 1/2
 MARGIN_Z = 2.0  # speculation must beat plain by this many standard errors of the plain step's measured time
@@ -456,10 +460,12 @@ class CostModel:
         self._fitted = False
 
     def _forget_stale(self) -> None:
-        """Drops the least recently measured counts beyond `sizes`, and those not measured for `max_age` steps."""
+        """Drops the least recently measured counts beyond `sizes`, and those not measured for `max_age` steps while
+        more than COST_MIN_KEPT counts are kept."""
         while self._by_size:
             oldest = next(iter(self._by_size))
-            if len(self._by_size) <= self._sizes and self._steps - self._measured_at[oldest] <= self._max_age:
+            stale = self._steps - self._measured_at[oldest] > self._max_age and len(self._by_size) > COST_MIN_KEPT
+            if len(self._by_size) <= self._sizes and not stale:
                 return
             del self._by_size[oldest], self._raw[oldest], self._measured_at[oldest]
 
