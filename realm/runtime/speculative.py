@@ -229,10 +229,11 @@ class PromptLookup:
     corrected spelling, a quote's changed word), no suffix ending in that new token occurred before, and prompt lookup
     proposes nothing until n-grams match again. With `lockstep`, it then proposes the copied text from where the
     output would be had each token since the last proposal replaced one token of it (kind LOCKSTEP), until an n-gram
-    matches again. On bench/speculative.py's grounded prompts this took prompt lookup's ceiling from 517 steps to 498
-    (bench/speculative_replay.py's replay of the plain outputs at commit d71dc66, timed by hand; the measured effect
-    is in bench/results/speculative.jsonl). A wrong guess costs rows, never exactness: verification decides, and the
-    controller keeps LOCKSTEP's acceptance apart, so text that does not copy soon stops buying them."""
+    matches again. On bench/speculative.py's grounded prompts this took prompt lookup's steps at full k from 517 to 498,
+    and the adaptive n-gram mode at batch 1 from 1.81x plain to 1.84x in the same run (bench/results/speculative.jsonl,
+    commit 4d16f83: lookup_steps_ngrams_only and lookup_steps; ngram-nolockstep and ngram). A wrong guess costs rows,
+    never exactness: verification decides, and the controller keeps LOCKSTEP's acceptance apart, so text that does not
+    copy soon stops buying them."""
 
     def __init__(self, ngram_min: int = 1, ngram_max: int = 4, lockstep: bool = True):
         self.ngram_min, self.ngram_max, self.lockstep = ngram_min, ngram_max, lockstep
