@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(lo.unavailable_reason() is not None,
                                 reason=f"the CPU layer-op kernels cannot be built here: {lo.unavailable_reason()}")
 
 U = 2.0**-24
-ROWS = [1, 2, 7, 16, 130]  # 1 row of 576: one thread; 2 rows and more: past PARALLEL_FROM elements, split
+ROWS = [1, 2, 7, 16, 130]  # 1 row: one thread; 2: SiLU split; 7 and more: every op past PARALLEL_FROM, split
 
 
 def _randn(*shape, seed):

@@ -19,9 +19,9 @@
 #include <stdint.h>
 
 /* Elements from which a call splits its work among threads (an OpenMP region costs more than the work of a row or
- * two). Low: inside the model these ops run right after the linear kernel's parallel region, and one thread alone
- * was slow there: 16 rows of SmolLM2 after a linear call took 22 us of RMSNorm (10 us alone) and 23 us of SiLU (17
- * alone); split between 2 threads, 17 and 20 us (timed by hand, Intel Xeon). */
+ * two). Low: inside the model these ops run right after the linear kernel's parallel region, and one thread alone ran
+ * them slower there than in isolation; split, a verification's rows took less (timed by hand on an Intel Xeon, no
+ * figures kept). */
 #define PARALLEL_FROM 2048
 /* SiLU's work unit: a row's columns cut in pieces of this many, so that a few rows split evenly among the threads (3
  * rows of SmolLM2: 9 pieces, 5 and 4, not 2 rows and 1). */

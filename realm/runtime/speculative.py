@@ -415,7 +415,7 @@ COST_SIZES = 64  # token counts kept: the batch sizes and proposal counts of rec
 COST_MAX_AGE = 256
 # Counts kept however old: with fewer than two the controller explores again (a step of full speculation, which for
 # a draft model means catching it up on a whole prompt): forgetting down to one after a long run of plain decodes
-# took the draft mode to 0.95x plain at batch 1 (a run at 173023b, stopped; not kept).
+# put the draft mode below plain at batch 1 (a run stopped after batch 1, not kept).
 COST_MIN_KEPT = 2
 ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per verification
 PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new sequence's estimate: alpha = 1/2
