@@ -113,6 +113,16 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop before this text (repeatable)")
+    _speculative_args(parser)
+    parser.add_argument("--adapter", default=None, metavar="NAME",
+                        help="the LoRA adapter (loaded with --lora) to generate with (default: none, or the only one "
+                             "--lora loaded for generate and chat)")
+    parser.add_argument("--quiet", action="store_true", help="no speed line on stderr")
+
+
+def _speculative_args(parser: argparse.ArgumentParser) -> None:
+    """The speculative decoding options, shared by generate, chat, batch and serve (for serve: the default of
+    requests, which may choose their own)."""
     parser.add_argument("--speculative", choices=("none", "ngram", "draft"), default=None,
                         help="speculative decoding: ngram (proposals looked up in the text so far), draft (a draft "
                              "model's proposals, --draft-model), none (default). Output is unchanged (greedy: token "
@@ -127,10 +137,6 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
                              "the text it copies for a token, keep proposing that text in lockstep)")
     parser.add_argument("--fixed-k", action="store_true",
                         help="always propose K tokens (no adaptive k): to measure what adaptivity saves")
-    parser.add_argument("--adapter", default=None, metavar="NAME",
-                        help="the LoRA adapter (loaded with --lora) to generate with (default: none, or the only one "
-                             "--lora loaded for generate and chat)")
-    parser.add_argument("--quiet", action="store_true", help="no speed line on stderr")
 
 
 def _sampling(args: argparse.Namespace):
@@ -517,13 +523,13 @@ def _draft_run(args: argparse.Namespace) -> int:
 def _serve_args(parser: argparse.ArgumentParser) -> None:
     from .serve import cli
 
-    cli.add_arguments(parser, _model_args)
+    cli.add_arguments(parser, _model_args, _speculative_args)
 
 
 def _serve_run(args: argparse.Namespace) -> int:
     from .serve import cli
 
-    return cli.run(args, _check_model_args, _loras, _load, _rank_zero)
+    return cli.run(args, _check_model_args, _loras, _speculative, _load, _rank_zero)
 
 
 COMMANDS: dict[str, Command] = {

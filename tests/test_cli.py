@@ -257,16 +257,50 @@ def test_generate_passes_sampling_options(loads, capsys, smollm2):
     assert out == same.text + "\n"
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
+SPECULATIVE_FLAGS = [
     (["--speculative", "ngram"], dict(method="ngram", ngram_lockstep=True, adaptive=True)),
-    (["--speculative", "ngram", "--no-ngram-lockstep", "--fixed-k", "--num-speculative-tokens", "6"],
-     dict(method="ngram", ngram_lockstep=False, adaptive=False, num_speculative_tokens=6)),
-])
-def test_speculative_options_reach_the_config(flags, expected):
+    (["--speculative", "ngram", "--no-ngram-lockstep", "--fixed-k", "--num-speculative-tokens", "6", "--ngram-min",
+      "2", "--ngram-max", "5"],
+     dict(method="ngram", ngram_lockstep=False, adaptive=False, num_speculative_tokens=6, ngram_min=2, ngram_max=5)),
+]
+
+
+def _fields(config, expected: dict) -> dict:
+    return {name: getattr(config, name) for name in expected}
+
+
+@pytest.mark.parametrize(("flags", "expected"), SPECULATIVE_FLAGS)
+@pytest.mark.parametrize("command", [["generate", "x"], ["chat", "x"], ["batch", "requests.jsonl"], ["serve"]])
+def test_speculative_options_reach_the_config(command, flags, expected):
     from realm import cli
 
-    config = cli._speculative(cli.build_parser().parse_args(["generate", "x", *flags]))
-    assert {name: getattr(config, name) for name in expected} == {**expected, "method": SpecMethod(expected["method"])}
+    config = cli._speculative(cli.build_parser().parse_args([*command, *flags]))
+    assert _fields(config, expected) == {**expected, "method": SpecMethod(expected["method"])}
+
+
+@pytest.mark.parametrize(("flags", "expected"), SPECULATIVE_FLAGS)
+def test_realm_serve_gives_its_speculative_options_to_the_engine(flags, expected, monkeypatch, tmp_path):
+    import uvicorn
+
+    from realm.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    assert main(["serve", "--port", "0", *flags]) == 0
+    config = apps[0].state.server.config.engine.speculative
+    assert _fields(config, expected) == {**expected, "method": SpecMethod(expected["method"])}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--speculative", "draft"], "--speculative draft needs --draft-model PATH"),
+    (["--speculative", "ngram", "--ngram-min", "3", "--ngram-max", "2"], "ngram_min"),
+    (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
+])
+def test_realm_serve_refuses_bad_speculative_options_before_listening(flags, message, capsys):
+    from realm.cli import main
+
+    assert main(["serve", "--port", "0", *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_chat_once(loads, capsys):

@@ -8,7 +8,8 @@ import sys
 HELP = "serve the model over an OpenAI-compatible HTTP API (completions, chat, models, metrics, a demo page)"
 
 
-def add_arguments(parser: argparse.ArgumentParser, model_args) -> None:
+def add_arguments(parser: argparse.ArgumentParser, model_args, speculative_args) -> None:
+    """model_args(parser), speculative_args(parser): realm.cli's, so that serve's options mean what generate's do."""
     from realm.runtime.engine import EngineConfig
 
     model_args(parser)
@@ -33,11 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser, model_args) -> None:
                         help=f"sequences per step ({EngineConfig.max_num_seqs})")
     engine.add_argument("--kv-blocks", type=int, default=None, metavar="N",
                         help="KV cache blocks (default: sized from the device's memory)")
-    engine.add_argument("--speculative", choices=("none", "ngram", "draft"), default=None,
-                        help="the default speculative decoding of requests (each may choose its own with the "
-                             "`speculative` field)")
-    engine.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                        help="proposals per step at most (4)")
+    speculative_args(parser.add_argument_group(
+        "speculative decoding", "the default of requests: each may choose its own with the `speculative` field"))
 
 
 def _check_backend(args: argparse.Namespace) -> None:
@@ -52,12 +50,12 @@ def _check_backend(args: argparse.Namespace) -> None:
         check_onednn(device, dtype)
 
 
-def run(args: argparse.Namespace, check_model_args, loras, load=None, rank_zero=None) -> int:
-    """load(args), rank_zero(args, engine): realm.cli's, for torchrun (args.torchrun: run_ranks)."""
+def run(args: argparse.Namespace, check_model_args, loras, speculative, load=None, rank_zero=None) -> int:
+    """speculative(args): realm.cli's SpeculativeConfig or None; load(args), rank_zero(args, engine): realm.cli's, for
+    torchrun (args.torchrun: run_ranks)."""
     import uvicorn
 
     from realm.runtime.engine import EngineConfig
-    from realm.runtime.speculative import SpeculativeConfig
 
     from .app import Server, ServerConfig, create_app
 
@@ -68,10 +66,8 @@ def run(args: argparse.Namespace, check_model_args, loras, load=None, rank_zero=
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
-    method = args.speculative or ("draft" if args.draft_model else "none")
-    speculative = SpeculativeConfig(method, num_speculative_tokens=args.num_speculative_tokens)
     engine = EngineConfig(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-                          kv_blocks=args.kv_blocks, speculative=speculative if speculative.enabled else None)
+                          kv_blocks=args.kv_blocks, speculative=speculative(args))
     config = ServerConfig(model=args.model, model_id=args.model_id, device=args.device, backend=args.backend,
                           dtype=args.dtype, loras={k: str(v) for k, v in loras(args).items()},
                           max_loras=args.max_loras, draft_model=args.draft_model, tenants=args.tenants,
