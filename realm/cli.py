@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import os
 import signal
@@ -149,9 +150,10 @@ def _sampling(args: argparse.Namespace):
                           seed=args.seed, stop=tuple(args.stop), adapter=args.adapter, speculative=_speculative(args))
 
 
-def _speculative(args: argparse.Namespace):
+def _speculative(args: argparse.Namespace, requests_choose: bool = False):
     """--speculative and its settings -> a SpeculativeConfig, or None (off); bad settings fail before the model
-    loads."""
+    loads. requests_choose (serve): the settings are the default of requests that may choose the draft model
+    themselves, so --draft-model beside another default method is not an error."""
     from .runtime.speculative import SpeculativeConfig
 
     method = args.speculative
@@ -160,7 +162,7 @@ def _speculative(args: argparse.Namespace):
         method = "draft" if draft is not None else "none"
     if method == "draft" and draft is None:
         raise ValueError("--speculative draft needs --draft-model PATH (a smaller GGUF of the same vocabulary)")
-    if draft is not None and method != "draft":
+    if draft is not None and method != "draft" and not requests_choose:
         raise ValueError(f"--draft-model is for --speculative draft, not {method}")
     config = SpeculativeConfig(method, num_speculative_tokens=args.num_speculative_tokens, ngram_min=args.ngram_min,
                                ngram_max=args.ngram_max, adaptive=not args.fixed_k,
@@ -529,7 +531,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 def _serve_run(args: argparse.Namespace) -> int:
     from .serve import cli
 
-    return cli.run(args, _check_model_args, _loras, _speculative, _load, _rank_zero)
+    return cli.run(args, _check_model_args, _loras, functools.partial(_speculative, requests_choose=True), _load,
+                   _rank_zero)
 
 
 COMMANDS: dict[str, Command] = {

@@ -278,17 +278,34 @@ def test_speculative_options_reach_the_config(command, flags, expected):
     assert _fields(config, expected) == {**expected, "method": SpecMethod(expected["method"])}
 
 
-@pytest.mark.parametrize(("flags", "expected"), SPECULATIVE_FLAGS)
-def test_realm_serve_gives_its_speculative_options_to_the_engine(flags, expected, monkeypatch, tmp_path):
+def _serve_config(monkeypatch, flags: list[str]):
+    """The ServerConfig `realm serve` builds from flags (uvicorn stubbed: nothing listens, the model is not loaded)."""
     import uvicorn
-
-    from realm.cli import main
 
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
     assert main(["serve", "--port", "0", *flags]) == 0
-    config = apps[0].state.server.config.engine.speculative
+    return apps[0].state.server.config
+
+
+@pytest.mark.parametrize(("flags", "expected"), SPECULATIVE_FLAGS)
+def test_realm_serve_gives_its_speculative_options_to_the_engine(flags, expected, monkeypatch):
+    config = _serve_config(monkeypatch, flags).engine.speculative
     assert _fields(config, expected) == {**expected, "method": SpecMethod(expected["method"])}
+
+
+def test_realm_serve_keeps_a_draft_model_for_requests_beside_another_default(monkeypatch, capsys):
+    """Requests may choose the draft model whatever the default: serve loads it beside n-gram or no speculation
+    (generate, which has no requests to choose, refuses the pair)."""
+    config = _serve_config(monkeypatch, ["--speculative", "ngram", "--draft-model", "draft.gguf"])
+    assert config.draft_model == "draft.gguf" and config.engine.speculative.method is SpecMethod.NGRAM
+    config = _serve_config(monkeypatch, ["--speculative", "none", "--draft-model", "draft.gguf"])
+    assert config.draft_model == "draft.gguf" and config.engine.speculative is None
+    config = _serve_config(monkeypatch, ["--draft-model", "draft.gguf"])  # no default named: the draft's
+    assert config.engine.speculative.method is SpecMethod.DRAFT
+    capsys.readouterr()
+    assert main(["generate", "x", "--speculative", "ngram", "--draft-model", "draft.gguf"]) == 2
+    assert "--draft-model is for --speculative draft, not ngram" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -297,8 +314,6 @@ def test_realm_serve_gives_its_speculative_options_to_the_engine(flags, expected
     (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
 ])
 def test_realm_serve_refuses_bad_speculative_options_before_listening(flags, message, capsys):
-    from realm.cli import main
-
     assert main(["serve", "--port", "0", *flags]) == 2
     assert message in capsys.readouterr().err
 
